@@ -1,0 +1,127 @@
+"""Public loss functions. Every one is the fused row-wise core ``torch.ops.sophon_fast.row_losses``
+(one read of the logits forward, one read + one write backward) plus an O(N) reduction.
+
+Common contract:
+    logits: (N, C) floating tensor (fp32, fp16, bf16 or fp64), N >= 1, 2 <= C; any strides.
+    target: (N,) integer tensor with values in [0, C) or ``ignore_index`` (rows that contribute
+            nothing and are not counted by "mean").
+    reduction: "mean" (over counted rows), "sum" or "none" ((N,), zeros on ignored rows).
+    Returns a tensor of the logits' dtype. Raises ValueError on bad input, on every backend.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from sophon_fast.ops.row_losses import row_losses
+from sophon_fast.reference.losses import IGNORE_INDEX
+
+_REDUCTIONS = ("mean", "sum", "none")
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check(logits: Tensor, target: Optional[Tensor], reduction: str, ignore_index: int, who: str) -> None:
+    if not isinstance(logits, Tensor):
+        raise ValueError(f"{who}: logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() != 2:
+        raise ValueError(f"{who}: logits must be 2-D (N, C), got shape {tuple(logits.shape)}")
+    n, c = logits.shape
+    if n == 0:
+        raise ValueError(f"{who}: logits has N = 0 rows")
+    if c < 2:
+        raise ValueError(f"{who}: logits needs at least 2 classes, got C = {c}")
+    if logits.dtype not in _FLOATS:
+        raise ValueError(f"{who}: logits dtype must be one of fp32/fp16/bf16/fp64, got {logits.dtype}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{who}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if target is None:
+        return
+    if not isinstance(target, Tensor) or target.dtype.is_floating_point or target.dtype == torch.bool \
+            or target.is_complex():
+        raise ValueError(f"{who}: target must be an integer tensor, got "
+                         f"{target.dtype if isinstance(target, Tensor) else type(target).__name__}")
+    if target.shape != (n,):
+        raise ValueError(f"{who}: target must have shape ({n},) to match logits {tuple(logits.shape)}, "
+                         f"got {tuple(target.shape)}")
+    if target.device != logits.device:
+        raise ValueError(f"{who}: target is on {target.device} but logits on {logits.device}")
+    bad = ((target < 0) | (target >= c)) & (target != ignore_index)
+    if bool(bad.any()):
+        v = int(target[bad][0])
+        raise ValueError(f"{who}: target value {v} is out of range for C = {c} classes "
+                         f"(allowed: 0..{c - 1} or ignore_index={ignore_index})")
+
+
+def _reduce(loss: Tensor, target: Optional[Tensor], reduction: str, ignore_index: int, dtype) -> Tensor:
+    if reduction == "none":
+        return loss.to(dtype)
+    total = loss.sum()
+    if reduction == "sum":
+        return total.to(dtype)
+    count = loss.shape[0] if target is None else (target != ignore_index).sum()
+    return (total / count).to(dtype)
+
+
+def fused_loss(logits: Tensor, target: Optional[Tensor] = None, *, ce: float = 0.0, ice: float = 0.0,
+               klu: float = 0.0, negent: float = 0.0, scale: float = 1.0, reduction: str = "mean",
+               ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Weighted sum ``ce*CE + ice*ICE + klu*KLU + negent*NEGENT`` of ``scale * logits`` from ONE read
+    of the logits (forward) and one read + one write (backward). CE and ICE need ``target``."""
+    _check(logits, target, reduction, ignore_index, "fused_loss")
+    if target is None and (ce or ice):
+        raise ValueError("fused_loss: ce and ice need a target")
+    if target is not None:
+        target = target.long().contiguous()
+    loss, _ = row_losses(logits, target, [float(ce), float(ice), float(klu), float(negent)], float(scale),
+                         int(ignore_index))
+    return _reduce(loss, target, reduction, ignore_index, logits.dtype)
+
+
+def inverse_cross_entropy(logits: Tensor, target: Tensor, *, variant: str = "paper", reduction: str = "mean",
+                          ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Inverse cross-entropy.
+
+    variant="paper": ``-log(1 - softmax(logits)[y])``, stable for any finite logits (also when p_y
+    rounds to 1). variant="reference_code": the SOPHON repository's ``CE(1 - logits, y)``, which
+    equals ``CE(-logits, y)``.
+    """
+    if variant == "paper":
+        return fused_loss(logits, target, ice=1.0, reduction=reduction, ignore_index=ignore_index)
+    if variant == "reference_code":
+        return fused_loss(logits, target, ce=1.0, scale=-1.0, reduction=reduction, ignore_index=ignore_index)
+    raise ValueError(f"inverse_cross_entropy: variant must be 'paper' or 'reference_code', got {variant!r}")
+
+
+def kl_uniform(logits: Tensor, *, reduction: str = "mean") -> Tensor:
+    """KL(uniform || softmax(logits)) = logsumexp(z) - mean(z) - log C, with the true C."""
+    return fused_loss(logits, None, klu=1.0, reduction=reduction)
+
+
+def neg_entropy(logits: Tensor, *, reduction: str = "mean") -> Tensor:
+    """-H(softmax(logits)) = sum_c p_c log p_c (the tamper-resistance literature's suppression loss)."""
+    return fused_loss(logits, None, negent=1.0, reduction=reduction)
+
+
+def cross_entropy(logits: Tensor, target: Tensor, *, reduction: str = "mean",
+                  ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Plain cross-entropy through the same fused core (NTR and inner attacker steps)."""
+    return fused_loss(logits, target, ce=1.0, reduction=reduction, ignore_index=ignore_index)
+
+
+SUPPRESSION_LOSSES = {
+    "ice": lambda z, y: inverse_cross_entropy(z, y, variant="paper"),
+    "ice_reference_code": lambda z, y: inverse_cross_entropy(z, y, variant="reference_code"),
+    "klu": lambda z, y: kl_uniform(z),
+    "neg_entropy": lambda z, y: neg_entropy(z),
+}
+
+
+def suppression_loss(name: str, logits: Tensor, target: Tensor) -> Tensor:
+    """The named suppression loss ("ice", "ice_reference_code", "klu", "neg_entropy"), mean-reduced."""
+    try:
+        fn = SUPPRESSION_LOSSES[name]
+    except KeyError:
+        raise ValueError(f"unknown suppression loss {name!r}; choose from {sorted(SUPPRESSION_LOSSES)}") from None
+    return fn(logits, target)

@@ -1,0 +1,30 @@
+"""``sophon_fast::inner_step_``: one simulated-attacker optimiser step over flat buffers, in place,
+optionally zeroing the gradient in the same pass (spec: sophon_fast/reference/inner_step.py)."""
+import torch
+from torch import Tensor
+
+from sophon_fast import _backend
+
+
+@torch.library.custom_op("sophon_fast::inner_step_", mutates_args=("param", "grad", "exp_avg", "exp_avg_sq"))
+def inner_step_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, kind: int, lr: float,
+                beta1: float, beta2: float, eps: float, weight_decay: float, step: int, zero_grad: bool) -> None:
+    for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        if t.shape != param.shape or t.dtype != param.dtype or t.device != param.device:
+            raise ValueError(f"inner_step_: {name} must match param (shape {tuple(param.shape)}, {param.dtype}, "
+                             f"{param.device}); got {tuple(t.shape)}, {t.dtype}, {t.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"inner_step_: {name} must be contiguous")
+    if not param.is_contiguous():
+        raise ValueError("inner_step_: param must be contiguous")
+    if kind not in (0, 1, 2):
+        raise ValueError(f"inner_step_: kind must be 0 (sgd), 1 (momentum) or 2 (adam), got {kind}")
+    if kind == 2 and step < 1:
+        raise ValueError(f"inner_step_: Adam needs step >= 1, got {step}")
+    _backend.select(param.device.type).inner_step_(param, grad, exp_avg, exp_avg_sq, kind, lr, beta1, beta2,
+                                                   eps, weight_decay, step, zero_grad)
+
+
+@inner_step_.register_fake
+def _(param, grad, exp_avg, exp_avg_sq, kind, lr, beta1, beta2, eps, weight_decay, step, zero_grad):
+    return None

@@ -1,0 +1,65 @@
+"""``sophon_fast::row_losses``: the row-wise fused loss core (see sophon_fast/reference/losses.py).
+
+    row_losses(logits (N, C), target (N,) int64 or None, weights [w_ce, w_ice, w_klu, w_negent],
+               scale, ignore_index) -> (loss (N,), stats (N, 3))
+    row_losses_backward(grad_loss (N,), logits, target, stats, weights, scale, ignore_index) -> (N, C)
+
+loss and stats are fp32 (fp64 for fp64 logits); the gradient has the logits' dtype. The forward
+reads the logits once; the backward reads them once more and writes the gradient once. The logits
+are never written. Implementations come from the backend selected for the logits' device.
+"""
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from sophon_fast import _backend
+
+
+def _acc_dtype(logits: Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("sophon_fast::row_losses", mutates_args=())
+def row_losses(logits: Tensor, target: Optional[Tensor], weights: List[float], scale: float,
+               ignore_index: int) -> Tuple[Tensor, Tensor]:
+    impl = _backend.select(logits.device.type)
+    loss, stats = impl.row_losses_fwd(logits, target, weights, scale, ignore_index)
+    return loss, stats
+
+
+@row_losses.register_fake
+def _(logits, target, weights, scale, ignore_index):
+    n = logits.shape[0]
+    acc = _acc_dtype(logits)
+    return logits.new_empty((n,), dtype=acc), logits.new_empty((n, 3), dtype=acc)
+
+
+@torch.library.custom_op("sophon_fast::row_losses_backward", mutates_args=())
+def row_losses_backward(grad_loss: Tensor, logits: Tensor, target: Optional[Tensor], stats: Tensor,
+                        weights: List[float], scale: float, ignore_index: int) -> Tensor:
+    impl = _backend.select(logits.device.type)
+    return impl.row_losses_bwd(grad_loss, logits, target, stats, weights, scale, ignore_index)
+
+
+@row_losses_backward.register_fake
+def _(grad_loss, logits, target, stats, weights, scale, ignore_index):
+    return logits.new_empty(logits.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, target, weights, scale, ignore_index = inputs
+    _, stats = output
+    ctx.save_for_backward(logits, target, stats)
+    ctx.weights, ctx.scale, ctx.ignore_index = weights, scale, ignore_index
+    ctx.mark_non_differentiable(stats)
+
+
+def _backward(ctx, grad_loss, grad_stats):
+    logits, target, stats = ctx.saved_tensors
+    grad = row_losses_backward(grad_loss.to(stats.dtype), logits, target, stats, ctx.weights, ctx.scale,
+                               ctx.ignore_index)
+    return grad, None, None, None, None
+
+
+row_losses.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,1 @@
+"""Plain-PyTorch specifications of every op and the faithful reference algorithm."""
