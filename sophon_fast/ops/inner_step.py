@@ -9,7 +9,9 @@ from sophon_fast import _backend
 @torch.library.custom_op("sophon_fast::inner_step_", mutates_args=("param", "grad", "exp_avg", "exp_avg_sq"))
 def inner_step_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, kind: int, lr: float,
                 beta1: float, beta2: float, eps: float, weight_decay: float, step: int, zero_grad: bool) -> None:
-    for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+    used = (("grad", grad),) + ((("exp_avg", exp_avg),) if kind >= 1 else ()) + \
+        ((("exp_avg_sq", exp_avg_sq),) if kind == 2 else ())
+    for name, t in used:  # buffers a kind does not use may be any tensor (e.g. empty): never touched
         if t.shape != param.shape or t.dtype != param.dtype or t.device != param.device:
             raise ValueError(f"inner_step_: {name} must match param (shape {tuple(param.shape)}, {param.dtype}, "
                              f"{param.device}); got {tuple(t.shape)}, {t.dtype}, {t.device}")
