@@ -39,6 +39,9 @@ class Strategy:
     weight_decay: float = 0.0
     steps: Optional[int] = None
 
+    def __post_init__(self):
+        self.betas = tuple(float(b) for b in self.betas)
+
     def validate(self) -> None:
         if self.optimizer not in INNER_OPTIMIZERS:
             raise ValueError(f"Strategy.optimizer must be one of {INNER_OPTIMIZERS}, got {self.optimizer!r}")

@@ -161,8 +161,8 @@ def protect(model: nn.Module, original, restricted, config: Optional[ProtectConf
     if not cfg.in_place:
         model = copy.deepcopy(model)
     model.to(device)
-    dtype = next(model.parameters()).dtype
     head = _find_head(model, cfg.head)
+    dtype = head.weight.dtype
 
     domains: Sequence = restricted if isinstance(restricted, list) else [restricted]
     if not domains:
