@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Everything a fresh machine of this kind needs: Debian data package, a venv at .venv, the pinned
+# Python packages, and the editable build of sophon_fast (C++ extension; CUDA too where torch has it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then
+  echo "[setup] installing Debian package dataset-fashion-mnist"
+  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null \
+    || echo "[setup] WARNING: could not install dataset-fashion-mnist (the fashion_mnist domain will be unavailable)"
+fi
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check \
+  torch==2.13.0 triton==3.7.1 numpy ninja pybind11 setuptools wheel \
+  pytest pytest-benchmark safetensors tqdm matplotlib scikit-learn mlxtend
+stamp=.venv/.sophon_fast_build
+if [ ! -f "$stamp" ] || [ -n "$(find setup.py csrc -newer "$stamp" 2>/dev/null | head -1)" ] \
+   || ! .venv/bin/python -c "import sophon_fast._C" 2>/dev/null; then
+  echo "[setup] building sophon_fast (C++ extension, ~1 minute)"
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation -e .
+  touch "$stamp"
+fi

@@ -1,0 +1,3 @@
+from sophon_fast.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,158 @@
+"""The ``sophon-fast`` command (also ``python -m sophon_fast``).
+
+    sophon-fast demo     [--quick] [--out runs/demo]        pre-train, protect, attack, report
+    sophon-fast protect  MODEL --original NAME --restricted NAME --out PATH [--loss ice ...]
+    sophon-fast attack   MODEL --restricted NAME [--suite default] [--unprotected MODEL] [--out DIR]
+    sophon-fast report   DIR_OR_JSON                         re-render report.md / curves.png
+    sophon-fast backends                                     which kernel backends are usable
+    sophon-fast bench                                        a one-minute speed check of this machine
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import List, Optional
+
+
+def _threads(n: Optional[int]) -> None:
+    if n is not None:
+        if n < 1:
+            raise SystemExit(f"sophon-fast: --threads must be >= 1, got {n}")
+        import torch
+        torch.set_num_threads(n)
+
+
+def _cmd_demo(a) -> int:
+    from sophon_fast.demo import run_demo
+    run_demo(out=a.out, quick=a.quick, seed=a.seed, original=a.original, restricted=a.restricted, arch=a.arch,
+             iterations=a.iterations, attacks=a.suite, attack_epochs=a.attack_epochs, subset=a.subset,
+             pretrain_epochs=a.pretrain_epochs, progress=not a.no_progress)
+    return 0
+
+
+def _cmd_protect(a) -> int:
+    from sophon_fast import data
+    from sophon_fast.engine import ProtectConfig, protect
+    from sophon_fast.io import load_model, save_model
+    model = load_model(a.model)
+    cfg = ProtectConfig(loss=a.loss, mode=a.mode, iterations=a.iterations, inner_steps=a.inner_steps,
+                        seed=a.seed, checkpoint_dir=a.checkpoint_dir, resume=a.checkpoint_dir is not None,
+                        progress=not a.no_progress)
+    res = protect(model, data.load(a.original, "train"), [data.load(r, "train") for r in a.restricted], cfg,
+                  original_test=data.load(a.original, "test"))
+    save_model(res.model, a.out, metadata={"original": a.original, "restricted": a.restricted})
+    print(f"protected model written to {a.out}; original accuracy {res.original_acc}; {res.stop_reason or 'completed'}")
+    return 0
+
+
+def _cmd_attack(a) -> int:
+    import json
+    import os
+
+    from sophon_fast import data
+    from sophon_fast.attacks import evaluate_suite, suite
+    from sophon_fast.io import load_model
+    model = load_model(a.model)
+    unprot = load_model(a.unprotected) if a.unprotected else None
+    attacks = suite(a.suite)
+    rows = evaluate_suite(model, unprot, data.load(a.restricted, "train"), data.load(a.restricted, "test"),
+                          attacks, seed=a.seed, epochs_scale=a.epochs_scale, progress=not a.no_progress)
+    for r in rows:
+        unp = f"{100 * r['unprotected'][-1]:5.1f}%" if r["unprotected"] else "  –  "
+        print(f"{r['attack']:<40} model {100 * r['protected'][-1]:5.1f}%  unprotected {unp}  "
+              f"scratch {100 * r['scratch'][-1]:5.1f}%  overhead {r['overhead']}")
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "attacks.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+def _cmd_report(a) -> int:
+    import os
+
+    from sophon_fast.report import load_report, write_report
+    report = load_report(a.path)
+    out = a.path if os.path.isdir(a.path) else os.path.dirname(os.path.abspath(a.path))
+    paths = write_report(report, out)
+    print("\n".join(p for p in paths.values() if p))
+    return 0
+
+
+def _cmd_backends(a) -> int:
+    from sophon_fast import backend_report
+    backend_report(print_report=True)
+    return 0
+
+
+def _cmd_bench(a) -> int:
+    from sophon_fast.quickbench import main as bench_main
+    return bench_main()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sophon-fast", description="SOPHON non-fine-tunable learning, fast.")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (fewer can be faster on a busy machine)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("demo", help="pre-train, protect, attack and report on embedded offline data")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--quick", action="store_true", help="smaller budget (<= 10 minutes on 2 cores)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--original", default=None)
+    d.add_argument("--restricted", default=None)
+    d.add_argument("--arch", default=None)
+    d.add_argument("--iterations", type=int, default=None, help="protection iterations")
+    d.add_argument("--suite", default=None, help="attack suite: quick, paper, default, full")
+    d.add_argument("--attack-epochs", type=int, default=None)
+    d.add_argument("--pretrain-epochs", type=int, default=None)
+    d.add_argument("--subset", type=int, default=None, help="limit every split to N samples (tests)")
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(fn=_cmd_demo)
+
+    pr = sub.add_parser("protect", help="protect a saved model")
+    pr.add_argument("model", help="a .safetensors model saved by sophon_fast.save_model")
+    pr.add_argument("--original", required=True)
+    pr.add_argument("--restricted", required=True, nargs="+")
+    pr.add_argument("--out", required=True)
+    pr.add_argument("--loss", default="ice")
+    pr.add_argument("--mode", default="fast", choices=["fast", "reference"])
+    pr.add_argument("--iterations", type=int, default=200)
+    pr.add_argument("--inner-steps", type=int, default=50)
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--checkpoint-dir", default=None, help="checkpoints here; a rerun resumes")
+    pr.add_argument("--no-progress", action="store_true")
+    pr.set_defaults(fn=_cmd_protect)
+
+    at = sub.add_parser("attack", help="run an attack suite against a saved model")
+    at.add_argument("model")
+    at.add_argument("--restricted", required=True)
+    at.add_argument("--suite", default="default")
+    at.add_argument("--unprotected", default=None)
+    at.add_argument("--epochs-scale", type=float, default=1.0)
+    at.add_argument("--seed", type=int, default=0)
+    at.add_argument("--out", default=None)
+    at.add_argument("--no-progress", action="store_true")
+    at.set_defaults(fn=_cmd_attack)
+
+    r = sub.add_parser("report", help="re-render report.md and curves.png from report.json")
+    r.add_argument("path")
+    r.set_defaults(fn=_cmd_report)
+
+    sub.add_parser("backends", help="which kernel backends are built and usable").set_defaults(fn=_cmd_backends)
+    sub.add_parser("bench", help="quick speed check: fast vs reference ratios").set_defaults(fn=_cmd_bench)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    _threads(args.threads)
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted: checkpoints written so far are intact; rerun the same command to resume",
+              file=sys.stderr)
+        return 130

@@ -1,0 +1,147 @@
+"""Reports of a protection + attack evaluation: report.json, report.md (tables), curves.png.
+
+The report dict (what ``report.json`` holds) has at least::
+
+    {"domains": {"original": name, "restricted": name},
+     "original_domain": {"unprotected_acc": float, "protected_acc": float},
+     "attacks": [{"name", "method", "optimizer", "lr", "batch_size", "epochs", "protected": [...],
+                  "unprotected": [...], "scratch": [...], "overhead", "never_reached",
+                  "head_start_removed"}, ...],
+     "config": {...}, "timing": {...}}
+
+Accuracies are fractions in [0, 1]; curves have one entry per epoch, index 0 before fine-tuning.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from typing import Optional
+
+REQUIRED = ("domains", "original_domain", "attacks", "config", "timing")
+ATTACK_KEYS = ("name", "method", "optimizer", "lr", "batch_size", "epochs", "protected", "unprotected",
+               "scratch", "overhead", "never_reached", "head_start_removed")
+
+
+def validate(report: dict) -> None:
+    """Raise ValueError when the report lacks a required field."""
+    missing = [k for k in REQUIRED if k not in report]
+    if missing:
+        raise ValueError(f"report is missing {missing}")
+    for i, a in enumerate(report["attacks"]):
+        lost = [k for k in ATTACK_KEYS if k not in a]
+        if lost:
+            raise ValueError(f"report attack {i} is missing {lost}")
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _pct(x: Optional[float]) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+
+
+def _num(x: Optional[float], nd: int = 2) -> str:
+    return "–" if x is None else f"{x:.{nd}f}"
+
+
+def render_markdown(report: dict) -> str:
+    d, o = report["domains"], report["original_domain"]
+    lines = [f"# SOPHON protection report: {d['original']} (original) → {d['restricted']} (restricted)", ""]
+    lines += ["## Original domain", "", "| model | test accuracy |", "| --- | --- |",
+              f"| unprotected | {_pct(o['unprotected_acc'])} |", f"| protected | {_pct(o['protected_acc'])} |",
+              f"| change | {100 * (o['protected_acc'] - o['unprotected_acc']):+.1f} points |", ""]
+    lines += ["## Fine-tuning attacks on the restricted domain", "",
+              "Final restricted test accuracy after each attack (epoch 0 = before fine-tuning). Overhead = "
+              "epochs the protected model needs to reach 90% of scratch's final accuracy / epochs scratch "
+              "needs (∞: never within the budget; ≥ 1 means fine-tuning it is no faster than training from "
+              "scratch). Head start removed = (unprotected − protected) / (unprotected − scratch) at the last "
+              "epoch (– where the unprotected model has < 10 points of head start).", "",
+              "| attack | method | optimizer | lr | batch | epochs | protected | unprotected | scratch "
+              "| overhead | head start removed |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for a in report["attacks"]:
+        ov = "∞" if a["never_reached"] else _num(a["overhead"])
+        unp = a["unprotected"][-1] if a["unprotected"] else None
+        lines.append(f"| {a['name']} | {a['method']} | {a['optimizer']} | {a['lr']:g} | {a['batch_size']} | "
+                     f"{a['epochs']} | {_pct(a['protected'][-1])} | {_pct(unp)} | {_pct(a['scratch'][-1])} | "
+                     f"{ov} | {_num(a['head_start_removed'])} |")
+    checks = report.get("targets")
+    if checks:
+        lines += ["", "## Targets", "", "| target | met | detail |", "| --- | --- | --- |"]
+        lines += [f"| {c['target']} | {'yes' if c['met'] else '**no**'} | {c['detail']} |" for c in checks]
+    t = report["timing"]
+    lines += ["", "## Timing (seconds)", "", "| step | seconds |", "| --- | --- |"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in t.items() if isinstance(v, (int, float))]
+    lines += ["", "## Configuration", "", "```json", json.dumps(report["config"], indent=1, sort_keys=True), "```", ""]
+    return "\n".join(lines)
+
+
+def plot_curves(report: dict, path: str) -> Optional[str]:
+    """Accuracy vs epoch per attack, three lines each (protected, unprotected, scratch); PNG."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    attacks = report["attacks"]
+    n = len(attacks)
+    cols = min(4, max(n, 1))
+    rows = max(1, math.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    styles = (("protected", "tab:red", "-"), ("unprotected", "tab:blue", "--"), ("scratch", "tab:gray", ":"))
+    for ax, a in zip(axes.flat, attacks):
+        for key, color, ls in styles:
+            if a.get(key):
+                ax.plot(range(len(a[key])), [100 * v for v in a[key]], ls, color=color, label=key, lw=2)
+        ax.set_title(f"{a['name']}", fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("restricted test acc (%)")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8, loc="upper left")
+    d = report["domains"]
+    fig.suptitle(f"Fine-tuning on {d['restricted']}: SOPHON-protected vs unprotected vs scratch", fontsize=11)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=".curves-", suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def write_report(report: dict, out_dir: str) -> dict:
+    """Write report.json, report.md and curves.png into ``out_dir``; returns their paths."""
+    validate(report)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, "report.json"), "md": os.path.join(out_dir, "report.md"),
+             "png": os.path.join(out_dir, "curves.png")}
+    _atomic_write(paths["json"], json.dumps(report, indent=1).encode())
+    _atomic_write(paths["md"], render_markdown(report).encode())
+    paths["png"] = plot_curves(report, paths["png"])
+    return paths
+
+
+def load_report(path: str) -> dict:
+    if os.path.isdir(path):
+        path = os.path.join(path, "report.json")
+    with open(path) as f:
+        report = json.load(f)
+    validate(report)
+    return report
