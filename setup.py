@@ -15,8 +15,8 @@ def cpu_flags():
     flags = ["-O3", "-std=c++17", "-fopenmp"]
     if platform.machine() in ("x86_64", "AMD64") and os.environ.get("SOPHON_FAST_NO_NATIVE") != "1":
         cpuinfo = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-        if " avx2 " in cpuinfo and " fma " in cpuinfo:
-            flags += ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+        if all(f" {f} " in cpuinfo for f in ("avx2", "fma", "f16c")):  # ATen's AVX2 vec headers need F16C
+            flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
     return flags
 
 

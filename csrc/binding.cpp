@@ -1,0 +1,202 @@
+// sophon_fast._C: the torch-side front end of the kernels. It checks arguments, allocates outputs and
+// hands raw pointers to the CPU kernels (csrc/cpu/kernels.h) or, when built WITH_CUDA, to the plain C
+// CUDA launchers (csrc/cuda/launchers.h) on the current stream. Python reaches it through
+// sophon_fast/ops/_cext.py; the ops themselves are registered in sophon_fast/ops/*.py.
+#include <torch/extension.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "cpu/kernels.h"
+
+#ifdef WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "cuda/launchers.h"
+#endif
+
+namespace {
+
+using at::Tensor;
+using sophon_fast::cpu::LossWeights;
+
+int dtype_code(const Tensor& t, const char* who) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return 0;
+    case at::kHalf: return 1;
+    case at::kBFloat16: return 2;
+    case at::kDouble: return 3;
+    default: TORCH_CHECK_VALUE(false, who, ": dtype must be float32, float16, bfloat16 or float64, got ", t.scalar_type());
+  }
+}
+
+at::ScalarType acc_type(const Tensor& logits) {
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Devices this build can run; raises for the others.
+bool on_cuda(const Tensor& t, const char* who) {
+  if (t.device().is_cpu()) return false;
+  TORCH_CHECK_VALUE(t.is_cuda(), who, ": tensors must be on CPU or CUDA, got ", t.device());
+#ifndef WITH_CUDA
+  TORCH_CHECK(false, who, ": got CUDA tensors but sophon_fast._C was built without CUDA kernels "
+              "(torch had no CUDA or nvcc was not found at build time); use the triton or reference backend");
+#endif
+  return true;
+}
+
+void check_same_device(const Tensor& a, const Tensor& b, const char* who, const char* name) {
+  TORCH_CHECK_VALUE(a.device() == b.device(), who, ": ", name, " is on ", b.device(), " but logits on ", a.device());
+}
+
+// Shared checks of the row-loss entry points; returns the weights.
+LossWeights check_rows(const Tensor& logits, const std::optional<Tensor>& target, const std::vector<double>& weights,
+                       const char* who) {
+  TORCH_CHECK_VALUE(logits.dim() == 2, who, ": logits must be 2-D (N, C), got shape ", logits.sizes());
+  TORCH_CHECK_VALUE(logits.size(1) >= 1, who, ": logits needs at least one class");
+  TORCH_CHECK_VALUE(logits.size(1) == 1 || logits.stride(1) == 1, who,
+                    ": logits must have unit stride along classes, got strides ", logits.strides());
+  TORCH_CHECK_VALUE(logits.size(0) <= 1 || logits.stride(0) >= 0, who, ": negative row stride");
+  dtype_code(logits, who);
+  TORCH_CHECK_VALUE(weights.size() == 4, who, ": weights must be [ce, ice, klu, negent], got ", weights.size(),
+                    " values");
+  if (target.has_value()) {
+    const Tensor& t = *target;
+    check_same_device(logits, t, who, "target");
+    TORCH_CHECK_VALUE(t.scalar_type() == at::kLong, who, ": target must be int64, got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == logits.size(0), who, ": target must have shape (",
+                      logits.size(0), ",), got ", t.sizes());
+    TORCH_CHECK_VALUE(t.is_contiguous(), who, ": target must be contiguous");
+  } else {
+    TORCH_CHECK_VALUE(weights[0] == 0 && weights[1] == 0, who, ": ce and ice need a target");
+  }
+  return LossWeights{weights[0], weights[1], weights[2], weights[3]};
+}
+
+const int64_t* target_ptr(const std::optional<Tensor>& target) {
+  return target.has_value() ? target->data_ptr<int64_t>() : nullptr;
+}
+
+std::tuple<Tensor, Tensor> row_losses_fwd(const Tensor& logits, const std::optional<Tensor>& target,
+                                          const std::vector<double>& weights, double scale, int64_t ignore_index) {
+  const char* who = "row_losses";
+  const LossWeights w = check_rows(logits, target, weights, who);
+  const int64_t n = logits.size(0), c = logits.size(1);
+  auto opts = logits.options().dtype(acc_type(logits));
+  Tensor loss = at::empty({n}, opts), stats = at::empty({n, 3}, opts);
+  if (n == 0) return {loss, stats};
+  const int code = dtype_code(logits, who);
+  const int64_t rs = n > 1 ? logits.stride(0) : c;
+  if (on_cuda(logits, who)) {
+#ifdef WITH_CUDA
+    c10::cuda::CUDAGuard guard(logits.device());
+    const int err = sf_row_losses_fwd_cuda(logits.data_ptr(), code, n, c, rs, target_ptr(target), float(w.ce),
+                                           float(w.ice), float(w.klu), float(w.negent), float(scale), ignore_index,
+                                           loss.data_ptr(), stats.data_ptr(), at::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(err == 0, who, ": CUDA launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
+#endif
+  } else {
+    sophon_fast::cpu::row_losses_fwd(logits.data_ptr(), code, n, c, rs, target_ptr(target), w, scale, ignore_index,
+                                     loss.data_ptr(), stats.data_ptr());
+  }
+  return {loss, stats};
+}
+
+Tensor row_losses_bwd(const Tensor& grad_loss, const Tensor& logits, const std::optional<Tensor>& target,
+                      const Tensor& stats, const std::vector<double>& weights, double scale, int64_t ignore_index) {
+  const char* who = "row_losses_backward";
+  const LossWeights w = check_rows(logits, target, weights, who);
+  const int64_t n = logits.size(0), c = logits.size(1);
+  const auto acc = acc_type(logits);
+  check_same_device(logits, grad_loss, who, "grad_loss");
+  check_same_device(logits, stats, who, "stats");
+  TORCH_CHECK_VALUE(grad_loss.scalar_type() == acc && grad_loss.dim() == 1 && grad_loss.size(0) == n &&
+                        grad_loss.is_contiguous(),
+                    who, ": grad_loss must be a contiguous (", n, ",) ", acc, " tensor, got ", grad_loss.sizes(), " ",
+                    grad_loss.scalar_type());
+  TORCH_CHECK_VALUE(stats.scalar_type() == acc && stats.dim() == 2 && stats.size(0) == n && stats.size(1) == 3 &&
+                        stats.is_contiguous(),
+                    who, ": stats must be a contiguous (", n, ", 3) ", acc, " tensor, got ", stats.sizes(), " ",
+                    stats.scalar_type());
+  Tensor grad = at::empty({n, c}, logits.options().memory_format(at::MemoryFormat::Contiguous));
+  if (n == 0) return grad;
+  const int code = dtype_code(logits, who);
+  const int64_t rs = n > 1 ? logits.stride(0) : c;
+  if (on_cuda(logits, who)) {
+#ifdef WITH_CUDA
+    c10::cuda::CUDAGuard guard(logits.device());
+    const int err = sf_row_losses_bwd_cuda(grad_loss.data_ptr(), logits.data_ptr(), code, n, c, rs,
+                                           target_ptr(target), stats.data_ptr(), float(w.ce), float(w.ice),
+                                           float(w.klu), float(w.negent), float(scale), ignore_index, grad.data_ptr(),
+                                           at::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(err == 0, who, ": CUDA launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
+#endif
+  } else {
+    sophon_fast::cpu::row_losses_bwd(grad_loss.data_ptr(), logits.data_ptr(), code, n, c, rs, target_ptr(target),
+                                     stats.data_ptr(), w, scale, ignore_index, grad.data_ptr());
+  }
+  return grad;
+}
+
+void inner_step_(Tensor param, Tensor grad, Tensor exp_avg, Tensor exp_avg_sq, int64_t kind, double lr, double beta1,
+                 double beta2, double eps, double weight_decay, int64_t step, bool zero_grad) {
+  const char* who = "inner_step_";
+  TORCH_CHECK_VALUE(kind >= 0 && kind <= 2, who, ": kind must be 0 (sgd), 1 (momentum) or 2 (adam), got ", kind);
+  const int code = dtype_code(param, who);
+  TORCH_CHECK_VALUE(param.is_contiguous(), who, ": param must be contiguous");
+  // Only the buffers this kind uses are checked (and touched).
+  std::vector<std::pair<const char*, Tensor*>> used{{"grad", &grad}};
+  if (kind >= 1) used.push_back({"exp_avg", &exp_avg});
+  if (kind == 2) used.push_back({"exp_avg_sq", &exp_avg_sq});
+  for (auto& [name, t] : used) {
+    TORCH_CHECK_VALUE(t->sizes() == param.sizes() && t->scalar_type() == param.scalar_type() &&
+                          t->device() == param.device() && t->is_contiguous(),
+                      who, ": ", name, " must be a contiguous tensor matching param (", param.sizes(), ", ",
+                      param.scalar_type(), ", ", param.device(), ")");
+  }
+  const int64_t numel = param.numel();
+  if (numel == 0) return;
+  void* m1 = kind >= 1 ? exp_avg.data_ptr() : nullptr;
+  void* m2 = kind == 2 ? exp_avg_sq.data_ptr() : nullptr;
+  if (on_cuda(param, who)) {
+#ifdef WITH_CUDA
+    c10::cuda::CUDAGuard guard(param.device());
+    const int err = sf_inner_step_cuda(param.data_ptr(), grad.data_ptr(), m1, m2, code, numel, static_cast<int>(kind),
+                                       float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), step,
+                                       zero_grad ? 1 : 0, at::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(err == 0, who, ": CUDA launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
+#endif
+  } else {
+    sophon_fast::cpu::inner_step(param.data_ptr(), grad.data_ptr(), m1, m2, code, numel, static_cast<int>(kind), lr,
+                                 beta1, beta2, eps, weight_decay, step, zero_grad);
+  }
+}
+
+bool has_cuda() {
+#ifdef WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  m.doc() = "sophon_fast kernels: fused row-wise losses and the fused inner optimiser step (CPU; CUDA when built)";
+  m.def("row_losses_fwd", &row_losses_fwd, "(logits, target|None, weights[4], scale, ignore_index) -> (loss, stats)",
+        py::arg("logits"), py::arg("target"), py::arg("weights"), py::arg("scale"), py::arg("ignore_index"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("row_losses_bwd", &row_losses_bwd,
+        "(grad_loss, logits, target|None, stats, weights[4], scale, ignore_index) -> grad (N, C)", py::arg("grad_loss"),
+        py::arg("logits"), py::arg("target"), py::arg("stats"), py::arg("weights"), py::arg("scale"),
+        py::arg("ignore_index"), py::call_guard<py::gil_scoped_release>());
+  m.def("inner_step_", &inner_step_, "in-place fused sgd/momentum/adam step over flat buffers", py::arg("param"),
+        py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("kind"), py::arg("lr"), py::arg("beta1"),
+        py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("step"), py::arg("zero_grad"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("has_cuda", &has_cuda, "whether this build contains the CUDA kernels");
+}

@@ -1,0 +1,548 @@
+// CPU kernels: row-wise fused losses (forward, backward) and the fused inner optimiser step.
+//
+// Row losses (spec: sophon_fast/reference/losses.py), on z' = scale * z, y the row's target:
+//   forward   one pass over the row's memory: blocks of kBlock elements are read from memory once
+//             and scanned twice while they sit in L1 (block max, then sum exp(z'-max)); each block
+//             gives a partial (m, S = sum e^(z'-m), T = sum e^(z'-m)(z'-m), sum z) over c != y,
+//             merged in fp64. T only when w_negent != 0, sum z only when w_klu != 0. lse_x = m + log S,
+//             lse = logaddexp(z'_y, lse_x), negent = T'/S' - log S' after merging y in.
+//   backward  one read of the row, one write of the gradient, one exp per element:
+//             q_c = exp(z'_c - ref) with ref = lse, or lse_x when ICE is on (then q_c <= 1 stays
+//             finite when p_y rounds to 1); every term is q_c times a per-row constant, so for c != y
+//               g_c = gl*scale * [q_c (alpha + beta (z'_c - ref)) + gamma]
+//             and g_y is rewritten from the scalar formula.
+// Traffic: forward 1R of the logits (+ 4 floats per row written), backward 1R + 1W.
+// Parallel over (row, chunk) items: rows when there are many, chunks of a row when there are few
+// (3 x 262144 keeps every thread busy); chunk partials are merged per row.
+#include "kernels.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace sophon_fast {
+namespace cpu {
+namespace {
+
+using at::vec::Vectorized;
+using c10::BFloat16;
+using c10::Half;
+
+constexpr int64_t kBlock = 2048;       // elements scanned twice from L1 in the forward
+constexpr int64_t kMinChunk = 16384;   // smallest piece of a row given to one thread
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Loads/stores W = 2 * Vectorized<acc>::size() elements of T as two acc vectors (16-bit types convert).
+template <typename T>
+struct IO {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  static constexpr int64_t L = V::size();
+  static constexpr int64_t W = 2 * L;
+  static_assert(std::is_same_v<T, A> || Vectorized<T>::size() == W, "16-bit vector must hold 2 float vectors");
+
+  static inline void load(const T* p, V& a, V& b) {
+    if constexpr (std::is_same_v<T, A>) {
+      a = V::loadu(p);
+      b = V::loadu(p + L);
+    } else {
+      at::vec::load_to_float<T>(p, a, b);
+    }
+  }
+  static inline void store(T* p, const V& a, const V& b) {
+    if constexpr (std::is_same_v<T, A>) {
+      a.store(p);
+      b.store(p + L);
+    } else {
+      at::vec::convert_from_float<T>(a, b).store(p);
+    }
+  }
+  // n < W elements; the lanes past n read as 0.
+  static inline void load_part(const T* p, int64_t n, V& a, V& b) {
+    A buf[W];
+    for (int64_t i = 0; i < W; ++i) buf[i] = i < n ? static_cast<A>(p[i]) : A(0);
+    a = V::loadu(buf);
+    b = V::loadu(buf + L);
+  }
+  static inline void store_part(T* p, int64_t n, const V& a, const V& b) {
+    A buf[W];
+    a.store(buf);
+    b.store(buf + L);
+    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(buf[i]);
+  }
+  // Lanes from n on (of the pair a|b) set to `fill`.
+  static inline void fill_from(V& a, V& b, int64_t n, A fill) {
+    const V f(fill);
+    if (n < L) {
+      a = V::set(f, a, n);
+      b = f;
+    } else {
+      b = V::set(f, b, n - L);
+    }
+  }
+  static inline double hsum(const V& a, const V& b) {
+    A buf[W];
+    a.store(buf);
+    b.store(buf + L);
+    double s = 0;
+    for (int64_t i = 0; i < W; ++i) s += buf[i];
+    return s;
+  }
+  static inline A hmax(const V& a, const V& b) {
+    A buf[L];
+    at::vec::maximum(a, b).store(buf);
+    A m = buf[0];
+    for (int64_t i = 1; i < L; ++i) m = std::max(m, buf[i]);
+    return m;
+  }
+};
+
+// exp for the kernels. Arguments are z' - max (<= 0) except at the target column in the backward,
+// whose value is overwritten. fp64: Sleef's 1-ulp exp.
+template <typename V>
+inline V vexp(const V& x) {
+  return x.exp();
+}
+
+#if defined(CPU_CAPABILITY_AVX2)
+// fp32 on AVX2: x clamped to [-86.5, 88] (so below -86.5 it returns 2.8e-38, not 0), n = round(x / ln2)
+// with the 1.5 * 2^23 shifter, r = x - n ln2 in two steps (Cody-Waite), e^r = 1 + r + r^2 P(r) with
+// Cephes' expf polynomial, then n is added to the exponent field. About 1 ulp; 15 vector ops.
+template <>
+inline Vectorized<float> vexp(const Vectorized<float>& v) {
+  const __m256 x = _mm256_max_ps(_mm256_min_ps(v, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-86.5f));
+  const __m256 shifter = _mm256_set1_ps(12582912.0f);
+  const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), shifter);
+  const __m256 n = _mm256_sub_ps(t, shifter);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(1.9875691500e-4f), r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+  // t's low mantissa bits hold n: (bits(t) << 23) == n << 23 (mod 2^32)
+  const __m256i e = _mm256_slli_epi32(_mm256_castps_si256(t), 23);
+  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------
+struct Partial {
+  double m = -kInf;  // max of z'
+  double s = 0;      // sum exp(z' - m)
+  double t = 0;      // sum exp(z' - m) (z' - m)
+  double z = 0;      // sum of the raw logits (times scale at the end)
+};
+
+inline void merge(Partial& a, const Partial& b) {
+  a.z += b.z;
+  if (b.s == 0) return;  // empty (a non-empty partial has s >= 1)
+  if (a.s == 0) {
+    a.m = b.m, a.s = b.s, a.t = b.t;
+    return;
+  }
+  const double m = std::max(a.m, b.m), da = a.m - m, db = b.m - m;
+  const double ea = std::exp(da), eb = std::exp(db);
+  a.t = ea * (a.t + da * a.s) + eb * (b.t + db * b.s);
+  a.s = ea * a.s + eb * b.s;
+  a.m = m;
+}
+
+// Partial over p[0, len), 0 < len <= kBlock, relative to the block's own max.
+template <typename T, bool KLU, bool NEG>
+inline Partial block_partial(const T* p, int64_t len, acc_t<T> scale) {
+  using io = IO<T>;
+  using A = typename io::A;
+  using V = typename io::V;
+  constexpr int64_t W = io::W;
+  const V vs(scale);
+  const int64_t full = len - len % W;
+  // scan 1: max of z' (and sum of z)
+  V mx0(-std::numeric_limits<A>::infinity()), mx1 = mx0, z0(A(0)), z1(A(0));
+  for (int64_t i = 0; i < full; i += W) {
+    V a, b;
+    io::load(p + i, a, b);
+    if constexpr (KLU) z0 += a, z1 += b;
+    mx0 = at::vec::maximum(mx0, a * vs);
+    mx1 = at::vec::maximum(mx1, b * vs);
+  }
+  if (full < len) {
+    V a, b;
+    io::load_part(p + full, len - full, a, b);
+    if constexpr (KLU) z0 += a, z1 += b;
+    a = a * vs, b = b * vs;
+    io::fill_from(a, b, len - full, -std::numeric_limits<A>::infinity());
+    mx0 = at::vec::maximum(mx0, a);
+    mx1 = at::vec::maximum(mx1, b);
+  }
+  const A m = io::hmax(mx0, mx1);
+  // scan 2 (from L1): sum exp(z' - m) and sum exp(z' - m)(z' - m)
+  const V vm(-m);
+  V s0(A(0)), s1(A(0)), t0(A(0)), t1(A(0));
+  for (int64_t i = 0; i < full; i += W) {
+    V a, b;
+    io::load(p + i, a, b);
+    const V da = at::vec::fmadd(a, vs, vm), db = at::vec::fmadd(b, vs, vm);
+    const V ea = vexp(da), eb = vexp(db);
+    s0 += ea, s1 += eb;
+    if constexpr (NEG) t0 = at::vec::fmadd(ea, da, t0), t1 = at::vec::fmadd(eb, db, t1);
+  }
+  if (full < len) {
+    V a, b;
+    io::load_part(p + full, len - full, a, b);
+    V da = at::vec::fmadd(a, vs, vm), db = at::vec::fmadd(b, vs, vm);
+    // padding lanes: exp(-1000) (<= 2.8e-38) and its T term are negligible; -inf would make T NaN
+    io::fill_from(da, db, len - full, A(-1000));
+    const V ea = vexp(da), eb = vexp(db);
+    s0 += ea, s1 += eb;
+    if constexpr (NEG) t0 = at::vec::fmadd(ea, da, t0), t1 = at::vec::fmadd(eb, db, t1);
+  }
+  Partial r;
+  r.m = m;
+  r.s = io::hsum(s0, s1);
+  if constexpr (NEG) r.t = io::hsum(t0, t1);
+  if constexpr (KLU) r.z = io::hsum(z0, z1);
+  return r;
+}
+
+template <typename T, bool KLU, bool NEG>
+inline void range_partial(const T* row, int64_t lo, int64_t hi, acc_t<T> scale, Partial& acc) {
+  for (int64_t b = lo; b < hi; b += kBlock) merge(acc, block_partial<T, KLU, NEG>(row + b, std::min(kBlock, hi - b), scale));
+}
+
+// Partial over [lo, hi) minus the target column y (y < 0: none).
+template <typename T, bool KLU, bool NEG>
+inline Partial chunk_partial(const T* row, int64_t lo, int64_t hi, int64_t y, acc_t<T> scale) {
+  Partial acc;
+  if (y >= lo && y < hi) {
+    range_partial<T, KLU, NEG>(row, lo, y, scale, acc);
+    range_partial<T, KLU, NEG>(row, y + 1, hi, scale, acc);
+  } else {
+    range_partial<T, KLU, NEG>(row, lo, hi, scale, acc);
+  }
+  return acc;
+}
+
+inline double softplus(double x) { return x > 0 ? x + std::log1p(std::exp(-x)) : std::log1p(std::exp(x)); }
+
+// Row target: -1 when the row has no target (no target tensor, or ignored). Sets *valid.
+inline int64_t row_target(const int64_t* target, int64_t r, int64_t c, int64_t ignore_index, bool* valid) {
+  *valid = true;
+  if (target == nullptr) return -1;
+  const int64_t y = target[r];
+  if (y == ignore_index) {
+    *valid = false;
+    return -1;
+  }
+  return y;
+}
+
+template <typename T, typename A>
+void finalize_row(const T* row, Partial p, int64_t y, bool valid, int64_t c, double scale, const LossWeights& w,
+                  bool neg, A* loss, A* stats) {
+  const double lse_x = p.m + std::log(p.s);
+  double lse = lse_x, zy = 0, negent = std::numeric_limits<double>::quiet_NaN();
+  if (y >= 0) {
+    const double raw = static_cast<double>(static_cast<A>(row[y]));
+    zy = static_cast<double>(static_cast<A>(scale) * static_cast<A>(raw));
+    const double hi = std::max(zy, lse_x), lo = std::min(zy, lse_x);
+    lse = hi + std::log1p(std::exp(lo - hi));
+    p.z += raw;
+    merge(p, Partial{zy, 1.0, 0.0, 0.0});
+  }
+  if (neg) negent = p.t / p.s - std::log(p.s);
+  double l = 0;
+  if (valid) {
+    if (w.ce) l += w.ce * softplus(lse_x - zy);
+    if (w.ice) l += w.ice * softplus(zy - lse_x);
+    if (w.klu) l += w.klu * (lse - scale * p.z / static_cast<double>(c) - std::log(static_cast<double>(c)));
+    if (w.negent) l += w.negent * negent;
+  }
+  *loss = static_cast<A>(l);
+  stats[0] = static_cast<A>(lse);
+  stats[1] = static_cast<A>(lse_x);
+  stats[2] = static_cast<A>(negent);
+}
+
+// Pieces per row: 1 when rows alone keep every thread busy, else enough chunks (>= kMinChunk each).
+inline int64_t row_splits(int64_t n, int64_t c, int64_t w) {
+  const int64_t threads = at::get_num_threads();
+  if (threads <= 1 || n >= 8 * threads || c < 2 * kMinChunk) return 1;
+  return std::max<int64_t>(1, std::min((8 * threads + n - 1) / n, c / kMinChunk));
+}
+
+inline int64_t chunk_len(int64_t c, int64_t splits, int64_t w) {
+  const int64_t len = (c + splits - 1) / splits;
+  return (len + w - 1) / w * w;
+}
+
+template <typename T, bool KLU, bool NEG>
+void fwd_impl(const T* logits, int64_t n, int64_t c, int64_t rs, const int64_t* target, const LossWeights& w,
+              double scale, int64_t ignore_index, acc_t<T>* loss, acc_t<T>* stats) {
+  using A = acc_t<T>;
+  const A sc = static_cast<A>(scale);
+  const int64_t splits = row_splits(n, c, IO<T>::W);
+  if (splits == 1) {
+    at::parallel_for(0, n, std::max<int64_t>(1, 32768 / c), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        bool valid;
+        const int64_t y = row_target(target, r, c, ignore_index, &valid);
+        const T* row = logits + r * rs;
+        finalize_row<T, A>(row, chunk_partial<T, KLU, NEG>(row, 0, c, y, sc), y, valid, c, scale, w, NEG, loss + r,
+                           stats + 3 * r);
+      }
+    });
+    return;
+  }
+  const int64_t len = chunk_len(c, splits, IO<T>::W);
+  const int64_t k = (c + len - 1) / len;
+  std::vector<Partial> parts(n * k);
+  at::parallel_for(0, n * k, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = i / k, lo = (i % k) * len;
+      bool valid;
+      const int64_t y = row_target(target, r, c, ignore_index, &valid);
+      parts[i] = chunk_partial<T, KLU, NEG>(logits + r * rs, lo, std::min(c, lo + len), y, sc);
+    }
+  });
+  for (int64_t r = 0; r < n; ++r) {
+    Partial p = parts[r * k];
+    for (int64_t j = 1; j < k; ++j) merge(p, parts[r * k + j]);
+    bool valid;
+    const int64_t y = row_target(target, r, c, ignore_index, &valid);
+    finalize_row<T, A>(logits + r * rs, p, y, valid, c, scale, w, NEG, loss + r, stats + 3 * r);
+  }
+}
+
+template <typename T>
+void fwd_dispatch(const void* logits, int64_t n, int64_t c, int64_t rs, const int64_t* target, const LossWeights& w,
+                  double scale, int64_t ignore_index, void* loss, void* stats) {
+  using A = acc_t<T>;
+  auto* z = static_cast<const T*>(logits);
+  auto* l = static_cast<A*>(loss);
+  auto* s = static_cast<A*>(stats);
+  const bool klu = w.klu != 0, neg = w.negent != 0;
+  if (klu && neg) fwd_impl<T, true, true>(z, n, c, rs, target, w, scale, ignore_index, l, s);
+  else if (klu) fwd_impl<T, true, false>(z, n, c, rs, target, w, scale, ignore_index, l, s);
+  else if (neg) fwd_impl<T, false, true>(z, n, c, rs, target, w, scale, ignore_index, l, s);
+  else fwd_impl<T, false, false>(z, n, c, rs, target, w, scale, ignore_index, l, s);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------
+template <typename T, bool NEG>
+void bwd_chunk(const T* row, T* out, int64_t lo, int64_t hi, int64_t c, int64_t y, bool valid, double gl,
+               const double* st, const LossWeights& w, double scale) {
+  using io = IO<T>;
+  using A = typename io::A;
+  using V = typename io::V;
+  constexpr int64_t W = io::W;
+  if (!valid || gl == 0) {
+    std::fill(out + lo, out + hi, static_cast<T>(0));
+    return;
+  }
+  const double lse = st[0], lse_x = st[1], negent = st[2];
+  const double gs = gl * scale;
+  // One exp per element, q_c = exp(z'_c - ref): ref = lse (q_c = p_c, as the reference computes it)
+  // unless ICE is on, then ref = lse_x (q_c = exp(z'_c - lse_x) <= 1, finite even when p_y rounds
+  // to 1, where p_c = kp q_c underflows). kp = exp(ref - lse), kx = exp(ref - lse_x).
+  const double ref = w.ice != 0 ? lse_x : lse;
+  const double kp = w.ice != 0 ? std::exp(lse_x - lse) : 1.0, kx = 1.0;
+  double p_y = 0, zy = 0;
+  if (y >= 0) {
+    zy = static_cast<double>(static_cast<A>(scale) * static_cast<A>(row[y]));
+    p_y = std::exp(zy - lse);
+  }
+  // g_c = gs * [q_c (alpha + beta d_c) + gamma], d_c = z'_c - ref:
+  //   CE, KLU: kp q_c; ICE: -p_y kx q_c; KLU: -1/C; NEGENT: kp q_c (d_c + ref - lse - negent)
+  double alpha = (w.ce + w.klu) * kp - w.ice * p_y * kx, beta = 0;
+  if (NEG) {
+    alpha += w.negent * kp * (ref - lse - negent);
+    beta = w.negent * kp;
+  }
+  const V vs(static_cast<A>(scale)), vl(static_cast<A>(-ref)), va(static_cast<A>(gs * alpha)),
+      vb(static_cast<A>(gs * beta)), vg(static_cast<A>(-gs * w.klu / static_cast<double>(c)));
+  auto grad = [&](const V& x) {
+    const V d = at::vec::fmadd(x, vs, vl);
+    const V q = vexp(d);
+    if constexpr (NEG) return at::vec::fmadd(q, at::vec::fmadd(vb, d, va), vg);
+    else return at::vec::fmadd(q, va, vg);
+  };
+  int64_t i = lo;
+  for (; i + W <= hi; i += W) {
+    V a, b;
+    io::load(row + i, a, b);
+    io::store(out + i, grad(a), grad(b));
+  }
+  if (i < hi) {
+    V a, b;
+    io::load_part(row + i, hi - i, a, b);
+    io::store_part(out + i, hi - i, grad(a), grad(b));
+  }
+  if (y >= lo && y < hi) {
+    const double g = w.ce * (p_y - 1.0) + w.ice * p_y + w.klu * (p_y - 1.0 / static_cast<double>(c)) +
+                     (NEG ? w.negent * p_y * (zy - lse - negent) : 0.0);
+    out[y] = static_cast<T>(gs * g);
+  }
+}
+
+template <typename T, bool NEG>
+void bwd_impl(const acc_t<T>* grad_loss, const T* logits, int64_t n, int64_t c, int64_t rs, const int64_t* target,
+              const acc_t<T>* stats, const LossWeights& w, double scale, int64_t ignore_index, T* grad) {
+  const int64_t splits = row_splits(n, c, IO<T>::W);
+  const int64_t len = chunk_len(c, splits, IO<T>::W);
+  const int64_t k = (c + len - 1) / len;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::min(len, c));
+  at::parallel_for(0, n * k, grain, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = i / k, lo = (i % k) * len;
+      bool valid;
+      const int64_t y = row_target(target, r, c, ignore_index, &valid);
+      const double st[3] = {static_cast<double>(stats[3 * r]), static_cast<double>(stats[3 * r + 1]),
+                            static_cast<double>(stats[3 * r + 2])};
+      bwd_chunk<T, NEG>(logits + r * rs, grad + r * c, lo, std::min(c, lo + len), c, y, valid,
+                        static_cast<double>(grad_loss[r]), st, w, scale);
+    }
+  });
+}
+
+template <typename T>
+void bwd_dispatch(const void* grad_loss, const void* logits, int64_t n, int64_t c, int64_t rs, const int64_t* target,
+                  const void* stats, const LossWeights& w, double scale, int64_t ignore_index, void* grad) {
+  using A = acc_t<T>;
+  auto* gl = static_cast<const A*>(grad_loss);
+  auto* z = static_cast<const T*>(logits);
+  auto* st = static_cast<const A*>(stats);
+  auto* g = static_cast<T*>(grad);
+  if (w.negent != 0) bwd_impl<T, true>(gl, z, n, c, rs, target, st, w, scale, ignore_index, g);
+  else bwd_impl<T, false>(gl, z, n, c, rs, target, st, w, scale, ignore_index, g);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Inner optimiser step: one pass, SGD 2R+1W, momentum 3R+2W, Adam 4R+3W (+1W with zero_grad).
+// ---------------------------------------------------------------------------------------------
+template <typename T, int KIND>
+void step_impl(T* param, T* grad, T* m1, T* m2, int64_t numel, double lr, double beta1, double beta2, double eps,
+               double wd, int64_t step, bool zero_grad) {
+  using io = IO<T>;
+  using A = typename io::A;
+  using V = typename io::V;
+  constexpr int64_t W = io::W;
+  const double bc1 = KIND == 2 ? 1 - std::pow(beta1, static_cast<double>(step)) : 1;
+  const double bc2 = KIND == 2 ? 1 - std::pow(beta2, static_cast<double>(step)) : 1;
+  const V vlr(static_cast<A>(KIND == 2 ? lr / bc1 : lr)), vwd(static_cast<A>(wd)), vb1(static_cast<A>(beta1)),
+      vb2(static_cast<A>(beta2)), v1b1(static_cast<A>(1 - beta1)), v1b2(static_cast<A>(1 - beta2)),
+      vsq(static_cast<A>(std::sqrt(bc2))), veps(static_cast<A>(eps)), zero(A(0));
+  // One W-wide step on registers; m and v are untouched for kinds that do not use them.
+  auto update = [&](V& p, V g, V& m, V& v) {
+    g = at::vec::fmadd(vwd, p, g);
+    if constexpr (KIND == 0) {
+      p = p - vlr * g;
+    } else if constexpr (KIND == 1) {
+      m = at::vec::fmadd(vb1, m, g);
+      p = p - vlr * m;
+    } else {
+      m = at::vec::fmadd(vb1, m, v1b1 * g);
+      v = at::vec::fmadd(vb2, v, v1b2 * g * g);
+      p = p - vlr * m / (v.sqrt() / vsq + veps);
+    }
+  };
+  at::parallel_for(0, (numel + W - 1) / W, 4096, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t i = blk * W, cnt = std::min(W, numel - i);
+      V p0, p1, g0, g1, m0(A(0)), m1v(A(0)), v0(A(0)), v1(A(0));
+      auto ld = [&](const T* src, V& a, V& b) { cnt == W ? io::load(src + i, a, b) : io::load_part(src + i, cnt, a, b); };
+      auto st = [&](T* dst, const V& a, const V& b) { cnt == W ? io::store(dst + i, a, b) : io::store_part(dst + i, cnt, a, b); };
+      ld(param, p0, p1);
+      ld(grad, g0, g1);
+      if constexpr (KIND >= 1) ld(m1, m0, m1v);
+      if constexpr (KIND == 2) ld(m2, v0, v1);
+      update(p0, g0, m0, v0);
+      update(p1, g1, m1v, v1);
+      st(param, p0, p1);
+      if constexpr (KIND >= 1) st(m1, m0, m1v);
+      if constexpr (KIND == 2) st(m2, v0, v1);
+      if (zero_grad) st(grad, zero, zero);
+    }
+  });
+}
+
+template <typename T>
+void step_dispatch(void* param, void* grad, void* m1, void* m2, int64_t numel, int kind, double lr, double beta1,
+                   double beta2, double eps, double wd, int64_t step, bool zero_grad) {
+  auto* p = static_cast<T*>(param);
+  auto* g = static_cast<T*>(grad);
+  auto* a = static_cast<T*>(m1);
+  auto* b = static_cast<T*>(m2);
+  if (kind == 0) step_impl<T, 0>(p, g, a, b, numel, lr, beta1, beta2, eps, wd, step, zero_grad);
+  else if (kind == 1) step_impl<T, 1>(p, g, a, b, numel, lr, beta1, beta2, eps, wd, step, zero_grad);
+  else step_impl<T, 2>(p, g, a, b, numel, lr, beta1, beta2, eps, wd, step, zero_grad);
+}
+
+template <typename F>
+void by_dtype(int dtype, const char* who, F&& f) {
+  switch (dtype) {
+    case 0: return f(float{});
+    case 1: return f(Half{});
+    case 2: return f(BFloat16{});
+    case 3: return f(double{});
+    default: TORCH_CHECK_VALUE(false, who, ": unsupported dtype code ", dtype);
+  }
+}
+
+}  // namespace
+
+void row_losses_fwd(const void* logits, int dtype, int64_t n, int64_t c, int64_t row_stride, const int64_t* target,
+                    LossWeights w, double scale, int64_t ignore_index, void* loss, void* stats) {
+  if (target != nullptr) {
+    for (int64_t r = 0; r < n; ++r)
+      TORCH_CHECK_VALUE(target[r] == ignore_index || (target[r] >= 0 && target[r] < c), "row_losses: target[", r,
+                        "] = ", target[r], " is out of range for C = ", c, " (ignore_index = ", ignore_index, ")");
+  }
+  by_dtype(dtype, "row_losses", [&](auto tag) {
+    fwd_dispatch<decltype(tag)>(logits, n, c, row_stride, target, w, scale, ignore_index, loss, stats);
+  });
+}
+
+void row_losses_bwd(const void* grad_loss, const void* logits, int dtype, int64_t n, int64_t c, int64_t row_stride,
+                    const int64_t* target, const void* stats, LossWeights w, double scale, int64_t ignore_index,
+                    void* grad) {
+  if (target != nullptr) {
+    for (int64_t r = 0; r < n; ++r)
+      TORCH_CHECK_VALUE(target[r] == ignore_index || (target[r] >= 0 && target[r] < c), "row_losses_backward: target[",
+                        r, "] = ", target[r], " is out of range for C = ", c);
+  }
+  by_dtype(dtype, "row_losses_backward", [&](auto tag) {
+    bwd_dispatch<decltype(tag)>(grad_loss, logits, n, c, row_stride, target, stats, w, scale, ignore_index, grad);
+  });
+}
+
+void inner_step(void* param, void* grad, void* exp_avg, void* exp_avg_sq, int dtype, int64_t numel, int kind,
+                double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step, bool zero_grad) {
+  TORCH_CHECK_VALUE(kind >= 0 && kind <= 2, "inner_step_: kind must be 0 (sgd), 1 (momentum) or 2 (adam), got ", kind);
+  TORCH_CHECK_VALUE(kind != 2 || step >= 1, "inner_step_: Adam needs step >= 1, got ", step);
+  by_dtype(dtype, "inner_step_", [&](auto tag) {
+    step_dispatch<decltype(tag)>(param, grad, exp_avg, exp_avg_sq, numel, kind, lr, beta1, beta2, eps, weight_decay,
+                                 step, zero_grad);
+  });
+}
+
+}  // namespace cpu
+}  // namespace sophon_fast

@@ -1,0 +1,37 @@
+// CPU kernels of sophon_fast (no pybind, no torch front end): plain launchers over raw pointers, with
+// the same arguments as the CUDA launchers in csrc/cuda/launchers.h so csrc/binding.cpp can dispatch
+// both from one place. Semantics: sophon_fast/reference/losses.py and sophon_fast/reference/inner_step.py.
+//
+// dtype codes: 0 fp32, 1 fp16, 2 bf16, 3 fp64. Accumulation is fp32 (fp64 for fp64 inputs);
+// loss / stats / grad_loss buffers are fp32 (fp64 for fp64 logits). Argument errors throw c10::ValueError.
+#pragma once
+#include <cstdint>
+
+namespace sophon_fast {
+namespace cpu {
+
+struct LossWeights {
+  double ce, ice, klu, negent;  // order of reference.losses.LOSS_NAMES
+};
+
+// logits: n rows of c classes, row r at logits + r * row_stride elements, unit class stride (any
+// row stride, 0 included). target: n int64 labels or nullptr (every row counts; ce/ice must be 0).
+// loss: n values; stats: n x 3 row-major [lse, lse_without_target, negent].
+// negent (stats[:, 2]) is only accumulated when w.negent != 0; otherwise it is written as NaN.
+void row_losses_fwd(const void* logits, int dtype, int64_t n, int64_t c, int64_t row_stride,
+                    const int64_t* target, LossWeights w, double scale, int64_t ignore_index, void* loss,
+                    void* stats);
+
+// grad_loss: n values; stats: the forward's; grad: contiguous n x c in the logits' dtype.
+void row_losses_bwd(const void* grad_loss, const void* logits, int dtype, int64_t n, int64_t c,
+                    int64_t row_stride, const int64_t* target, const void* stats, LossWeights w,
+                    double scale, int64_t ignore_index, void* grad);
+
+// In place over numel contiguous elements; kind 0 sgd, 1 momentum, 2 adam. Buffers a kind does not
+// use may be null.
+void inner_step(void* param, void* grad, void* exp_avg, void* exp_avg_sq, int dtype, int64_t numel,
+                int kind, double lr, double beta1, double beta2, double eps, double weight_decay,
+                int64_t step, bool zero_grad);
+
+}  // namespace cpu
+}  // namespace sophon_fast
