@@ -117,23 +117,24 @@ inline V vexp(const V& x) {
 }
 
 #if defined(CPU_CAPABILITY_AVX2)
-// fp32 on AVX2: x clamped to [-86.5, 88] (so below -86.5 it returns 2.8e-38, not 0), n = round(x / ln2)
-// with the 1.5 * 2^23 shifter, r = x - n ln2 in two steps (Cody-Waite), e^r = 1 + r + r^2 P(r) with
-// Cephes' expf polynomial, then n is added to the exponent field. About 1 ulp; 15 vector ops.
+// fp32 on AVX2, for x <= 88 (larger x: garbage; only the backward's target column gets such x, and
+// it is rewritten): x clamped below at -86.5 (so it returns >= 2.8e-38, never 0), n = round(x / ln2)
+// with the 1.5 * 2^23 shifter, r = x - n ln2 in two steps (Cody-Waite), e^r by a degree-6 minimax
+// polynomial (|rel err| 2e-9 on [-ln2/2, ln2/2]), n added to the exponent field. <= 1 ulp, 13 ops.
 template <>
 inline Vectorized<float> vexp(const Vectorized<float>& v) {
-  const __m256 x = _mm256_max_ps(_mm256_min_ps(v, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-86.5f));
+  const __m256 x = _mm256_max_ps(v, _mm256_set1_ps(-86.5f));
   const __m256 shifter = _mm256_set1_ps(12582912.0f);
   const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), shifter);
   const __m256 n = _mm256_sub_ps(t, shifter);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
   r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(1.9875691500e-4f), r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(1.384364325e-03f), r, _mm256_set1_ps(8.374155499e-03f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.166800156e-02f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.666643173e-01f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.999999404e-01f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
   // t's low mantissa bits hold n: (bits(t) << 23) == n << 23 (mod 2^32)
   const __m256i e = _mm256_slli_epi32(_mm256_castps_si256(t), 23);
   return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
@@ -164,55 +165,70 @@ inline void merge(Partial& a, const Partial& b) {
   a.m = m;
 }
 
-// Partial over p[0, len), 0 < len <= kBlock, relative to the block's own max.
+// Lanes of the pair (a | b) at index < first or == skip (relative to the step) set to `fill`.
+template <typename T>
+inline void mask_lanes(typename IO<T>::V& a, typename IO<T>::V& b, int64_t first, int64_t skip,
+                       acc_t<T> fill) {
+  using V = typename IO<T>::V;
+  using A = acc_t<T>;
+  const V lo = V::arange(A(0), A(1)), hi = V::arange(A(IO<T>::L), A(1));
+  const V f(fill), vf(static_cast<A>(first)), vs(static_cast<A>(skip));
+  a = V::blendv(a, f, (lo < vf) | (lo == vs));
+  b = V::blendv(b, f, (hi < vf) | (hi == vs));
+}
+
+// Partial over p[0, len) minus column `skip` (-1: none), relative to the block's own max, with
+// len >= W: whole W-steps, then one overlapping step over the last W elements whose already
+// counted lanes are masked. Only the step holding `skip` and the last one are masked.
 template <typename T, bool KLU, bool NEG>
-inline Partial block_partial(const T* p, int64_t len, acc_t<T> scale) {
+inline Partial block_partial(const T* p, int64_t len, int64_t skip, acc_t<T> scale) {
   using io = IO<T>;
   using A = typename io::A;
   using V = typename io::V;
   constexpr int64_t W = io::W;
+  constexpr A kNegInf = -std::numeric_limits<A>::infinity();
   const V vs(scale);
-  const int64_t full = len - len % W;
-  // scan 1: max of z' (and sum of z)
-  V mx0(-std::numeric_limits<A>::infinity()), mx1 = mx0, z0(A(0)), z1(A(0));
-  for (int64_t i = 0; i < full; i += W) {
+  const int64_t full = len - len % W, skip_step = skip < 0 ? -1 : skip - skip % W;
+  // The overlapping last step starts at len - W; lanes before `first` were counted already.
+  const int64_t last = full < len ? len - W : -1, first = full < len ? full - last : 0;
+  // scan 1: max of z' (and sum of z) over the kept lanes
+  V mx0(kNegInf), mx1 = mx0, z0(A(0)), z1(A(0));
+  auto scan1 = [&](int64_t i, int64_t first_lane, int64_t skip_lane, bool masked) {
     V a, b;
     io::load(p + i, a, b);
-    if constexpr (KLU) z0 += a, z1 += b;
-    mx0 = at::vec::maximum(mx0, a * vs);
-    mx1 = at::vec::maximum(mx1, b * vs);
-  }
-  if (full < len) {
-    V a, b;
-    io::load_part(p + full, len - full, a, b);
-    if constexpr (KLU) z0 += a, z1 += b;
-    a = a * vs, b = b * vs;
-    io::fill_from(a, b, len - full, -std::numeric_limits<A>::infinity());
+    if (masked) {
+      if constexpr (KLU) {
+        V za = a, zb = b;
+        mask_lanes<T>(za, zb, first_lane, skip_lane, A(0));
+        z0 += za, z1 += zb;
+      }
+      a = a * vs, b = b * vs;
+      mask_lanes<T>(a, b, first_lane, skip_lane, kNegInf);
+    } else {
+      if constexpr (KLU) z0 += a, z1 += b;
+      a = a * vs, b = b * vs;
+    }
     mx0 = at::vec::maximum(mx0, a);
     mx1 = at::vec::maximum(mx1, b);
-  }
+  };
+  for (int64_t i = 0; i < full; i += W) scan1(i, 0, skip - i, i == skip_step);
+  if (last >= 0) scan1(last, first, skip - last, true);
   const A m = io::hmax(mx0, mx1);
-  // scan 2 (from L1): sum exp(z' - m) and sum exp(z' - m)(z' - m)
+  // scan 2 (from L1): sum exp(z' - m) and sum exp(z' - m)(z' - m); masked lanes get d = -1000,
+  // whose exp (<= 2.8e-38) and T term are negligible (-inf would make the T term NaN)
   const V vm(-m);
   V s0(A(0)), s1(A(0)), t0(A(0)), t1(A(0));
-  for (int64_t i = 0; i < full; i += W) {
+  auto scan2 = [&](int64_t i, int64_t first_lane, int64_t skip_lane, bool masked) {
     V a, b;
     io::load(p + i, a, b);
-    const V da = at::vec::fmadd(a, vs, vm), db = at::vec::fmadd(b, vs, vm);
-    const V ea = vexp(da), eb = vexp(db);
-    s0 += ea, s1 += eb;
-    if constexpr (NEG) t0 = at::vec::fmadd(ea, da, t0), t1 = at::vec::fmadd(eb, db, t1);
-  }
-  if (full < len) {
-    V a, b;
-    io::load_part(p + full, len - full, a, b);
     V da = at::vec::fmadd(a, vs, vm), db = at::vec::fmadd(b, vs, vm);
-    // padding lanes: exp(-1000) (<= 2.8e-38) and its T term are negligible; -inf would make T NaN
-    io::fill_from(da, db, len - full, A(-1000));
+    if (masked) mask_lanes<T>(da, db, first_lane, skip_lane, A(-1000));
     const V ea = vexp(da), eb = vexp(db);
     s0 += ea, s1 += eb;
     if constexpr (NEG) t0 = at::vec::fmadd(ea, da, t0), t1 = at::vec::fmadd(eb, db, t1);
-  }
+  };
+  for (int64_t i = 0; i < full; i += W) scan2(i, 0, skip - i, i == skip_step);
+  if (last >= 0) scan2(last, first, skip - last, true);
   Partial r;
   r.m = m;
   r.s = io::hsum(s0, s1);
@@ -221,20 +237,30 @@ inline Partial block_partial(const T* p, int64_t len, acc_t<T> scale) {
   return r;
 }
 
+// Scalar partial for pieces shorter than one step (C < W).
 template <typename T, bool KLU, bool NEG>
-inline void range_partial(const T* row, int64_t lo, int64_t hi, acc_t<T> scale, Partial& acc) {
-  for (int64_t b = lo; b < hi; b += kBlock) merge(acc, block_partial<T, KLU, NEG>(row + b, std::min(kBlock, hi - b), scale));
+inline Partial short_partial(const T* p, int64_t len, int64_t skip, double scale) {
+  Partial r;
+  for (int64_t i = 0; i < len; ++i) {
+    if (i == skip) continue;
+    const double x = static_cast<double>(static_cast<acc_t<T>>(p[i]));
+    if (KLU) r.z += x;
+    merge(r, Partial{scale * x, 1.0, 0.0, 0.0});
+  }
+  return r;
 }
 
-// Partial over [lo, hi) minus the target column y (y < 0: none).
+// Partial over [lo, hi) of a row minus the target column y (y < 0: none), in blocks of about kBlock.
 template <typename T, bool KLU, bool NEG>
 inline Partial chunk_partial(const T* row, int64_t lo, int64_t hi, int64_t y, acc_t<T> scale) {
+  constexpr int64_t W = IO<T>::W;
+  if (hi - lo < W) return short_partial<T, KLU, NEG>(row + lo, hi - lo, y < 0 ? -1 : y - lo, scale);
   Partial acc;
-  if (y >= lo && y < hi) {
-    range_partial<T, KLU, NEG>(row, lo, y, scale, acc);
-    range_partial<T, KLU, NEG>(row, y + 1, hi, scale, acc);
-  } else {
-    range_partial<T, KLU, NEG>(row, lo, hi, scale, acc);
+  for (int64_t b = lo; b < hi;) {
+    const int64_t len = hi - b < kBlock + W ? hi - b : kBlock;  // never leave a piece shorter than W
+    const int64_t skip = (y >= b && y < b + len) ? y - b : -1;
+    merge(acc, block_partial<T, KLU, NEG>(row + b, len, skip, scale));
+    b += len;
   }
   return acc;
 }
@@ -391,7 +417,11 @@ void bwd_chunk(const T* row, T* out, int64_t lo, int64_t hi, int64_t c, int64_t 
     io::load(row + i, a, b);
     io::store(out + i, grad(a), grad(b));
   }
-  if (i < hi) {
+  if (i < hi && hi - lo >= W) {  // overlapping last step: rewrites a few elements with equal values
+    V a, b;
+    io::load(row + hi - W, a, b);
+    io::store(out + hi - W, grad(a), grad(b));
+  } else if (i < hi) {
     V a, b;
     io::load_part(row + i, hi - i, a, b);
     io::store_part(out + i, hi - i, grad(a), grad(b));
