@@ -39,6 +39,13 @@ def demo_config(quick: bool, iterations: Optional[int] = None, seed: int = 0, pr
                          checkpoint_dir=checkpoint_dir, checkpoint_every=10, resume=True)
 
 
+def pretrain(arch: str, classes: int, train, test, epochs: int, seed: int = 0, progress: bool = False):
+    """``arch`` trained from a seeded initialisation: Adam lr 1e-3, batch 128, ``epochs`` epochs."""
+    base = models.build(arch, num_classes=classes, seed=seed)
+    recipe = Attack("pretrain", "full", "adam", lr=1e-3, batch_size=128, epochs=epochs)
+    return run(base, train, test, recipe, seed=seed, progress=progress, return_model=True)[1]
+
+
 def _subset(ds, n: Optional[int], seed: int):
     if n is None or n >= len(ds):
         return ds
@@ -91,9 +98,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, origina
     else:
         epochs = pretrain_epochs or (1 if quick else 3)
         say(f"[demo] pre-training {arch} on {original} for {epochs} epochs")
-        base = models.build(arch, num_classes=classes, seed=seed)
-        pre = Attack("pretrain", "full", "adam", lr=1e-3, batch_size=128, epochs=epochs)
-        _, unprotected = run(base, o_train, o_test, pre, seed=seed, progress=progress, return_model=True)
+        unprotected = pretrain(arch, classes, o_train, o_test, epochs, seed, progress)
         save_model(unprotected, orig_path, metadata={"domain": original, "epochs": epochs})
     timing["pretrain"] = time.perf_counter() - t0
     unprot_acc = attack_accuracy(unprotected, o_test)

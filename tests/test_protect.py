@@ -83,7 +83,7 @@ def test_three_iterations_parity(builder, loss, inner):
 @pytest.mark.parametrize("builder", [mlp, cnn_bn])
 def test_parity_strategy_mixture_two_domains_sgd_outer(builder):
     strats = [sf.Strategy("sgd", lr=1e-2, batch_size=24, query_size=8),
-              sf.Strategy("adam", lr=1e-3, batch_size=20, query_size=5, reinit_head=True, steps=2),
+              sf.Strategy("adam", lr=1e-3, batch_size=20, query_size=5, reinit_head=True, steps=2, warmup_steps=3),
               sf.Strategy("momentum", lr=1e-2, batch_size=16, query_size=4)]
     out = {}
     for mode in ("reference", "fast"):

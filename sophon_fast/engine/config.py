@@ -26,7 +26,9 @@ class Strategy:
     dampening 0). lr: its learning rate. batch_size: restricted samples per inner step, of which the
     last ``query_size`` form the query batch. reinit_head: re-initialise the clone's final Linear
     (xavier_uniform weight, zero bias) before the trajectory. steps: inner steps K (None: the
-    config's ``inner_steps``).
+    config's ``inner_steps``). warmup_steps: attacker steps taken before the suppressed window
+    (their query losses are not used), so the suppression acts deeper into a fine-tuning run than K
+    steps reach: a long horizon at the cost of support passes only.
     """
     optimizer: str = "sgd"
     lr: float = 1e-4
@@ -38,6 +40,7 @@ class Strategy:
     eps: float = 1e-8
     weight_decay: float = 0.0
     steps: Optional[int] = None
+    warmup_steps: int = 0
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
@@ -49,6 +52,8 @@ class Strategy:
             raise ValueError(f"Strategy.lr must be > 0, got {self.lr}")
         if not 0 < self.query_size < self.batch_size:
             raise ValueError(f"Strategy needs 0 < query_size < batch_size, got {self.query_size} / {self.batch_size}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"Strategy.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"Strategy.steps must be >= 1, got {self.steps}")
 

@@ -97,8 +97,8 @@ class ReferenceMode:
         b1 = strategy.momentum if kind == MOMENTUM else strategy.betas[0]
         b2 = strategy.betas[1]
         state = {n: [torch.zeros_like(w), torch.zeros_like(w)] for n, w in fast.items()}
-        total, losses = 0.0, []
-        for k in range(len(weights)):
+        total, losses, warm = 0.0, [], strategy.warmup_steps
+        for k in range(warm + len(weights)):
             xs, ys, xq, yq = next_batch(strategy)
             support = cross_entropy(functional_call(self.model, fast, (xs,)), ys)
             grads = torch.autograd.grad(support, list(fast.values()))            # first order: detached
@@ -108,8 +108,10 @@ class ReferenceMode:
                     upd = _inner_update(w.detach(), g, state[n], kind, strategy, b1, b2, k + 1)
                 new[n] = w - upd                                                # d theta'_k / d theta = I
             fast = new
+            if k < warm:
+                continue
             lq = suppression_loss(loss_name, functional_call(self.model, fast, (xq,)), yq)
-            total = total + weights[k] * lq                                     # K graphs stay alive
+            total = total + weights[k - warm] * lq                              # K graphs stay alive
             losses.append(lq.detach())
         total.backward()
         self.bufs.put()
@@ -207,16 +209,18 @@ class FastMode:
         if strategy.reinit_head:
             _reinit_head(self.head.weight, self.head.bias, gen)
         self.grad.zero_()
-        losses = []
-        for k in range(len(weights)):
+        losses, warm = [], strategy.warmup_steps
+        for k in range(warm + len(weights)):
             xs, ys, xq, yq = next_batch(strategy)
             self._point_grads(self.grad_views)
             cross_entropy(self.model(xs), ys).backward()                         # grad = support gradient
             inner_step_(self.flat, self.grad, self.exp_avg, self.exp_avg_sq, kind, strategy.lr, b1,
                         strategy.betas[1], strategy.eps, strategy.weight_decay, k + 1, True)
+            if k < warm:
+                continue
             self._point_grads(self.acc_views)
             lq = suppression_loss(loss_name, self.model(xq), yq)
-            (lq * weights[k]).backward()                                        # acc += w_k grad L_k
+            (lq * weights[k - warm]).backward()                                 # acc += w_k grad L_k
             losses.append(lq.detach())
         with torch.no_grad():
             self.flat.copy_(self.backup)
