@@ -7,8 +7,8 @@
 //             merged in fp64. T only when w_negent != 0, sum z only when w_klu != 0. lse_x = m + log S,
 //             lse = logaddexp(z'_y, lse_x), negent = T'/S' - log S' after merging y in.
 //   backward  one read of the row, one write of the gradient, one exp per element:
-//             q_c = exp(z'_c - ref) with ref = lse, or lse_x when ICE is on (then q_c <= 1 stays
-//             finite when p_y rounds to 1); every term is q_c times a per-row constant, so for c != y
+//             q_c = exp(z'_c - ref) with ref = lse, or lse_x when ICE is on and p_y is within
+//             e^-20 of 1 (q_c <= 1 stays finite); every term is q_c times a per-row constant, so for c != y
 //               g_c = gl*scale * [q_c (alpha + beta (z'_c - ref)) + gamma]
 //             and g_y is rewritten from the scalar formula.
 // Traffic: forward 1R of the logits (+ 4 floats per row written), backward 1R + 1W.
@@ -216,8 +216,10 @@ inline Partial block_partial(const T* p, int64_t len, int64_t skip, acc_t<T> sca
   const A m = io::hmax(mx0, mx1);
   // scan 2 (from L1): sum exp(z' - m) and sum exp(z' - m)(z' - m); masked lanes get d = -1000,
   // whose exp (<= 2.8e-38) and T term are negligible (-inf would make the T term NaN)
+  // Two-level sums: each lane adds kSub steps into (s0, s1, t0, t1), which are then added into the
+  // block sums, so no fp32 chain is longer than about kSub + kBlock / (kSub W) terms.
   const V vm(-m);
-  V s0(A(0)), s1(A(0)), t0(A(0)), t1(A(0));
+  V s0(A(0)), s1(A(0)), t0(A(0)), t1(A(0)), bs(A(0)), bt(A(0));
   auto scan2 = [&](int64_t i, int64_t first_lane, int64_t skip_lane, bool masked) {
     V a, b;
     io::load(p + i, a, b);
@@ -227,8 +229,15 @@ inline Partial block_partial(const T* p, int64_t len, int64_t skip, acc_t<T> sca
     s0 += ea, s1 += eb;
     if constexpr (NEG) t0 = at::vec::fmadd(ea, da, t0), t1 = at::vec::fmadd(eb, db, t1);
   };
-  for (int64_t i = 0; i < full; i += W) scan2(i, 0, skip - i, i == skip_step);
+  constexpr int64_t kSub = 8;
+  for (int64_t i0 = 0; i0 < full; i0 += kSub * W) {
+    for (int64_t i = i0; i < std::min(full, i0 + kSub * W); i += W) scan2(i, 0, skip - i, i == skip_step);
+    bs += s0 + s1, s0 = s1 = V(A(0));
+    if constexpr (NEG) bt += t0 + t1, t0 = t1 = V(A(0));
+  }
   if (last >= 0) scan2(last, first, skip - last, true);
+  s0 += bs;
+  if constexpr (NEG) t0 += bt;
   Partial r;
   r.m = m;
   r.s = io::hsum(s0, s1);
@@ -386,11 +395,13 @@ void bwd_chunk(const T* row, T* out, int64_t lo, int64_t hi, int64_t c, int64_t 
   }
   const double lse = st[0], lse_x = st[1], negent = st[2];
   const double gs = gl * scale;
-  // One exp per element, q_c = exp(z'_c - ref): ref = lse (q_c = p_c, as the reference computes it)
-  // unless ICE is on, then ref = lse_x (q_c = exp(z'_c - lse_x) <= 1, finite even when p_y rounds
-  // to 1, where p_c = kp q_c underflows). kp = exp(ref - lse), kx = exp(ref - lse_x).
-  const double ref = w.ice != 0 ? lse_x : lse;
-  const double kp = w.ice != 0 ? std::exp(lse_x - lse) : 1.0, kx = 1.0;
+  // One exp per element, q_c = exp(z'_c - ref). Every term is q_c times exp(a combination of the
+  // stats), so with ref = lse each has the reference's rounding (CE, KLU, NEGENT: q_c = p_c; ICE:
+  // p_y kx q_c = p_y exp(z'_c - lse_x)). When 1 - p_y < e^-20 that ICE product would overflow kx
+  // while q_c underflows, so ref = lse_x there (q_c <= 1, and p_c = kp q_c is tiny anyway).
+  const bool ref_x = w.ice != 0 && lse - lse_x > 20.0;
+  const double ref = ref_x ? lse_x : lse;
+  const double kp = ref_x ? std::exp(lse_x - lse) : 1.0, kx = ref_x ? 1.0 : std::exp(lse - lse_x);
   double p_y = 0, zy = 0;
   if (y >= 0) {
     zy = static_cast<double>(static_cast<A>(scale) * static_cast<A>(row[y]));
@@ -398,7 +409,8 @@ void bwd_chunk(const T* row, T* out, int64_t lo, int64_t hi, int64_t c, int64_t 
   }
   // g_c = gs * [q_c (alpha + beta d_c) + gamma], d_c = z'_c - ref:
   //   CE, KLU: kp q_c; ICE: -p_y kx q_c; KLU: -1/C; NEGENT: kp q_c (d_c + ref - lse - negent)
-  double alpha = (w.ce + w.klu) * kp - w.ice * p_y * kx, beta = 0;
+  double alpha = (w.ce + w.klu) * kp, beta = 0;
+  if (w.ice != 0) alpha -= w.ice * p_y * kx;  // kx may be inf when ICE is off
   if (NEG) {
     alpha += w.negent * kp * (ref - lse - negent);
     beta = w.negent * kp;
