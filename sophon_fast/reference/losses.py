@@ -119,7 +119,8 @@ def row_losses_backward(grad_loss: torch.Tensor, logits: torch.Tensor, target: O
         g = g + w_klu * (p - 1.0 / c)
     if w_ne:
         g = g + w_ne * p * (z - lse[:, None] - negent[:, None])
-    g = g * (grad_loss.to(acc) * valid.to(acc))[:, None] * scale
+    # where, not a product: ignored rows get exactly 0 even when grad_loss is inf (mean over 0 rows)
+    g = g * torch.where(valid, grad_loss.to(acc), torch.zeros_like(lse))[:, None] * scale
     return g.to(logits.dtype)
 
 

@@ -1,0 +1,351 @@
+"""Op-level tests of the public losses (sophon_fast.functional) and the inner optimiser step on every
+backend usable on CPU: the reference and, when the extension is built, cpp (Triton:
+tests/test_triton_kernels.py).
+
+Parity rule (tests/tolerances.py): a backend's error against an fp64 gold (the reference backend on
+fp64-upcast inputs) is at most twice the reference backend's own error in that dtype, plus a floor.
+"""
+import functools
+import itertools
+
+import pytest
+import torch
+
+import sophon_fast
+from sophon_fast import _backend
+from sophon_fast import functional as F
+from sophon_fast.reference import losses as R
+from sophon_fast.reference.inner_step import KINDS
+from sophon_fast.reference.inner_step import inner_step_ as spec_inner_step
+from tolerances import FLOOR, assert_parity, max_err
+
+BACKENDS = [b for b in ("cpp", "reference") if _backend.probe(b).usable["cpu"]]
+IGNORE = R.IGNORE_INDEX
+REDUCTIONS = ("mean", "sum", "none")
+FUNCS = {
+    "ice_paper": lambda z, y, r: F.inverse_cross_entropy(z, y, variant="paper", reduction=r),
+    "ice_reference_code": lambda z, y, r: F.inverse_cross_entropy(z, y, variant="reference_code", reduction=r),
+    "kl_uniform": lambda z, y, r: F.kl_uniform(z, reduction=r),
+    "neg_entropy": lambda z, y, r: F.neg_entropy(z, reduction=r),
+    "cross_entropy": lambda z, y, r: F.cross_entropy(z, y, reduction=r),
+    "fused": lambda z, y, r: F.fused_loss(z, y, ce=0.5, ice=1.0, klu=0.25, negent=2.0, scale=1.5, reduction=r),
+    "fused_no_target": lambda z, y, r: F.fused_loss(z, None, klu=1.0, negent=0.5, scale=-0.75, reduction=r),
+}
+SHAPES = {
+    torch.float32: [(1, 2), (7, 10), (33, 1000), (5, 32001), (3, 262144)],
+    torch.float16: [(1, 2), (7, 10), (33, 1000), (5, 32001)],
+    torch.bfloat16: [(7, 10), (33, 1000), (3, 262144)],
+}
+CASES = [(d, s) for d, shapes in SHAPES.items() for s in shapes]
+# Layouts of (N, C) logits built from a base tensor: (base shape, view).
+LAYOUTS = {
+    "contiguous": (lambda n, c: (n, c), lambda b, n, c: b),
+    "column_slice": (lambda n, c: (n, c + 5), lambda b, n, c: b[:, 2:2 + c]),               # row stride C + 5
+    "transposed_slice": (lambda n, c: (c, n + 2), lambda b, n, c: b.t()[1:1 + n]),         # class stride != 1
+    "expanded": (lambda n, c: (1, c), lambda b, n, c: b.expand(n, c)),                     # row stride 0
+}
+
+
+def _targets(n, c, seed):
+    y = torch.randint(0, c, (n,), generator=torch.Generator().manual_seed(seed + 1))
+    if n >= 3:
+        y[1::3] = IGNORE
+    return y
+
+
+def _base(shape, dtype, seed):
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 3).to(dtype)
+
+
+def _run(fn, base, view, y, reduction, backend, cot):
+    """(loss, d loss / d base . cot) of fn(view(base)) on one backend."""
+    base = base.detach().requires_grad_(True)
+    with sophon_fast.use_backend(backend):
+        out = fn(view(base), y, reduction)
+        grad, = torch.autograd.grad(out, base, cot.to(out.dtype))
+    return out.detach(), grad
+
+
+@functools.lru_cache(maxsize=4)
+def _gold_and_baseline(func, reduction, dtype, shape, layout, seed=0):
+    n, c = shape
+    base_shape, view = LAYOUTS[layout]
+    base = _base(base_shape(n, c), dtype, seed)
+    y = _targets(n, c, seed)
+    cot = torch.randn(n, generator=torch.Generator().manual_seed(seed + 2)) if reduction == "none" else torch.tensor(1.0)
+    cot = cot.to(dtype)
+    v = functools.partial(view, n=n, c=c)
+    gold = _run(FUNCS[func], base.double(), v, y, reduction, "reference", cot.double())
+    baseline = _run(FUNCS[func], base, v, y, reduction, "reference", cot)
+    return base, v, y, cot, gold, baseline
+
+
+def _check_parity(backend, func, reduction, dtype, shape, layout):
+    base, view, y, cot, gold, baseline = _gold_and_baseline(func, reduction, dtype, shape, layout)
+    out, grad = _run(FUNCS[func], base, view, y, reduction, backend, cot)
+    assert out.dtype == dtype and grad.dtype == dtype
+    what = f"{backend} {func} {reduction} {dtype} {shape} {layout}"
+    assert_parity(out, baseline[0], gold[0], dtype, what + " value")
+    assert_parity(grad, baseline[1], gold[1], dtype, what + " grad", "grad")
+
+
+# The top decorator varies fastest: backends of one case run back to back and share the cached gold.
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,shape", CASES, ids=[f"{str(d)[6:]}-{n}x{c}" for d, (n, c) in CASES])
+@pytest.mark.parametrize("func", list(FUNCS))
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_parity(backend, reduction, func, dtype, shape):
+    _check_parity(backend, func, reduction, dtype, shape, "contiguous")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", [k for k in LAYOUTS if k != "contiguous"])
+@pytest.mark.parametrize("func", list(FUNCS))
+def test_parity_non_contiguous(backend, func, layout, dtype):
+    for shape in [(7, 10), (5, 3001)]:
+        _check_parity(backend, func, "none", dtype, shape, layout)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_logits_finite_and_accurate(backend, dtype):
+    """+-1e4 logits and one-hot-like rows where p_y rounds to 1 (ICE paper stays finite and exact)."""
+    c = 40
+    z = torch.zeros(6, c)
+    y = torch.tensor([0, 1, 2, 3, 4, 5])
+    z[0, 0] = 1e4                       # p_y = 1 even in fp64; ICE = 1e4 - log(C - 1)
+    z[1] = -1e4
+    z[1, 1] = 1e4                       # the rest at -1e4
+    z[2, 2] = 30.0                      # 1 - p_y ~ 4e-12: rounds to 0 in fp32
+    z[3] = 1e4
+    z[3, 3] = -1e4                      # p_y = 0: ICE = 0, CE = 2e4
+    z[4] = 1e4                          # uniform at a large magnitude
+    z[5, ::2] = -1e4                    # mixed
+    z[5, 1::2] = 1e4
+    z = z.to(dtype)
+    # fp16: per-row values stay below 65504, batch sums need not
+    for func, reduction in itertools.product(FUNCS, ("none",) if dtype == torch.float16 else ("none", "sum")):
+        cot = torch.linspace(0.5, 1.5, 6).to(dtype) if reduction == "none" else torch.tensor(1.0, dtype=dtype)
+        ident = lambda b, n=None, c=None: b  # noqa: E731
+        gold = _run(FUNCS[func], z.double(), ident, y, reduction, "reference", cot.double())
+        baseline = _run(FUNCS[func], z, ident, y, reduction, "reference", cot)
+        out, grad = _run(FUNCS[func], z, ident, y, reduction, backend, cot)
+        assert torch.isfinite(out).all() and torch.isfinite(grad).all(), f"{backend} {func} {reduction}"
+        assert_parity(out, baseline[0], gold[0], dtype, f"{backend} {func} {reduction} extreme value")
+        assert_parity(grad, baseline[1], gold[1], dtype, f"{backend} {func} {reduction} extreme grad", "grad")
+    with sophon_fast.use_backend(backend):
+        ice = F.inverse_cross_entropy(z, y, reduction="none").float()
+    want = z[0, 0].float().item() - torch.tensor(c - 1.0).log().item()   # 1e4 rounds to 9984 in bf16
+    assert abs(ice[0].item() - want) <= 2 * want * FLOOR[dtype]["value"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_rows_ignored(backend):
+    z = torch.randn(4, 9, requires_grad=True)
+    y = torch.full((4,), IGNORE)
+    with sophon_fast.use_backend(backend):
+        for func in ("ice_paper", "ice_reference_code", "cross_entropy", "fused"):
+            for reduction in ("sum", "none"):
+                out = FUNCS[func](z, y, reduction)
+                grad, = torch.autograd.grad(out.sum(), z)
+                assert (out == 0).all() and (grad == 0).all(), f"{func} {reduction}"
+            # mean over zero rows is NaN, as in torch.nn.functional.cross_entropy; gradients stay 0
+            out = FUNCS[func](z, y, "mean")
+            grad, = torch.autograd.grad(out, z)
+            assert out.isnan() and (grad == 0).all(), func
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_textbook_formulas_match_functional_fp64(backend):
+    z = _base((9, 17), torch.float64, 3).requires_grad_(True)
+    y = _targets(9, 17, 3)
+    textbook = {
+        "ice_paper": lambda z, y, r: R.inverse_cross_entropy(z, y, variant="paper", reduction=r),
+        "ice_reference_code": lambda z, y, r: R.inverse_cross_entropy(z, y, variant="reference_code", reduction=r),
+        "kl_uniform": lambda z, y, r: R.kl_uniform(z, reduction=r),
+        "neg_entropy": lambda z, y, r: R.neg_entropy(z, reduction=r),
+        "cross_entropy": lambda z, y, r: R.cross_entropy(z, y, reduction=r),
+    }
+
+    def fused_textbook(z, y, r):   # the weights and scale of FUNCS["fused"], rows of ignored targets zeroed
+        s = 1.5 * z
+        rows = (0.5 * R.cross_entropy(s, y, reduction="none") + R.inverse_cross_entropy(s, y, reduction="none")
+                + 0.25 * R.kl_uniform(s, reduction="none") + 2.0 * R.neg_entropy(s, reduction="none"))
+        rows = torch.where(y != IGNORE, rows, torch.zeros_like(rows))
+        return R._reduce(rows, y != IGNORE, r)
+    textbook["fused"] = fused_textbook
+    textbook["fused_no_target"] = lambda z, y, r: R._reduce(
+        R.kl_uniform(-0.75 * z, reduction="none") + 0.5 * R.neg_entropy(-0.75 * z, reduction="none"),
+        torch.ones(z.shape[0], dtype=torch.bool), r)
+    for (name, fn), reduction in itertools.product(textbook.items(), REDUCTIONS):
+        want = fn(z, y, reduction)
+        want_grad, = torch.autograd.grad(want.sum(), z)
+        with sophon_fast.use_backend(backend):
+            got = FUNCS[name](z, y, reduction)
+            got_grad, = torch.autograd.grad(got.sum(), z)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=f"{name} {reduction}")
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-10, atol=1e-12, msg=f"{name} {reduction} grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    z = torch.randn(5, 7, requires_grad=True)
+    y = torch.tensor([0, 3, IGNORE, 6, 1])
+    with sophon_fast.use_backend(backend):
+        for target, w in ((y, [0.5, 1.0, 0.25, 2.0]), (None, [0.0, 0.0, 1.0, 0.5])):
+            torch.library.opcheck(torch.ops.sophon_fast.row_losses.default, (z, target, w, 1.5, IGNORE))
+            _, stats = torch.ops.sophon_fast.row_losses(z.detach(), target, w, 1.5, IGNORE)
+            torch.library.opcheck(torch.ops.sophon_fast.row_losses_backward.default,
+                                  (torch.randn(5), z.detach(), target, stats, w, 1.5, IGNORE))
+        p, g, m, v = (torch.randn(37) for _ in range(4))
+        torch.library.opcheck(torch.ops.sophon_fast.inner_step_.default,
+                              (p, g, m, v.abs(), KINDS["adam"], 1e-2, 0.9, 0.99, 1e-8, 0.01, 3, True))
+
+
+@pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile(backend, compile_backend):
+    torch._dynamo.reset()
+
+    def f(z):
+        return F.kl_uniform(2.0 * z, reduction="sum") + F.neg_entropy(z)
+
+    z = torch.randn(6, 11, requires_grad=True)
+    with sophon_fast.use_backend(backend):
+        want = f(z)
+        want_grad, = torch.autograd.grad(want, z)
+        got = torch.compile(f, backend=compile_backend, fullgraph=True)(z)
+        got_grad, = torch.autograd.grad(got, z)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_grad, want_grad)
+
+
+_z, _y = torch.randn(3, 4), torch.tensor([0, 1, 2])
+BAD_INPUTS = {
+    "1-D logits": lambda: F.kl_uniform(torch.randn(5)),
+    "3-D logits": lambda: F.kl_uniform(torch.randn(2, 3, 4)),
+    "N = 0": lambda: F.kl_uniform(torch.randn(0, 4)),
+    "C = 1": lambda: F.cross_entropy(torch.randn(3, 1), torch.zeros(3, dtype=torch.long)),
+    "integer logits": lambda: F.kl_uniform(torch.ones(2, 3, dtype=torch.long)),
+    "target out of range": lambda: F.cross_entropy(_z, torch.tensor([0, 4, 1])),
+    "negative target": lambda: F.inverse_cross_entropy(_z, torch.tensor([0, -1, 1])),
+    "target wrong shape": lambda: F.cross_entropy(_z, torch.tensor([0, 1])),
+    "float target": lambda: F.cross_entropy(_z, torch.tensor([0.0, 1.0, 2.0])),
+    "bad reduction": lambda: F.kl_uniform(_z, reduction="avg"),
+    "bad variant": lambda: F.inverse_cross_entropy(_z, _y, variant="textbook"),
+    "ce without target": lambda: F.fused_loss(_z, None, ce=1.0),
+    "ice without target": lambda: F.fused_loss(_z, None, ice=1.0),
+    "unknown suppression loss": lambda: F.suppression_loss("entropy", _z, _y),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_input_raises_value_error(backend, case):
+    with sophon_fast.use_backend(backend), pytest.raises(ValueError):
+        BAD_INPUTS[case]()
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="extension not built")
+def test_cpp_binding_rejects_bad_arguments():
+    from sophon_fast import _C
+    z, w = torch.randn(3, 4), [1.0, 0.0, 0.0, 0.0]
+    loss, stats = _C.row_losses_fwd(z, _y, w, 1.0, IGNORE)
+    bad = {
+        "target out of range": lambda: _C.row_losses_fwd(z, torch.tensor([0, 9, 1]), w, 1.0, IGNORE),
+        "int32 target": lambda: _C.row_losses_fwd(z, _y.int(), w, 1.0, IGNORE),
+        "three weights": lambda: _C.row_losses_fwd(z, _y, w[:3], 1.0, IGNORE),
+        "ce without target": lambda: _C.row_losses_fwd(z, None, w, 1.0, IGNORE),
+        "class stride": lambda: _C.row_losses_fwd(torch.randn(4, 3).t(), _y, w, 1.0, IGNORE),
+        "stats shape": lambda: _C.row_losses_bwd(torch.ones(3), z, _y, stats[:, :2].contiguous(), w, 1.0, IGNORE),
+        "grad_loss dtype": lambda: _C.row_losses_bwd(torch.ones(3, dtype=torch.float64), z, _y, stats, w, 1.0, IGNORE),
+        "step kind": lambda: _C.inner_step_(z, z, z, z, 7, 0.1, 0.9, 0.99, 1e-8, 0.0, 1, False),
+        "step buffer shape": lambda: _C.inner_step_(z, z[:2], z, z, 0, 0.1, 0.9, 0.99, 1e-8, 0.0, 1, False),
+    }
+    for name, call in bad.items():
+        with pytest.raises(ValueError):
+            call()
+        assert name
+
+
+def test_forcing_unusable_backend_names_every_backend(monkeypatch):
+    monkeypatch.setenv("SOPHON_FAST_BACKEND", "cuda")
+    with pytest.raises(sophon_fast.BackendError) as info:
+        F.kl_uniform(torch.randn(2, 3))
+    for name in _backend.NAMES:
+        assert f"{name}:" in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# Inner optimiser step
+# ------------------------------------------------------------------------------------------------
+HYPER = dict(lr=0.05, beta1=0.9, beta2=0.99, eps=1e-8)
+
+
+def _step_buffers(numel, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    p, m = torch.randn(numel, generator=g), torch.randn(numel, generator=g) * 0.1
+    v = torch.rand(numel, generator=g) * 0.01
+    grads = [torch.randn(numel, generator=g) for _ in range(3)]
+    return [t.to(dtype) for t in (p, m, v)], [t.to(dtype) for t in grads]
+
+
+def _steps(backend, bufs, grads, kind, weight_decay, zero_grad, dtype=None):
+    p, m, v = (b.to(dtype or b.dtype).clone() for b in bufs)
+    grad = torch.zeros_like(p)
+    for t, g in enumerate(grads, 1):
+        grad.copy_(g)
+        if backend == "spec":
+            spec_inner_step(p, grad, m, v, KINDS[kind], weight_decay=weight_decay, step=t, zero_grad=zero_grad, **HYPER)
+        else:
+            with sophon_fast.use_backend(backend):
+                torch.ops.sophon_fast.inner_step_(p, grad, m, v, KINDS[kind], HYPER["lr"], HYPER["beta1"],
+                                                  HYPER["beta2"], HYPER["eps"], weight_decay, t, zero_grad)
+        assert (grad == 0).all() if zero_grad else torch.equal(grad, g.to(grad.dtype))
+    return p, m, v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("zero_grad", [False, True])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inner_step_matches_spec(backend, kind, weight_decay, zero_grad, dtype):
+    numel = 100_003 if dtype == torch.float32 else 1_013   # odd: vector tails; large: the parallel path
+    bufs, grads = _step_buffers(numel, dtype, 7)
+    gold = _steps("spec", [b.double() for b in bufs], [g.double() for g in grads], kind, weight_decay, zero_grad)
+    baseline = _steps("spec", bufs, grads, kind, weight_decay, zero_grad)
+    got = _steps(backend, bufs, grads, kind, weight_decay, zero_grad)
+    used = {"sgd": 1, "momentum": 2, "adam": 3}[kind]
+    for name, out, base, want in list(zip(("param", "exp_avg", "exp_avg_sq"), got, baseline, gold))[:used]:
+        assert_parity(out, base, want, dtype, f"{backend} {kind} {name}")
+    for out, init in list(zip(got, bufs))[used:]:
+        assert torch.equal(out, init), "a buffer the kind does not use was written"
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("backend", BACKENDS + ["spec"])
+def test_inner_step_matches_torch_optim(backend, kind):
+    """fp64: the fused step (and the spec itself) equals torch.optim.SGD / Adam step for step."""
+    bufs, grads = _step_buffers(257, torch.float64, 11)
+    wd = 0.01
+    ref = bufs[0].clone().requires_grad_(True)
+    if kind == "adam":
+        opt = torch.optim.Adam([ref], lr=HYPER["lr"], betas=(HYPER["beta1"], HYPER["beta2"]), eps=HYPER["eps"],
+                               weight_decay=wd)
+    else:
+        opt = torch.optim.SGD([ref], lr=HYPER["lr"], momentum=HYPER["beta1"] if kind == "momentum" else 0.0,
+                              weight_decay=wd)
+    for g in grads:
+        ref.grad = g.clone()
+        opt.step()
+    zeros = [bufs[0], torch.zeros_like(bufs[0]), torch.zeros_like(bufs[0])]
+    p, _, _ = _steps(backend, zeros, grads, kind, wd, zero_grad=True)
+    torch.testing.assert_close(p, ref.detach(), rtol=1e-12, atol=1e-14)
+
+
+def test_tolerance_floor_covers_every_dtype():
+    assert set(FLOOR) >= {torch.float32, torch.float16, torch.bfloat16, torch.float64}
+    assert all(set(f) == {"value", "grad"} for f in FLOOR.values())
+    assert max_err(torch.tensor([1.0, float("nan")]), torch.tensor([1.0, 2.0])) == float("inf")
