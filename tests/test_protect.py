@@ -93,7 +93,7 @@ def test_parity_strategy_mixture_two_domains_sgd_outer(builder):
         res = sf.protect(model, data(shape, seed=1), [data(shape, seed=2), data(shape, seed=3)], mode=mode,
                          progress=False, loss="klu", iterations=3, inner_steps=3, strategies=strats,
                          trajectories=2, strategy_sampling="random", fts_optimizer="sgd", alpha=100,
-                         clip_norm=None, step_weighting="linear")
+                         clip_norm=None, step_weighting="linear", feature_weight=0.5)
         out[mode] = flat(res.model)
     assert rel(out["fast"], out["reference"]) <= 1e-9
 

@@ -79,6 +79,7 @@ class ProtectConfig:
     strategy_sampling: str = "cycle"       # "cycle" | "random"
     restricted_sampling: str = "each"      # several restricted domains: "each" | "random"
     step_weighting: str = "uniform"        # "uniform" (reference) | "linear" (late steps weigh more)
+    feature_weight: float = 0.0            # + weight * collapse of the head's input features on restricted data
     ntr_steps: Optional[int] = None        # ICE 1, KLU/neg_entropy 5
     ntr_batch_size: int = 150
     clip_norm: Optional[float] = 0.5
@@ -132,6 +133,8 @@ class ProtectConfig:
             raise ValueError("ProtectConfig.restricted_sampling must be 'each' or 'random'")
         if self.step_weighting not in ("uniform", "linear"):
             raise ValueError("ProtectConfig.step_weighting must be 'uniform' or 'linear'")
+        if self.feature_weight < 0:
+            raise ValueError("ProtectConfig.feature_weight must be >= 0")
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ValueError("ProtectConfig.clip_norm must be > 0 or None")
 

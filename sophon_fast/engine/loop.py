@@ -126,6 +126,20 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / max(len(x), 1)
 
 
+def _feature_collapse(model: nn.Module, head: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """Spread of the head's input features over a restricted batch, relative to their size (in [0, 1]):
+    0 when every restricted input maps to the same feature vector, so no head can tell them apart."""
+    feats = []
+    hook = head.register_forward_pre_hook(lambda mod, args: feats.append(args[0]))
+    try:
+        model(x)
+    finally:
+        hook.remove()
+    h = feats[0].flatten(1)
+    centred = h - h.mean(0, keepdim=True)
+    return centred.pow(2).sum(1).mean() / (h.pow(2).sum(1).mean() + 1e-8)
+
+
 def _make_opt(name: str, params, lr: float):
     return torch.optim.Adam(params, lr=lr) if name == "adam" else torch.optim.SGD(params, lr=lr)
 
@@ -235,6 +249,9 @@ def protect(model: nn.Module, original, restricted, config: Optional[ProtectConf
             for (strat, stream), w in zip(plan, raw):
                 fts.append(mode.trajectory(strat, next_batch_for(stream), cfg.loss, [v / norm for v in w], gen))
             fts = torch.cat(fts)
+            if cfg.feature_weight:
+                rec["feature_loss"] = float(mode.meta_backward(
+                    lambda: cfg.feature_weight * _feature_collapse(model, head, plan[0][1].next(plan[0][0].batch_size)[0])))
             params = mode.use_meta_grad()
             if cfg.clip_norm is not None:
                 gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)

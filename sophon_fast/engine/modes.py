@@ -7,6 +7,7 @@ Both implement one interface used by the outer loop (sophon_fast/engine/loop.py)
     rewind()                back to the weights and buffers of the iteration's start
     trajectory(...)         simulate one attacker trajectory, add sum_k w_k grad L_k(theta'_k) to the
                             meta-gradient, restore theta and the BatchNorm buffers; returns the L_k
+    meta_backward(fn)       add the gradient of fn() at theta to the meta-gradient (buffers restored)
     use_meta_grad()         expose the meta-gradient as .grad of optim_params (for clip + FTS step)
     use_plain_grad()        expose zeroed plain gradients (for NTR steps)
     snapshot() / restore()  copies of the weights and buffers (rollback, non-finite skips)
@@ -117,6 +118,12 @@ class ReferenceMode:
         self.bufs.put()
         return torch.stack(losses)
 
+    def meta_backward(self, fn) -> torch.Tensor:
+        loss = fn()
+        loss.backward()
+        self.bufs.put()
+        return loss.detach()
+
     def use_meta_grad(self) -> List[torch.Tensor]:
         for p in self.optim_params:
             if p.grad is None:
@@ -226,6 +233,13 @@ class FastMode:
             self.flat.copy_(self.backup)
         self.bufs.put()
         return torch.stack(losses)
+
+    def meta_backward(self, fn) -> torch.Tensor:
+        self._point_grads(self.acc_views)
+        loss = fn()
+        loss.backward()
+        self.bufs.put()
+        return loss.detach()
 
     def use_meta_grad(self) -> List[torch.Tensor]:
         self.flat_param.grad = self.acc
