@@ -39,6 +39,7 @@ using c10::Half;
 
 constexpr int64_t kBlock = 2048;       // elements scanned twice from L1 in the forward
 constexpr int64_t kMinChunk = 16384;   // smallest piece of a row given to one thread
+constexpr int64_t kStreamBytes = int64_t(16) << 20;  // gradients at least this big use streaming stores
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
 template <typename T>
@@ -68,6 +69,28 @@ struct IO {
     } else {
       at::vec::convert_from_float<T>(a, b).store(p);
     }
+  }
+  // Non-temporal store (no read-for-ownership, no cache pollution) at a 32-byte aligned p; call
+  // stream_fence() before the data is handed to other threads. Plain store without AVX2.
+  static inline void stream(T* p, const V& a, const V& b) {
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<T, float>) {
+      _mm256_stream_ps(p, a);
+      _mm256_stream_ps(p + L, b);
+    } else if constexpr (std::is_same_v<T, double>) {
+      _mm256_stream_pd(p, a);
+      _mm256_stream_pd(p + L, b);
+    } else {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), __m256i(at::vec::convert_from_float<T>(a, b)));
+    }
+#else
+    store(p, a, b);
+#endif
+  }
+  static inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX2)
+    _mm_sfence();
+#endif
   }
   // n < W elements; the lanes past n read as 0.
   static inline void load_part(const T* p, int64_t n, V& a, V& b) {
@@ -384,7 +407,7 @@ void fwd_dispatch(const void* logits, int64_t n, int64_t c, int64_t rs, const in
 // ---------------------------------------------------------------------------------------------
 template <typename T, bool NEG>
 void bwd_chunk(const T* row, T* out, int64_t lo, int64_t hi, int64_t c, int64_t y, bool valid, double gl,
-               const double* st, const LossWeights& w, double scale) {
+               const double* st, const LossWeights& w, double scale, bool stream) {
   using io = IO<T>;
   using A = typename io::A;
   using V = typename io::V;
@@ -424,6 +447,17 @@ void bwd_chunk(const T* row, T* out, int64_t lo, int64_t hi, int64_t c, int64_t 
     else return at::vec::fmadd(q, va, vg);
   };
   int64_t i = lo;
+  if (stream && hi - lo >= 2 * W) {
+    // one plain step covers the head up to the first 32-byte aligned element, then streaming stores
+    V a, b;
+    io::load(row + lo, a, b);
+    io::store(out + lo, grad(a), grad(b));
+    i = lo + static_cast<int64_t>((32 - reinterpret_cast<uintptr_t>(out + lo) % 32) % 32 / sizeof(T));
+    for (; i + W <= hi; i += W) {
+      io::load(row + i, a, b);
+      io::stream(out + i, grad(a), grad(b));
+    }
+  }
   for (; i + W <= hi; i += W) {
     V a, b;
     io::load(row + i, a, b);
@@ -443,6 +477,7 @@ void bwd_chunk(const T* row, T* out, int64_t lo, int64_t hi, int64_t c, int64_t 
                      (NEG ? w.negent * p_y * (zy - lse - negent) : 0.0);
     out[y] = static_cast<T>(gs * g);
   }
+  if (stream) io::stream_fence();
 }
 
 template <typename T, bool NEG>
@@ -452,6 +487,8 @@ void bwd_impl(const acc_t<T>* grad_loss, const T* logits, int64_t n, int64_t c, 
   const int64_t len = chunk_len(c, splits, IO<T>::W);
   const int64_t k = (c + len - 1) / len;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::min(len, c));
+  // Gradients bigger than the caches bypass them (saves the read-for-ownership of every line).
+  const bool stream = n * c * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
   at::parallel_for(0, n * k, grain, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t r = i / k, lo = (i % k) * len;
@@ -460,7 +497,7 @@ void bwd_impl(const acc_t<T>* grad_loss, const T* logits, int64_t n, int64_t c, 
       const double st[3] = {static_cast<double>(stats[3 * r]), static_cast<double>(stats[3 * r + 1]),
                             static_cast<double>(stats[3 * r + 2])};
       bwd_chunk<T, NEG>(logits + r * rs, grad + r * c, lo, std::min(c, lo + len), c, y, valid,
-                        static_cast<double>(grad_loss[r]), st, w, scale);
+                        static_cast<double>(grad_loss[r]), st, w, scale, stream);
     }
   });
 }
