@@ -142,16 +142,16 @@ inline V vexp(const V& x) {
 #if defined(CPU_CAPABILITY_AVX2)
 // fp32 on AVX2, for x <= 88 (larger x: garbage; only the backward's target column gets such x, and
 // it is rewritten): x clamped below at -86.5 (so it returns >= 2.8e-38, never 0), n = round(x / ln2)
-// with the 1.5 * 2^23 shifter, r = x - n ln2 in two steps (Cody-Waite), e^r by a degree-6 minimax
-// polynomial (|rel err| 2e-9 on [-ln2/2, ln2/2]), n added to the exponent field. <= 1 ulp, 13 ops.
+// with the 1.5 * 2^23 shifter, r = x - n ln2 in one fma (ln2's fp32 rounding adds |n| * 2e-9
+// relative error: < 1 ulp for results above e^-40, irrelevant below), e^r by a degree-6 minimax
+// polynomial (|rel err| 2e-9 on [-ln2/2, ln2/2]), n added to the exponent field. 12 ops.
 template <>
 inline Vectorized<float> vexp(const Vectorized<float>& v) {
   const __m256 x = _mm256_max_ps(v, _mm256_set1_ps(-86.5f));
   const __m256 shifter = _mm256_set1_ps(12582912.0f);
   const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), shifter);
   const __m256 n = _mm256_sub_ps(t, shifter);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693147182f), x);
   __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(1.384364325e-03f), r, _mm256_set1_ps(8.374155499e-03f));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.166800156e-02f));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.666643173e-01f));
@@ -200,72 +200,103 @@ inline void mask_lanes(typename IO<T>::V& a, typename IO<T>::V& b, int64_t first
   b = V::blendv(b, f, (hi < vf) | (hi == vs));
 }
 
-// Partial over p[0, len) minus column `skip` (-1: none), relative to the block's own max, with
-// len >= W: whole W-steps, then one overlapping step over the last W elements whose already
-// counted lanes are masked. Only the step holding `skip` and the last one are masked.
-template <typename T, bool KLU, bool NEG>
-inline Partial block_partial(const T* p, int64_t len, int64_t skip, acc_t<T> scale) {
+// z' - m for z' = scale * x: a plain add/sub for scale = +-1 (SK = 1 / -1), an fma otherwise (SK = 0).
+template <int SK, typename V>
+inline V shifted(const V& x, const V& vs, const V& neg_m) {
+  if constexpr (SK == 1) return x + neg_m;
+  else if constexpr (SK == -1) return neg_m - x;
+  else return at::vec::fmadd(x, vs, neg_m);
+}
+
+inline int scale_kind(double scale) { return scale == 1.0 ? 1 : scale == -1.0 ? -1 : 0; }
+
+// One scan of p[0, len) (len >= W) minus column `skip` (-1: none): whole W-steps, then one
+// overlapping step over the last W elements with its already counted lanes masked (only that step
+// and the one holding `skip` are masked). Sums are relative to `m`, which need not be the max: r
+// gets (m, S, T, sum z) and the return value is max(z') - m, so the caller can check that no term
+// overflowed. Sums are two-level (kSub steps per lane, then into block sums), so no fp32 chain is
+// longer than about kSub + kBlock / (kSub W) terms.
+template <typename T, bool KLU, bool NEG, int SK>
+inline acc_t<T> block_scan(const T* p, int64_t len, int64_t skip, acc_t<T> scale, acc_t<T> m, Partial& r) {
+  using io = IO<T>;
+  using A = typename io::A;
+  using V = typename io::V;
+  constexpr int64_t W = io::W, kSub = 8;
+  const V vs(scale), vm(-m);
+  const int64_t full = len - len % W, skip_step = skip < 0 ? -1 : skip - skip % W;
+  const int64_t last = full < len ? len - W : -1, first = full < len ? full - last : 0;
+  V mx0(-std::numeric_limits<A>::infinity()), mx1 = mx0, z0(A(0)), z1(A(0));
+  V s0(A(0)), s1(A(0)), t0(A(0)), t1(A(0)), bs(A(0)), bt(A(0));
+  auto step = [&](int64_t i, int64_t first_lane, int64_t skip_lane, bool masked) {
+    V a, b;
+    io::load(p + i, a, b);
+    if constexpr (KLU) {
+      V za = a, zb = b;
+      if (masked) mask_lanes<T>(za, zb, first_lane, skip_lane, A(0));
+      z0 += za, z1 += zb;
+    }
+    V da = shifted<SK>(a, vs, vm), db = shifted<SK>(b, vs, vm);
+    // masked lanes: exp(-1000) (<= 2.8e-38) and its T term are negligible; -inf would make T NaN
+    if (masked) mask_lanes<T>(da, db, first_lane, skip_lane, A(-1000));
+    mx0 = at::vec::maximum(mx0, da), mx1 = at::vec::maximum(mx1, db);
+    const V ea = vexp(da), eb = vexp(db);
+    s0 += ea, s1 += eb;
+    if constexpr (NEG) t0 = at::vec::fmadd(ea, da, t0), t1 = at::vec::fmadd(eb, db, t1);
+  };
+  for (int64_t i0 = 0; i0 < full; i0 += kSub * W) {
+    for (int64_t i = i0; i < std::min(full, i0 + kSub * W); i += W) step(i, 0, skip - i, i == skip_step);
+    bs += s0 + s1, s0 = s1 = V(A(0));
+    if constexpr (NEG) bt += t0 + t1, t0 = t1 = V(A(0));
+  }
+  if (last >= 0) step(last, first, skip - last, true);
+  r.m = m;
+  r.s = io::hsum(s0 + bs, s1);
+  r.t = NEG ? io::hsum(t0 + bt, t1) : 0.0;
+  r.z = KLU ? io::hsum(z0, z1) : 0.0;
+  return io::hmax(mx0, mx1);
+}
+
+// max of z' over p[0, len) (len >= W) minus `skip`, with block_scan's step pattern.
+template <typename T, int SK>
+inline acc_t<T> block_max(const T* p, int64_t len, int64_t skip, acc_t<T> scale) {
   using io = IO<T>;
   using A = typename io::A;
   using V = typename io::V;
   constexpr int64_t W = io::W;
   constexpr A kNegInf = -std::numeric_limits<A>::infinity();
-  const V vs(scale);
-  const int64_t full = len - len % W, skip_step = skip < 0 ? -1 : skip - skip % W;
-  // The overlapping last step starts at len - W; lanes before `first` were counted already.
-  const int64_t last = full < len ? len - W : -1, first = full < len ? full - last : 0;
-  // scan 1: max of z' (and sum of z) over the kept lanes
-  V mx0(kNegInf), mx1 = mx0, z0(A(0)), z1(A(0));
-  auto scan1 = [&](int64_t i, int64_t first_lane, int64_t skip_lane, bool masked) {
+  const V vs(scale), zero(A(0));
+  const int64_t full = len - len % W;
+  V mx0(kNegInf), mx1 = mx0;
+  auto step = [&](int64_t i, int64_t first_lane) {
     V a, b;
     io::load(p + i, a, b);
-    if (masked) {
-      if constexpr (KLU) {
-        V za = a, zb = b;
-        mask_lanes<T>(za, zb, first_lane, skip_lane, A(0));
-        z0 += za, z1 += zb;
-      }
-      a = a * vs, b = b * vs;
-      mask_lanes<T>(a, b, first_lane, skip_lane, kNegInf);
-    } else {
-      if constexpr (KLU) z0 += a, z1 += b;
-      a = a * vs, b = b * vs;
-    }
-    mx0 = at::vec::maximum(mx0, a);
-    mx1 = at::vec::maximum(mx1, b);
+    a = shifted<SK>(a, vs, zero), b = shifted<SK>(b, vs, zero);
+    if (first_lane > 0 || (skip >= i && skip < i + W)) mask_lanes<T>(a, b, first_lane, skip - i, kNegInf);
+    mx0 = at::vec::maximum(mx0, a), mx1 = at::vec::maximum(mx1, b);
   };
-  for (int64_t i = 0; i < full; i += W) scan1(i, 0, skip - i, i == skip_step);
-  if (last >= 0) scan1(last, first, skip - last, true);
-  const A m = io::hmax(mx0, mx1);
-  // scan 2 (from L1): sum exp(z' - m) and sum exp(z' - m)(z' - m); masked lanes get d = -1000,
-  // whose exp (<= 2.8e-38) and T term are negligible (-inf would make the T term NaN)
-  // Two-level sums: each lane adds kSub steps into (s0, s1, t0, t1), which are then added into the
-  // block sums, so no fp32 chain is longer than about kSub + kBlock / (kSub W) terms.
-  const V vm(-m);
-  V s0(A(0)), s1(A(0)), t0(A(0)), t1(A(0)), bs(A(0)), bt(A(0));
-  auto scan2 = [&](int64_t i, int64_t first_lane, int64_t skip_lane, bool masked) {
-    V a, b;
-    io::load(p + i, a, b);
-    V da = at::vec::fmadd(a, vs, vm), db = at::vec::fmadd(b, vs, vm);
-    if (masked) mask_lanes<T>(da, db, first_lane, skip_lane, A(-1000));
-    const V ea = vexp(da), eb = vexp(db);
-    s0 += ea, s1 += eb;
-    if constexpr (NEG) t0 = at::vec::fmadd(ea, da, t0), t1 = at::vec::fmadd(eb, db, t1);
-  };
-  constexpr int64_t kSub = 8;
-  for (int64_t i0 = 0; i0 < full; i0 += kSub * W) {
-    for (int64_t i = i0; i < std::min(full, i0 + kSub * W); i += W) scan2(i, 0, skip - i, i == skip_step);
-    bs += s0 + s1, s0 = s1 = V(A(0));
-    if constexpr (NEG) bt += t0 + t1, t0 = t1 = V(A(0));
-  }
-  if (last >= 0) scan2(last, first, skip - last, true);
-  s0 += bs;
-  if constexpr (NEG) t0 += bt;
+  for (int64_t i = 0; i < full; i += W) step(i, 0);
+  if (full < len) step(len - W, full - (len - W));
+  return io::hmax(mx0, mx1);
+}
+
+// exp(z' - m) is evaluated up to this much above the running max estimate m (e^64 * 2^13 terms
+// stay far from fp32 overflow); a block that goes higher is scanned again relative to its max.
+constexpr double kHeadroom = 64.0;
+
+// Partial over p[0, len) (len >= W) minus `skip`. Without NEGENT: one scan of the block relative to
+// the running estimate *m_est (a value of the row; S's relative precision does not depend on the
+// centre), scanned again in the rare case its max exceeds *m_est + kHeadroom. With NEGENT: a max
+// scan first (from L1), because T / S - log S cancels to the precision of |max - centre|.
+template <typename T, bool KLU, bool NEG, int SK>
+inline Partial block_partial(const T* p, int64_t len, int64_t skip, acc_t<T> scale, acc_t<T>* m_est) {
   Partial r;
-  r.m = m;
-  r.s = io::hsum(s0, s1);
-  if constexpr (NEG) r.t = io::hsum(t0, t1);
-  if constexpr (KLU) r.z = io::hsum(z0, z1);
+  if constexpr (NEG) {
+    block_scan<T, KLU, NEG, SK>(p, len, skip, scale, block_max<T, SK>(p, len, skip, scale), r);
+    return r;
+  }
+  const acc_t<T> top = *m_est + block_scan<T, KLU, NEG, SK>(p, len, skip, scale, *m_est, r);
+  if (top > *m_est + kHeadroom) block_scan<T, KLU, NEG, SK>(p, len, skip, scale, top, r);
+  *m_est = std::max(*m_est, top);
   return r;
 }
 
@@ -283,18 +314,28 @@ inline Partial short_partial(const T* p, int64_t len, int64_t skip, double scale
 }
 
 // Partial over [lo, hi) of a row minus the target column y (y < 0: none), in blocks of about kBlock.
-template <typename T, bool KLU, bool NEG>
-inline Partial chunk_partial(const T* row, int64_t lo, int64_t hi, int64_t y, acc_t<T> scale) {
+template <typename T, bool KLU, bool NEG, int SK>
+inline Partial chunk_partial_sk(const T* row, int64_t lo, int64_t hi, int64_t y, acc_t<T> scale) {
   constexpr int64_t W = IO<T>::W;
   if (hi - lo < W) return short_partial<T, KLU, NEG>(row + lo, hi - lo, y < 0 ? -1 : y - lo, scale);
+  acc_t<T> m_est = scale * static_cast<acc_t<T>>(row[y == lo ? lo + 1 : lo]);
   Partial acc;
   for (int64_t b = lo; b < hi;) {
     const int64_t len = hi - b < kBlock + W ? hi - b : kBlock;  // never leave a piece shorter than W
     const int64_t skip = (y >= b && y < b + len) ? y - b : -1;
-    merge(acc, block_partial<T, KLU, NEG>(row + b, len, skip, scale));
+    merge(acc, block_partial<T, KLU, NEG, SK>(row + b, len, skip, scale, &m_est));
     b += len;
   }
   return acc;
+}
+
+template <typename T, bool KLU, bool NEG>
+inline Partial chunk_partial(const T* row, int64_t lo, int64_t hi, int64_t y, acc_t<T> scale) {
+  switch (scale_kind(scale)) {
+    case 1: return chunk_partial_sk<T, KLU, NEG, 1>(row, lo, hi, y, scale);
+    case -1: return chunk_partial_sk<T, KLU, NEG, -1>(row, lo, hi, y, scale);
+    default: return chunk_partial_sk<T, KLU, NEG, 0>(row, lo, hi, y, scale);
+  }
 }
 
 inline double softplus(double x) { return x > 0 ? x + std::log1p(std::exp(-x)) : std::log1p(std::exp(x)); }
@@ -405,7 +446,7 @@ void fwd_dispatch(const void* logits, int64_t n, int64_t c, int64_t rs, const in
 // ---------------------------------------------------------------------------------------------
 // Backward
 // ---------------------------------------------------------------------------------------------
-template <typename T, bool NEG>
+template <typename T, bool NEG, int SK>
 void bwd_chunk(const T* row, T* out, int64_t lo, int64_t hi, int64_t c, int64_t y, bool valid, double gl,
                const double* st, const LossWeights& w, double scale, bool stream) {
   using io = IO<T>;
@@ -441,7 +482,7 @@ void bwd_chunk(const T* row, T* out, int64_t lo, int64_t hi, int64_t c, int64_t 
   const V vs(static_cast<A>(scale)), vl(static_cast<A>(-ref)), va(static_cast<A>(gs * alpha)),
       vb(static_cast<A>(gs * beta)), vg(static_cast<A>(-gs * w.klu / static_cast<double>(c)));
   auto grad = [&](const V& x) {
-    const V d = at::vec::fmadd(x, vs, vl);
+    const V d = shifted<SK>(x, vs, vl);
     const V q = vexp(d);
     if constexpr (NEG) return at::vec::fmadd(q, at::vec::fmadd(vb, d, va), vg);
     else return at::vec::fmadd(q, va, vg);
@@ -489,6 +530,7 @@ void bwd_impl(const acc_t<T>* grad_loss, const T* logits, int64_t n, int64_t c, 
   const int64_t grain = std::max<int64_t>(1, 32768 / std::min(len, c));
   // Gradients bigger than the caches bypass them (saves the read-for-ownership of every line).
   const bool stream = n * c * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
+  const int sk = scale_kind(scale);
   at::parallel_for(0, n * k, grain, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t r = i / k, lo = (i % k) * len;
@@ -496,8 +538,11 @@ void bwd_impl(const acc_t<T>* grad_loss, const T* logits, int64_t n, int64_t c, 
       const int64_t y = row_target(target, r, c, ignore_index, &valid);
       const double st[3] = {static_cast<double>(stats[3 * r]), static_cast<double>(stats[3 * r + 1]),
                             static_cast<double>(stats[3 * r + 2])};
-      bwd_chunk<T, NEG>(logits + r * rs, grad + r * c, lo, std::min(c, lo + len), c, y, valid,
-                        static_cast<double>(grad_loss[r]), st, w, scale, stream);
+      const int64_t hi = std::min(c, lo + len);
+      const double gl = static_cast<double>(grad_loss[r]);
+      if (sk == 1) bwd_chunk<T, NEG, 1>(logits + r * rs, grad + r * c, lo, hi, c, y, valid, gl, st, w, scale, stream);
+      else if (sk == -1) bwd_chunk<T, NEG, -1>(logits + r * rs, grad + r * c, lo, hi, c, y, valid, gl, st, w, scale, stream);
+      else bwd_chunk<T, NEG, 0>(logits + r * rs, grad + r * c, lo, hi, c, y, valid, gl, st, w, scale, stream);
     }
   });
 }
