@@ -81,7 +81,8 @@ def test_three_iterations_parity(builder, loss, inner):
 
 
 @pytest.mark.parametrize("builder", [mlp, cnn_bn])
-def test_parity_strategy_mixture_two_domains_sgd_outer(builder):
+@pytest.mark.parametrize("feature_loss", ["collapse", "energy"])
+def test_parity_strategy_mixture_two_domains_sgd_outer(builder, feature_loss):
     strats = [sf.Strategy("sgd", lr=1e-2, batch_size=24, query_size=8),
               sf.Strategy("adam", lr=1e-3, batch_size=20, query_size=5, reinit_head=True, steps=2, warmup_steps=3),
               sf.Strategy("momentum", lr=1e-2, batch_size=16, query_size=4)]
@@ -93,7 +94,8 @@ def test_parity_strategy_mixture_two_domains_sgd_outer(builder):
         res = sf.protect(model, data(shape, seed=1), [data(shape, seed=2), data(shape, seed=3)], mode=mode,
                          progress=False, loss="klu", iterations=3, inner_steps=3, strategies=strats,
                          trajectories=2, strategy_sampling="random", fts_optimizer="sgd", alpha=100,
-                         clip_norm=None, step_weighting="linear", feature_weight=0.5)
+                         clip_norm=None, step_weighting="linear", feature_weight=0.5,
+                         feature_loss=feature_loss)
         out[mode] = flat(res.model)
     assert rel(out["fast"], out["reference"]) <= 1e-9
 

@@ -126,18 +126,31 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / max(len(x), 1)
 
 
-def _feature_collapse(model: nn.Module, head: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """Spread of the head's input features over a restricted batch, relative to their size (in [0, 1]):
-    0 when every restricted input maps to the same feature vector, so no head can tell them apart."""
+def _head_inputs(model: nn.Module, head: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     feats = []
     hook = head.register_forward_pre_hook(lambda mod, args: feats.append(args[0]))
     try:
         model(x)
     finally:
         hook.remove()
-    h = feats[0].flatten(1)
-    centred = h - h.mean(0, keepdim=True)
-    return centred.pow(2).sum(1).mean() / (h.pow(2).sum(1).mean() + 1e-8)
+    return feats[0].flatten(1)
+
+
+def _feature_loss(kind: str, model: nn.Module, head: nn.Linear, x_r: torch.Tensor, x_o: torch.Tensor):
+    """Restricted-domain feature suppression on the head's input h (both in [0, ~1]).
+
+    collapse: spread of h over a restricted batch relative to its size; 0 when every restricted
+              input maps to one feature vector, so no head can tell them apart.
+    energy:   mean |h(x_r)|^2 relative to the original batch's (held constant); 0 when restricted
+              inputs switch the (ReLU) features off, which also blocks fine-tuning gradients.
+    """
+    h = _head_inputs(model, head, x_r)
+    if kind == "collapse":
+        centred = h - h.mean(0, keepdim=True)
+        return centred.pow(2).sum(1).mean() / (h.pow(2).sum(1).mean() + 1e-8)
+    with torch.no_grad():
+        ref = _head_inputs(model, head, x_o).pow(2).sum(1).mean()
+    return h.pow(2).sum(1).mean() / (ref + 1e-8)
 
 
 def _make_opt(name: str, params, lr: float):
@@ -250,8 +263,10 @@ def protect(model: nn.Module, original, restricted, config: Optional[ProtectConf
                 fts.append(mode.trajectory(strat, next_batch_for(stream), cfg.loss, [v / norm for v in w], gen))
             fts = torch.cat(fts)
             if cfg.feature_weight:
+                x_r = plan[0][1].next(plan[0][0].batch_size)[0]
+                x_o = o_stream.next(cfg.ntr_batch_size)[0] if cfg.feature_loss == "energy" else None
                 rec["feature_loss"] = float(mode.meta_backward(
-                    lambda: cfg.feature_weight * _feature_collapse(model, head, plan[0][1].next(plan[0][0].batch_size)[0])))
+                    lambda: cfg.feature_weight * _feature_loss(cfg.feature_loss, model, head, x_r, x_o)))
             params = mode.use_meta_grad()
             if cfg.clip_norm is not None:
                 gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
