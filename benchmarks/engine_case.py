@@ -2,78 +2,205 @@
 memory above the process's baseline, so cases never share a heap):
 
     python benchmarks/engine_case.py --arch cnn --mode fast --K 50 --iterations 3
+    python benchmarks/engine_case.py --arch demo --mode fast --iterations 10 --memory-only
 
 prints one JSON line: t_outer (median seconds per outer iteration, first excluded), t_passes (the same
-forward+backward passes run bare), peak_rss_mb (peak RSS above the RSS just before protect()).
+forward+backward passes run bare), peak_mb (peak memory above the baseline taken just before
+protect()) and how it was measured (``peak_kind``). ``--memory-only`` skips the timing parts.
+
+Cases: ``--arch NAME`` is a models.build() architecture on random 28x28 inputs (1200 samples, the
+engine's defaults: one SGD strategy, ICE, batches of 130 support + 20 query, one NTR step);
+``--arch demo`` is the demo task (fashion_mnist -> mnist, cnn_small, the demo's ProtectConfig, with
+an original-domain evaluation every 10 iterations but no accuracy floor and no checkpoints).
+
+Peak memory: a one-iteration protect() of the same mode first warms the process (the first
+torch.optim optimiser imports torch._dynamo and triton: ~65 MB of RSS once per process, whatever K
+is); then, on CUDA, ``max_memory_allocated`` above the allocation before the measured protect(); on
+CPU the high-water RSS (VmHWM) above the RSS before it, with the warm-up's freed heap returned to the
+OS (malloc_trim) and the high-water mark reset (/proc/self/clear_refs), so the warm-up's own peak
+is never counted.
 """
 import argparse
+import ctypes
 import json
-import resource
+import os
 import statistics
-import time
+import subprocess
+import sys
 
 import torch
 import torch.nn.functional as F
 
 from sophon_fast import models
 from sophon_fast.engine import protect
+from sophon_fast.quickbench import median_time, sync
 
 BATCH, QUERY, NTR_BATCH = 150, 20, 150
+DEMO = "demo"
+IMPLS = ("passes", "reference", "fast")   # the providers of an engine group (see time_outer)
+# The suite's engine cases run here: SOPHON_BENCH_DEVICE, else the GPU when there is one.
+DEVICE = os.environ.get("SOPHON_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def make_case(arch: str, n: int = 1200, seed: int = 0):
+def make_case(arch: str, n: int = 1200, seed: int = 0, device: str = "cpu"):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 1, 28, 28, generator=g)
     y = torch.randint(0, 10, (n,), generator=g)
-    return models.build(arch, num_classes=10, seed=seed), (x, y)
+    return models.build(arch, num_classes=10, seed=seed).to(device), (x.to(device), y.to(device))
 
 
-def outer_iterations(model, data, K: int, mode: str, iterations: int):
-    """protect() for ``iterations`` outer iterations; per-iteration seconds from its history."""
-    res = protect(model, data, data, mode=mode, loss="ice", iterations=iterations, inner_steps=K,
-                  progress=False, original_acc_floor=None)
-    return [h["t_fts"] + h["t_ntr"] for h in res.history]
+def demo_case(device: str = "cpu"):
+    """(model, original train, restricted train, original test) of the demo task, as in sophon_fast.demo."""
+    from sophon_fast import data
+    from sophon_fast.demo import DEMO_DOMAINS
+    o_train, o_test, r_train = (data.load(DEMO_DOMAINS[d], s) for d, s in
+                                (("original", "train"), ("original", "test"), ("restricted", "train")))
+    classes = 1 + max(int(data.as_tensors(d)[1].max()) for d in (o_train, r_train))
+    return models.build(DEMO_DOMAINS["arch"], num_classes=classes, seed=0).to(device), o_train, r_train, o_test
+
+
+def demo_config(mode: str, iterations: int, device: str = "cpu"):
+    from sophon_fast.demo import demo_config as cfg
+    c = cfg(quick=False, iterations=iterations, progress=False, checkpoint_dir=None)
+    c.mode, c.device, c.original_acc_floor, c.resume = mode, device, None, False
+    return c
+
+
+def run_protect(model, data, K: int, mode: str, iterations: int, device: str = "cpu"):
+    """protect() of an architecture case for ``iterations`` outer iterations; returns its ProtectResult."""
+    return protect(model, data, data, mode=mode, loss="ice", iterations=iterations, inner_steps=K,
+                   progress=False, original_acc_floor=None, device=device)
+
+
+def run_demo(case, mode: str, iterations: int, device: str = "cpu"):
+    model, o_train, r_train, o_test = case
+    return protect(model, o_train, r_train, demo_config(mode, iterations, device), original_test=o_test)
 
 
 def bare_passes(model, data, K: int, ntr_steps: int = 1):
     """The forward+backward passes of one outer iteration, with nothing else around them."""
     x, y = data
     model.train()
-    t = time.perf_counter()
     for k in range(K):
         F.cross_entropy(model(x[:BATCH - QUERY]), y[:BATCH - QUERY]).backward()
         F.cross_entropy(model(x[BATCH - QUERY:BATCH]), y[BATCH - QUERY:BATCH]).backward()
     for _ in range(ntr_steps):
         F.cross_entropy(model(x[:NTR_BATCH]), y[:NTR_BATCH]).backward()
     model.zero_grad(set_to_none=True)
-    return time.perf_counter() - t
 
 
-def _rss_mb() -> float:
+def time_outer(measure, arch: str, K: int, impl: str, rounds: int, device: str = "cpu"):
+    """Time one outer iteration with the suite's ``measure`` fixture, grouped per (arch, K) so that
+    ``passes`` (the bare forward+backward passes), ``reference`` and ``fast`` sit side by side.
+
+    A protect impl's round is one protect() call of one outer iteration (its per-call setup, a few ms,
+    included); extra_info ``t_outer_history_s`` lists each round's iteration by protect()'s own clock.
+    Returns the median seconds (None under --benchmark-disable)."""
+    model, data = make_case(arch, device=device)
+    history = []
+    if impl == "passes":
+        bare_passes(model, data, 1)                      # warm-up outside the timed rounds
+
+        def fn():
+            bare_passes(model, data, K)
+    else:
+        run_protect(model, data, 2, impl, 1, device)     # warm-up outside the timed rounds
+
+        def fn():
+            h = run_protect(model, data, K, impl, 1, device).history[0]
+            history.append(h["t_fts"] + h["t_ntr"])
+    return measure(fn, group=f"engine outer iteration {arch} K={K}", provider=impl, device=torch.device(device),
+                   rounds=rounds, warmup=0, layer="engine", arch=arch, K=K, params=models.num_parameters(model),
+                   threads=torch.get_num_threads(), **({"t_outer_history_s": history} if impl != "passes" else {}))
+
+
+def _status_mb(key: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
 
+class PeakMemory:
+    """Peak memory of what runs between ``start()`` and ``stop()``, in MB above the state at start()."""
+
+    def __init__(self, device: str = "cpu"):
+        self.cuda = torch.device(device).type == "cuda"
+        self.kind = "cuda max_memory_allocated" if self.cuda else "RSS high-water (VmHWM) above baseline"
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated() / 2 ** 20
+            return
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)   # freed warm-up heap back to the OS
+        except OSError:
+            pass
+        with open("/proc/self/clear_refs", "w") as f:    # VmHWM := current RSS
+            f.write("5")
+        self.base = _status_mb("VmRSS")
+
+    def stop(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() / 2 ** 20 - self.base
+        return _status_mb("VmHWM") - self.base
+
+
+def run_case(arch: str, mode: str, K: int = 50, iterations: int = 3, device: str = "cpu",
+             memory_only: bool = False) -> dict:
+    """One case measured in this process (run it in a fresh child process for a meaningful peak)."""
+    out = {"arch": arch, "mode": mode, "K": K, "iterations": iterations, "device": device,
+           "threads": torch.get_num_threads()}
+    peak = PeakMemory(device)
+    if arch == DEMO:
+        case = demo_case(device)
+        run_demo(case, mode, 1, device)                  # warm-up: kernels, lazy imports, allocator
+        peak.start()
+        res = run_demo(case, mode, iterations, device)
+        out["K"] = res.config.inner_steps
+    else:
+        model, data = make_case(arch, device=device)
+        run_protect(model, data, 2, mode, 1, device)     # warm-up: kernels, lazy imports, allocator
+        peak.start()
+        res = run_protect(model, data, K, mode, iterations, device)
+    sync(device)
+    out.update(peak_mb=peak.stop(), peak_kind=peak.kind, protect_s=res.seconds)
+    if not memory_only:
+        t = [h["t_fts"] + h["t_ntr"] for h in res.history]
+        out["t_outer"] = statistics.median(t[1:] or t)
+        if arch != DEMO:
+            out["t_passes"] = median_time(lambda: bare_passes(model, data, K), repeat=3, warmup=0, device=device)
+    return out
+
+
+def run_in_child(arch: str, mode: str, K: int, iterations: int, device: str = "cpu",
+                 memory_only: bool = True, threads: int = None, timeout: float = 3600) -> dict:
+    """run_case() in a fresh Python process (same interpreter, same thread count); its JSON result."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--arch", arch, "--mode", mode, "--K", str(K),
+           "--iterations", str(iterations), "--device", device,
+           "--threads", str(threads or torch.get_num_threads())] + (["--memory-only"] if memory_only else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"engine case {' '.join(cmd[2:])} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--arch", default="cnn")
+    ap.add_argument("--arch", default="cnn", help=f"a models.build() name, or {DEMO!r} for the demo task")
     ap.add_argument("--mode", default="fast")
     ap.add_argument("--K", type=int, default=50)
     ap.add_argument("--iterations", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--memory-only", action="store_true", help="peak memory only, no timing")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    model, data = make_case(a.arch)
-    bare_passes(model, data, 2)                      # warm the allocator and the kernels
-    base = _rss_mb()
-    times = outer_iterations(model, data, a.K, a.mode, a.iterations)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
-    passes = statistics.median(bare_passes(model, data, a.K) for _ in range(3))
-    print(json.dumps({"arch": a.arch, "mode": a.mode, "K": a.K, "t_outer": statistics.median(times[1:] or times),
-                      "t_passes": passes, "peak_rss_mb": peak}))
+    print(json.dumps(run_case(a.arch, a.mode, a.K, a.iterations, a.device, a.memory_only)))
 
 
 if __name__ == "__main__":
