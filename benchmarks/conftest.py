@@ -10,6 +10,11 @@ Providers of a fwd+bwd op sit side by side in one pytest-benchmark group:
     cpp / triton / cuda   sophon_fast with that backend forced (each one usable on the device)
 Each benchmark records GB/s in ``extra_info``; the terminal summary prints, per group, every
 provider's median and its ratio to the copy floor and to torch.compile.
+
+Engine-level cases (bench_engine.py, bench_e2e.py) use the same ``measure`` with fixed rounds and
+``engine_memory`` for peak memory in a child process. Threads: SOPHON_BENCH_THREADS (recorded in the
+metadata); 1 gives stable numbers on a shared 2-core machine. ``make bench`` writes the JSON under
+benchmarks/results/ (created here); benchmarks/render_results.py turns it into RESULTS.md.
 """
 from __future__ import annotations
 
@@ -17,12 +22,14 @@ import os
 import platform
 import subprocess
 from collections import defaultdict
+from typing import Optional
 
 import pytest
 import torch
 
 import sophon_fast
 from sophon_fast import _backend
+from sophon_fast.quickbench import sync  # noqa: F401  (the package's one device sync, shared with its timer)
 
 THREADS = int(os.environ.get("SOPHON_BENCH_THREADS", "2"))
 torch.set_num_threads(THREADS)
@@ -31,9 +38,10 @@ FLOOR, COMPILED = "copy", "compile"
 FAST_BACKENDS = ("cuda", "triton", "cpp")
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def pytest_configure(config):
+    path = config.getoption("benchmark_json", None)
+    if path:   # pytest-benchmark writes it at the very end and does not create the folder
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
 
 def provider_names(device_type: str = "cpu"):
@@ -89,20 +97,54 @@ def bench_disabled(benchmark) -> bool:
 
 @pytest.fixture
 def measure(benchmark):
-    """measure(fn, group=, provider=, nbytes=, device=): time fn (synced) after one warm-up call."""
-    def run(fn, *, group: str, provider: str, nbytes: int, device: torch.device):
+    """measure(fn, group=, provider=, device=, nbytes=None, rounds=None, warmup=1, **extra) -> median s.
+
+    Times fn (device synced). rounds=None: pytest-benchmark calibrates the rounds after ``warmup``
+    untimed calls; rounds=N: exactly N rounds of one call after ``warmup`` untimed ones (cases of
+    seconds). nbytes adds GB/s to ``extra_info``; ``extra`` goes there as is. Returns the median, or
+    None under --benchmark-disable (fn then runs once)."""
+    def run(fn, *, group: str, provider: str, device: torch.device, nbytes: Optional[int] = None,
+            rounds: Optional[int] = None, warmup: int = 1, **extra):
         def call():
-            fn()
+            out = fn()
             sync(device)
-        if not benchmark.disabled:
-            call()   # warm-up: compilation, first-touch allocations
+            return out
         benchmark.group = group
-        benchmark.extra_info.update(provider=provider, bytes=int(nbytes))
-        benchmark(call)
-        if benchmark.stats is not None:
-            median = benchmark.stats.stats.median
+        benchmark.extra_info.update(provider=provider, **extra)
+        if nbytes is not None:
+            benchmark.extra_info["bytes"] = int(nbytes)
+        if rounds is not None:
+            benchmark.pedantic(call, rounds=rounds, warmup_rounds=warmup)
+        else:
+            if not benchmark.disabled:
+                for _ in range(warmup):
+                    call()   # warm-up: compilation, first-touch allocations
+            benchmark(call)
+        if benchmark.stats is None:
+            return None
+        median = benchmark.stats.stats.median
+        benchmark.extra_info["loadavg_1m"] = round(os.getloadavg()[0], 2)   # contention while it ran
+        if nbytes is not None:
             benchmark.extra_info["GB/s"] = round(nbytes / median / 1e9, 2)
-            _medians[group][provider] = median
+        _medians[group][provider] = median
+        return median
+    return run
+
+
+@pytest.fixture
+def engine_memory(benchmark):
+    """engine_memory(arch, mode, K, iterations=1, device="cpu") -> peak MB of that protect() case,
+    measured in a fresh child process (benchmarks/engine_case.py: RSS high-water above the baseline
+    on CPU, ``max_memory_allocated`` on CUDA) and recorded in ``extra_info``; None under
+    --benchmark-disable (no child process runs)."""
+    def run(arch: str, mode: str, K: int, iterations: int = 1, device: str = "cpu"):
+        if benchmark.disabled:
+            return None
+        import engine_case   # benchmarks/ is on sys.path (rootdir conftest)
+        res = engine_case.run_in_child(arch, mode, K, iterations, device, threads=THREADS)
+        benchmark.extra_info.update(peak_mb=round(res["peak_mb"], 1), peak_kind=res["peak_kind"],
+                                    peak_iterations=iterations)
+        return res["peak_mb"]
     return run
 
 
