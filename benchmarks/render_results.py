@@ -1,0 +1,362 @@
+"""Render benchmarks/RESULTS.md from pytest-benchmark JSON (never typed by hand).
+
+    .venv/bin/python benchmarks/render_results.py                      # results/latest.json (+ results/gpu.json)
+    .venv/bin/python benchmarks/render_results.py A.json B.json --out RESULTS.md
+
+Every table is headed by the machine that produced it (CPU model, cores, torch threads, torch
+version, git sha, date). CPU runs come first; a GPU section appears when a JSON comes from a CUDA
+machine (benchmarks/run_gpu.sh writes results/gpu.json). All numbers are medians of one run,
+compared only within that run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FAST_BACKENDS = ("cuda", "triton", "cpp")
+ENGINE_TARGETS = {"cnn": 2.0, "cnn_bn": 1.5}   # fast speed-up over reference at K = 50
+TARGET_K, RATIO_TARGET, MEMORY_GROWTH = 50, 1.10, 0.10
+
+
+def _load(path):
+    with open(path) as f:
+        run = json.load(f)
+    rel = os.path.relpath(os.path.abspath(path), os.path.dirname(HERE))
+    run["path"] = os.path.basename(path) if rel.startswith("..") else rel
+    return run
+
+
+def caption(run) -> str:
+    m = run["machine_info"]
+    cpu = m.get("cpu", {})
+    gpu = f", GPU {m['cuda_device']}" if m.get("cuda_device") else ""
+    sha = m.get("git_sha") or run.get("commit_info", {}).get("id", "?")[:7]
+    dirty = "+dirty" if run.get("commit_info", {}).get("dirty") else ""
+    return (f"_{cpu.get('brand_raw', m.get('processor') or '?')}, {cpu.get('count', '?')} cores, "
+            f"torch threads {m.get('threads', '?')}{gpu}; torch {m.get('torch', '?')}, triton {m.get('triton')}; "
+            f"git {sha}{dirty}; {run.get('datetime', '?')[:16].replace('T', ' ')} UTC; {run['path']}_")
+
+
+def table(head, rows) -> str:
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def ms(s):
+    return "—" if s is None else f"{1e3 * s:.3f}" if s < 0.01 else f"{1e3 * s:.2f}" if s < 1 else f"{1e3 * s:.0f}"
+
+
+def sec(s):
+    return "—" if s is None else f"{s:.3f}"
+
+
+def ratio(a, b, fmt="{:.2f}x"):
+    return "—" if a is None or b is None or b == 0 else fmt.format(a / b)
+
+
+def groups(run, layer=None, test=None):
+    """group -> provider -> benchmark dict, for one layer (extra_info['layer']) or test-name prefix."""
+    out = defaultdict(dict)
+    for b in run["benchmarks"]:
+        info = b.get("extra_info", {})
+        if layer is not None and info.get("layer") != layer:
+            continue
+        if test is not None and not b["name"].startswith(test):
+            continue
+        out[b["group"]][info.get("provider", b["name"])] = b
+    return out
+
+
+def med(b):
+    return None if b is None else b["stats"]["median"]
+
+
+def best_fast(provs):
+    names = [p for p in FAST_BACKENDS if p in provs]
+    return min(names, key=lambda p: med(provs[p])) if names else None
+
+
+def losses_section(run) -> str:
+    gs = groups(run, test="bench_row_loss")
+    if not gs:
+        return ""
+    rows = []
+    for g, p in gs.items():
+        f = best_fast(p)
+        rows.append([g, *(ms(med(p.get(n))) for n in ("copy", "eager", "compile")),
+                     f"{f} {ms(med(p[f]))}" if f else "—",
+                     f"{p[f]['extra_info'].get('GB/s', '—')}" if f else "—",
+                     ratio(med(p.get("compile")), med(p.get(f))), ratio(med(p.get(f)), med(p.get("copy")))])
+    return ("## 1. Loss ops: forward + backward\n\n" + caption(run) + "\n\n" + table(
+        ["op, dtype, N x C", "copy_ ms", "eager ms", "torch.compile ms", "fast ms", "fast GB/s (2R+1W)",
+         "fast vs compile", "fast / copy_"], rows) +
+        "\n\nTargets (docs/performance.md): fast >= 2x faster than torch.compile and <= 3x the copy_ time.\n")
+
+
+def inner_step_section(run) -> str:
+    gs = groups(run, layer="inner_step")
+    if not gs:
+        return ""
+    rows = []
+    for g, p in gs.items():
+        f = best_fast(p)
+        info = next(iter(p.values()))["extra_info"]
+        rows.append([info["kind"], f"{info['model']} ({info['numel'] / 1e6:.2f}M, {info['tensors']} tensors)",
+                     info.get("device_type", "cpu"),
+                     *(ms(med(p.get(n))) for n in ("copy", "reference", "torch_foreach")),
+                     f"{f} {ms(med(p[f]))}" if f else "—", p[f]["extra_info"].get("GB/s", "—") if f else "—",
+                     ratio(med(p.get("torch_foreach")), med(p.get(f))), ratio(med(p.get("reference")), med(p.get(f))),
+                     ratio(med(p.get(f)), med(p.get("copy")))])
+    floors = groups(run, layer="copy_floor")
+    floor = "; ".join(f"{g}: {p['copy']['extra_info'].get('GB/s')} GB/s" for g, p in floors.items())
+    return ("## 2. Fused inner step on flat buffers\n\n" + caption(run) + "\n\n" + table(
+        ["kind", "params", "device", "copy_ ms", "reference ms", "torch.optim foreach ms", "fused ms", "fused GB/s",
+         "fused vs foreach", "fused vs reference", "fused / copy_"], rows) +
+        (f"\n\nMeasured copy floor: {floor} (1R+1W).\n" if floor else "\n"))
+
+
+def engine_rows(run):
+    """(arch, K) -> {impl: benchmark}, from every engine group (layers 3 and 5)."""
+    out = {}
+    for g, p in groups(run, layer="engine").items():
+        info = next(iter(p.values()))["extra_info"]
+        out[(info["arch"], info["K"])] = p
+    return out
+
+
+def _peak(p, impl):
+    b = p.get(impl)
+    return None if b is None else b["extra_info"].get("peak_mb")
+
+
+def _engine_row(arch, K, p):
+    tp, tr, tf = med(p.get("passes")), med(p.get("reference")), med(p.get("fast"))
+    info = next(iter(p.values()))["extra_info"]
+    mr, mf = _peak(p, "reference"), _peak(p, "fast")
+    return [arch, f"{info['params'] / 1e6:.2f}M", K, sec(tp), sec(tr), sec(tf), ratio(tr, tf), ratio(tr, tp),
+            ratio(tf, tp), "—" if mr is None else f"{mr:.0f}", "—" if mf is None else f"{mf:.0f}"]
+
+
+ENGINE_HEAD = ["model", "params", "K", "t_model_passes s", "reference s", "fast s", "fast speed-up",
+               "reference t_outer/t_passes", "fast t_outer/t_passes", "reference peak MB", "fast peak MB"]
+
+
+def engine_section(run) -> str:
+    rows = engine_rows(run)
+    sweep = {a for a, K in rows if K != 10} | {a for a, K in rows if a == "resnet18_width"}
+    body = [_engine_row(a, K, p) for (a, K), p in sorted(rows.items(), key=lambda kv: (kv[0][0] != "cnn", kv[0]))
+            if a in sweep]
+    if not body:
+        return ""
+    growth = []
+    for arch in sorted(sweep):
+        ks = sorted(K for a, K in rows if a == arch)
+        if len(ks) < 2:
+            continue
+        lo, hi = rows[(arch, ks[0])], rows[(arch, ks[-1])]
+        for impl in ("reference", "fast"):
+            a, b = _peak(lo, impl), _peak(hi, impl)
+            if a is not None and b is not None:
+                growth.append([arch, impl, f"K={ks[0]}: {a:.0f}", f"K={ks[-1]}: {b:.0f}", f"{100 * (b / a - 1):+.0f}%"])
+    text = ("## 3. Engine: one outer iteration, reference vs fast\n\n" + caption(run) + "\n\n" +
+            table(ENGINE_HEAD, body) +
+            "\n\nt_model_passes: the same forward+backward passes (K x (support 130 + query 20) + one NTR 150) "
+            "run bare in the same process; a mode's time is one protect() call of one outer iteration "
+            "(setup of a few ms included). Peak MB: RSS high-water above the baseline, each case in its own "
+            "child process after a warm-up (benchmarks/engine_case.py).\n")
+    if growth:
+        text += "\nPeak memory growth with K:\n\n" + caption(run) + "\n\n" + table(
+            ["model", "mode", "peak MB", "peak MB", "growth"], growth) + "\n"
+    return text
+
+
+def shared_forward_section(run) -> str:
+    rows, text = engine_rows(run), ""
+    sf = groups(run, layer="shared_forward")
+    for g, p in sf.items():
+        one, two = med(p.get("fwd150")), med(p.get("fwd130+fwd20"))
+        if one is None or two is None:
+            continue
+        fast50 = med(rows.get(("cnn", TARGET_K), {}).get("fast"))
+        share = "" if fast50 is None else (f"; x K = {TARGET_K}: {1e3 * TARGET_K * (two - one):.0f} ms = "
+                                           f"{100 * TARGET_K * (two - one) / fast50:.1f}% of fast mode's cnn "
+                                           f"K = {TARGET_K} outer iteration")
+        text += ("### Shared-forward bound: " + g + "\n\n" + caption(run) + "\n\n" + table(
+            ["one forward over 150 rows ms", "forward(130) + forward(20) ms", "max saving per inner step"],
+            [[ms(one), ms(two), f"{1e3 * (two - one):.2f} ms ({100 * (two - one) / two:.1f}% of the two forwards)"
+              + share]]) + "\n")
+    return text
+
+
+def targets_section(run) -> str:
+    rows = engine_rows(run)
+    out = []
+    for arch, want in ENGINE_TARGETS.items():
+        p = rows.get((arch, TARGET_K))
+        if p is None:
+            continue
+        tr, tf, tp = med(p.get("reference")), med(p.get("fast")), med(p.get("passes"))
+        if tr and tf:
+            out.append([f"fast >= {want}x faster than reference, {arch}, K = {TARGET_K}", f"{tr / tf:.2f}x",
+                        "met" if tr / tf >= want else "missed"])
+        if tf and tp:
+            out.append([f"fast t_outer / t_model_passes <= {RATIO_TARGET}, {arch}, K = {TARGET_K}",
+                        f"{tf / tp:.2f}", "met" if tf / tp <= RATIO_TARGET else "missed"])
+            if tr:
+                out.append([f"(bound) reference t_outer / t_model_passes, {arch}, K = {TARGET_K}", f"{tr / tp:.2f}",
+                            f"fast can be at most {tr / tp:.2f}x faster here"])
+    for arch in ENGINE_TARGETS:
+        ks = sorted(K for a, K in rows if a == arch)
+        if len(ks) < 2:
+            continue
+        lo, hi = rows[(arch, ks[0])], rows[(arch, ks[-1])]
+        a, b = _peak(lo, "fast"), _peak(hi, "fast")
+        if a is not None and b is not None:
+            out.append([f"fast peak memory K = {ks[0]} -> {ks[-1]} grows <= {100 * MEMORY_GROWTH:.0f}%, {arch}",
+                        f"{a:.0f} -> {b:.0f} MB ({100 * (b / a - 1):+.0f}%)",
+                        "met" if b / a - 1 <= MEMORY_GROWTH else "missed"])
+        a, b = _peak(lo, "reference"), _peak(hi, "reference")
+        if a is not None and b is not None:
+            out.append([f"reference peak memory grows with K, {arch}", f"{a:.0f} -> {b:.0f} MB ({b / a:.1f}x)",
+                        "yes" if b > a * (1 + MEMORY_GROWTH) else "no"])
+    e2e = groups(run, layer="e2e")
+    for g, p in e2e.items():
+        tr, tf = med(p.get("reference")), med(p.get("fast"))
+        if tr and tf:
+            out.append(["end-to-end demo, same iterations (quality not compared here): fast >= 2x sooner",
+                        f"{tr / tf:.2f}x",
+                        "met" if tr / tf >= 2 else "missed"])
+    if not out:
+        return ""
+    return "## Targets\n\n" + caption(run) + "\n\n" + table(["target", "measured", "status"], out) + "\n"
+
+
+def e2e_section(run) -> str:
+    gs = groups(run, layer="e2e")
+    if not gs:
+        return ""
+    rows = []
+    for g, p in gs.items():
+        tr = med(p.get("reference"))
+        for impl in ("reference", "fast"):
+            b = p.get(impl)
+            if b is None:
+                continue
+            info = b["extra_info"]
+            rows.append([impl, info["iterations"], info["K"], sec(med(b)), sec(med(b) / info["iterations"]),
+                         ratio(tr, med(b)), "—" if info.get("peak_mb") is None else f"{info['peak_mb']:.0f}"])
+    return ("## 4. End-to-end: protect() on the demo task\n\n" + caption(run) + "\n\n" +
+            "fashion_mnist -> mnist, cnn_small, the demo's ProtectConfig (3 strategies taking turns, an original-test "
+            "evaluation every 10 iterations), no accuracy floor, no checkpoints.\n\n" + table(
+                ["mode", "iterations", "K", "protect() wall-clock s", "s / iteration", "speed-up vs reference",
+                 "peak MB (same run, child process)"], rows) + "\n")
+
+
+def scaling_section(run) -> str:
+    rows = engine_rows(run)
+    body = [_engine_row(a, K, p) for (a, K), p in sorted(rows.items(), key=lambda kv: next(
+        iter(kv[1].values()))["extra_info"]["params"]) if K == 10 and a != "cnn_bn"]
+    if not body:
+        return ""
+    return ("## 5. Scaling with model size (K = 10)\n\n" + caption(run) + "\n\n" + table(ENGINE_HEAD, body) +
+            "\n\ncnn and resnet18_width rows are the K = 10 cases of section 3 (one measurement each).\n")
+
+
+def render_section(title: str, rs) -> str:
+    parts = [f"# {title}\n"]
+    for r in rs:
+        for section in (targets_section, losses_section, inner_step_section, engine_section,
+                        shared_forward_section, e2e_section, scaling_section):
+            text = section(r)
+            if text:
+                parts.append(text)
+    return "\n".join(parts)
+
+
+HEADER = ("# Benchmark results\n\n"
+          "Generated by `benchmarks/render_results.py` from pytest-benchmark JSON; do not edit by hand. "
+          "Medians of one run; every ratio compares numbers of the same run on the same machine.\n\n"
+          "Reproduce (CPU): `SOPHON_BENCH_THREADS=1 .venv/bin/python -m pytest benchmarks -q "
+          "--benchmark-json=benchmarks/results/latest.json && .venv/bin/python benchmarks/render_results.py`; "
+          "GPU: `bash benchmarks/run_gpu.sh`.\n")
+EMPTY = {"CPU": "# CPU\n\nNo CPU run rendered yet.\n",
+         "GPU": "# GPU\n\nNo GPU run has been made: `bash benchmarks/run_gpu.sh` on a CUDA machine writes "
+                "benchmarks/results/gpu.json and renders its tables here.\n"}
+
+
+def _markers(title):
+    return f"<!-- BEGIN {title} (render_results.py) -->", f"<!-- END {title} (render_results.py) -->"
+
+
+def render(runs, previous: str = "") -> str:
+    """The whole file. A machine kind (CPU / GPU) with no JSON given keeps its section from
+    ``previous`` (the file as it was), so a GPU-only run never drops the CPU tables."""
+    kinds = {"CPU": [r for r in runs if not r["machine_info"].get("cuda_device")],
+             "GPU": [r for r in runs if r["machine_info"].get("cuda_device")]}
+    parts = [HEADER]
+    for title, rs in kinds.items():
+        begin, end = _markers(title)
+        if rs:
+            body = render_section(title, rs)
+        elif begin in previous and end in previous:
+            body = previous[previous.index(begin) + len(begin):previous.index(end)].strip("\n")
+        else:
+            body = EMPTY[title]
+        parts.append(f"{begin}\n{body.rstrip()}\n{end}\n")
+    return "\n".join(parts)
+
+
+def short(run) -> str:
+    """A terminal table: each group's fastest sophon_fast provider (or each engine mode) vs its baselines."""
+    floors = {p["copy"]["extra_info"].get("device_type"): p["copy"]["extra_info"].get("GB/s")
+              for p in groups(run, layer="copy_floor").values() if "copy" in p}
+    lines = [caption(run).strip("_"), f"device copy floor GB/s: {floors}"]
+    for g, p in groups(run).items():
+        f = best_fast(p)
+        if f is not None:
+            b = p[f]
+            gbs = b["extra_info"].get("GB/s")
+            floor = floors.get(b["extra_info"].get("device_type", "cuda" if "cuda" in g else "cpu"))
+            of_floor = f" = {100 * gbs / floor:.0f}% of copy floor" if gbs and floor else ""
+            base = [f"{n} {ms(med(p[n]))}" for n in ("compile", "eager", "torch_foreach", "reference", "copy")
+                    if n in p]
+            lines.append(f"{g}: {f} {ms(med(b))} ms, {gbs} GB/s{of_floor} | " + ", ".join(base) + " ms")
+        elif "fast" in p:
+            base = ", ".join(f"{n} {sec(med(p[n]))} s" for n in ("passes", "reference") if n in p)
+            lines.append(f"{g}: fast {sec(med(p['fast']))} s | {base} | speed-up "
+                         f"{ratio(med(p.get('reference')), med(p['fast']))}, fast/passes "
+                         f"{ratio(med(p['fast']), med(p.get('passes')))}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("json", nargs="*",
+                    help="pytest-benchmark JSON files (default: results/latest.json, results/gpu.json)")
+    ap.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
+    ap.add_argument("--short", action="store_true",
+                    help="print a short table of the given JSON instead of writing --out")
+    a = ap.parse_args(argv)
+    paths = a.json or [p for p in (os.path.join(HERE, "results", n) for n in ("latest.json", "gpu.json"))
+                       if os.path.exists(p)]
+    if not paths:
+        print("render_results: no JSON given and none in benchmarks/results/", file=sys.stderr)
+        return 1
+    runs = [_load(p) for p in paths]
+    if a.short:
+        print("\n\n".join(short(r) for r in runs))
+        return 0
+    previous = open(a.out).read() if os.path.exists(a.out) else ""
+    with open(a.out, "w") as f:
+        f.write(render(runs, previous))
+    print(f"render_results: wrote {a.out} from {', '.join(paths)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
