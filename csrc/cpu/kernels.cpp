@@ -1,11 +1,12 @@
 // CPU kernels: row-wise fused losses (forward, backward) and the fused inner optimiser step.
 //
 // Row losses (spec: sophon_fast/reference/losses.py), on z' = scale * z, y the row's target:
-//   forward   one pass over the row's memory: blocks of kBlock elements are read from memory once
-//             and scanned twice while they sit in L1 (block max, then sum exp(z'-max)); each block
-//             gives a partial (m, S = sum e^(z'-m), T = sum e^(z'-m)(z'-m), sum z) over c != y,
-//             merged in fp64. T only when w_negent != 0, sum z only when w_klu != 0. lse_x = m + log S,
-//             lse = logaddexp(z'_y, lse_x), negent = T'/S' - log S' after merging y in.
+//   forward   one read of the row: blocks of about kBlock elements, each giving a partial
+//             (m, S = sum e^(z'-m), T = sum e^(z'-m)(z'-m), sum z) over c != y, merged in fp64. The
+//             centre m is a running estimate of the max (any value of the row will do for S; a block
+//             more than kHeadroom above it is rescanned); with NEGENT a block max is scanned first
+//             from L1, since T / S - log S cancels to |max - m|. T only when w_negent != 0, sum z only
+//             when w_klu != 0. lse_x = m + log S, lse = logaddexp(z'_y, lse_x), negent = T'/S' - log S'.
 //   backward  one read of the row, one write of the gradient, one exp per element:
 //             q_c = exp(z'_c - ref) with ref = lse, or lse_x when ICE is on and p_y is within
 //             e^-20 of 1 (q_c <= 1 stays finite); every term is q_c times a per-row constant, so for c != y
@@ -17,11 +18,9 @@
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
-#include <c10/util/Half.h>
+
+#include "vec_utils.h"
 
 #include <algorithm>
 #include <cmath>
@@ -33,7 +32,6 @@ namespace sophon_fast {
 namespace cpu {
 namespace {
 
-using at::vec::Vectorized;
 using c10::BFloat16;
 using c10::Half;
 
@@ -41,128 +39,6 @@ constexpr int64_t kBlock = 2048;       // elements scanned twice from L1 in the 
 constexpr int64_t kMinChunk = 16384;   // smallest piece of a row given to one thread
 constexpr int64_t kStreamBytes = int64_t(16) << 20;  // gradients at least this big use streaming stores
 constexpr double kInf = std::numeric_limits<double>::infinity();
-
-template <typename T>
-using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-// Loads/stores W = 2 * Vectorized<acc>::size() elements of T as two acc vectors (16-bit types convert).
-template <typename T>
-struct IO {
-  using A = acc_t<T>;
-  using V = Vectorized<A>;
-  static constexpr int64_t L = V::size();
-  static constexpr int64_t W = 2 * L;
-  static_assert(std::is_same_v<T, A> || Vectorized<T>::size() == W, "16-bit vector must hold 2 float vectors");
-
-  static inline void load(const T* p, V& a, V& b) {
-    if constexpr (std::is_same_v<T, A>) {
-      a = V::loadu(p);
-      b = V::loadu(p + L);
-    } else {
-      at::vec::load_to_float<T>(p, a, b);
-    }
-  }
-  static inline void store(T* p, const V& a, const V& b) {
-    if constexpr (std::is_same_v<T, A>) {
-      a.store(p);
-      b.store(p + L);
-    } else {
-      at::vec::convert_from_float<T>(a, b).store(p);
-    }
-  }
-  // Non-temporal store (no read-for-ownership, no cache pollution) at a 32-byte aligned p; call
-  // stream_fence() before the data is handed to other threads. Plain store without AVX2.
-  static inline void stream(T* p, const V& a, const V& b) {
-#if defined(CPU_CAPABILITY_AVX2)
-    if constexpr (std::is_same_v<T, float>) {
-      _mm256_stream_ps(p, a);
-      _mm256_stream_ps(p + L, b);
-    } else if constexpr (std::is_same_v<T, double>) {
-      _mm256_stream_pd(p, a);
-      _mm256_stream_pd(p + L, b);
-    } else {
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), __m256i(at::vec::convert_from_float<T>(a, b)));
-    }
-#else
-    store(p, a, b);
-#endif
-  }
-  static inline void stream_fence() {
-#if defined(CPU_CAPABILITY_AVX2)
-    _mm_sfence();
-#endif
-  }
-  // n < W elements; the lanes past n read as 0.
-  static inline void load_part(const T* p, int64_t n, V& a, V& b) {
-    A buf[W];
-    for (int64_t i = 0; i < W; ++i) buf[i] = i < n ? static_cast<A>(p[i]) : A(0);
-    a = V::loadu(buf);
-    b = V::loadu(buf + L);
-  }
-  static inline void store_part(T* p, int64_t n, const V& a, const V& b) {
-    A buf[W];
-    a.store(buf);
-    b.store(buf + L);
-    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(buf[i]);
-  }
-  // Lanes from n on (of the pair a|b) set to `fill`.
-  static inline void fill_from(V& a, V& b, int64_t n, A fill) {
-    const V f(fill);
-    if (n < L) {
-      a = V::set(f, a, n);
-      b = f;
-    } else {
-      b = V::set(f, b, n - L);
-    }
-  }
-  static inline double hsum(const V& a, const V& b) {
-    A buf[W];
-    a.store(buf);
-    b.store(buf + L);
-    double s = 0;
-    for (int64_t i = 0; i < W; ++i) s += buf[i];
-    return s;
-  }
-  static inline A hmax(const V& a, const V& b) {
-    A buf[L];
-    at::vec::maximum(a, b).store(buf);
-    A m = buf[0];
-    for (int64_t i = 1; i < L; ++i) m = std::max(m, buf[i]);
-    return m;
-  }
-};
-
-// exp for the kernels. Arguments are z' - max (<= 0) except at the target column in the backward,
-// whose value is overwritten. fp64: Sleef's 1-ulp exp.
-template <typename V>
-inline V vexp(const V& x) {
-  return x.exp();
-}
-
-#if defined(CPU_CAPABILITY_AVX2)
-// fp32 on AVX2, for x <= 88 (larger x: garbage; only the backward's target column gets such x, and
-// it is rewritten): x clamped below at -86.5 (so it returns >= 2.8e-38, never 0), n = round(x / ln2)
-// with the 1.5 * 2^23 shifter, r = x - n ln2 in one fma (ln2's fp32 rounding adds |n| * 2e-9
-// relative error: < 1 ulp for results above e^-40, irrelevant below), e^r by a degree-6 minimax
-// polynomial (|rel err| 2e-9 on [-ln2/2, ln2/2]), n added to the exponent field. 12 ops.
-template <>
-inline Vectorized<float> vexp(const Vectorized<float>& v) {
-  const __m256 x = _mm256_max_ps(v, _mm256_set1_ps(-86.5f));
-  const __m256 shifter = _mm256_set1_ps(12582912.0f);
-  const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), shifter);
-  const __m256 n = _mm256_sub_ps(t, shifter);
-  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693147182f), x);
-  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(1.384364325e-03f), r, _mm256_set1_ps(8.374155499e-03f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.166800156e-02f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.666643173e-01f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.999999404e-01f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  // t's low mantissa bits hold n: (bits(t) << 23) == n << 23 (mod 2^32)
-  const __m256i e = _mm256_slli_epi32(_mm256_castps_si256(t), 23);
-  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
-}
-#endif
 
 // ---------------------------------------------------------------------------------------------
 // Forward
@@ -187,28 +63,6 @@ inline void merge(Partial& a, const Partial& b) {
   a.s = ea * a.s + eb * b.s;
   a.m = m;
 }
-
-// Lanes of the pair (a | b) at index < first or == skip (relative to the step) set to `fill`.
-template <typename T>
-inline void mask_lanes(typename IO<T>::V& a, typename IO<T>::V& b, int64_t first, int64_t skip,
-                       acc_t<T> fill) {
-  using V = typename IO<T>::V;
-  using A = acc_t<T>;
-  const V lo = V::arange(A(0), A(1)), hi = V::arange(A(IO<T>::L), A(1));
-  const V f(fill), vf(static_cast<A>(first)), vs(static_cast<A>(skip));
-  a = V::blendv(a, f, (lo < vf) | (lo == vs));
-  b = V::blendv(b, f, (hi < vf) | (hi == vs));
-}
-
-// z' - m for z' = scale * x: a plain add/sub for scale = +-1 (SK = 1 / -1), an fma otherwise (SK = 0).
-template <int SK, typename V>
-inline V shifted(const V& x, const V& vs, const V& neg_m) {
-  if constexpr (SK == 1) return x + neg_m;
-  else if constexpr (SK == -1) return neg_m - x;
-  else return at::vec::fmadd(x, vs, neg_m);
-}
-
-inline int scale_kind(double scale) { return scale == 1.0 ? 1 : scale == -1.0 ? -1 : 0; }
 
 // One scan of p[0, len) (len >= W) minus column `skip` (-1: none): whole W-steps, then one
 // overlapping step over the last W elements with its already counted lanes masked (only that step
@@ -341,7 +195,7 @@ inline Partial chunk_partial(const T* row, int64_t lo, int64_t hi, int64_t y, ac
 inline double softplus(double x) { return x > 0 ? x + std::log1p(std::exp(-x)) : std::log1p(std::exp(x)); }
 
 // Row target: -1 when the row has no target (no target tensor, or ignored). Sets *valid.
-inline int64_t row_target(const int64_t* target, int64_t r, int64_t c, int64_t ignore_index, bool* valid) {
+inline int64_t row_target(const int64_t* target, int64_t r, int64_t ignore_index, bool* valid) {
   *valid = true;
   if (target == nullptr) return -1;
   const int64_t y = target[r];
@@ -380,7 +234,7 @@ void finalize_row(const T* row, Partial p, int64_t y, bool valid, int64_t c, dou
 }
 
 // Pieces per row: 1 when rows alone keep every thread busy, else enough chunks (>= kMinChunk each).
-inline int64_t row_splits(int64_t n, int64_t c, int64_t w) {
+inline int64_t row_splits(int64_t n, int64_t c) {
   const int64_t threads = at::get_num_threads();
   if (threads <= 1 || n >= 8 * threads || c < 2 * kMinChunk) return 1;
   return std::max<int64_t>(1, std::min((8 * threads + n - 1) / n, c / kMinChunk));
@@ -396,12 +250,12 @@ void fwd_impl(const T* logits, int64_t n, int64_t c, int64_t rs, const int64_t* 
               double scale, int64_t ignore_index, acc_t<T>* loss, acc_t<T>* stats) {
   using A = acc_t<T>;
   const A sc = static_cast<A>(scale);
-  const int64_t splits = row_splits(n, c, IO<T>::W);
+  const int64_t splits = row_splits(n, c);
   if (splits == 1) {
     at::parallel_for(0, n, std::max<int64_t>(1, 32768 / c), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         bool valid;
-        const int64_t y = row_target(target, r, c, ignore_index, &valid);
+        const int64_t y = row_target(target, r, ignore_index, &valid);
         const T* row = logits + r * rs;
         finalize_row<T, A>(row, chunk_partial<T, KLU, NEG>(row, 0, c, y, sc), y, valid, c, scale, w, NEG, loss + r,
                            stats + 3 * r);
@@ -416,7 +270,7 @@ void fwd_impl(const T* logits, int64_t n, int64_t c, int64_t rs, const int64_t* 
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t r = i / k, lo = (i % k) * len;
       bool valid;
-      const int64_t y = row_target(target, r, c, ignore_index, &valid);
+      const int64_t y = row_target(target, r, ignore_index, &valid);
       parts[i] = chunk_partial<T, KLU, NEG>(logits + r * rs, lo, std::min(c, lo + len), y, sc);
     }
   });
@@ -424,7 +278,7 @@ void fwd_impl(const T* logits, int64_t n, int64_t c, int64_t rs, const int64_t* 
     Partial p = parts[r * k];
     for (int64_t j = 1; j < k; ++j) merge(p, parts[r * k + j]);
     bool valid;
-    const int64_t y = row_target(target, r, c, ignore_index, &valid);
+    const int64_t y = row_target(target, r, ignore_index, &valid);
     finalize_row<T, A>(logits + r * rs, p, y, valid, c, scale, w, NEG, loss + r, stats + 3 * r);
   }
 }
@@ -524,7 +378,7 @@ void bwd_chunk(const T* row, T* out, int64_t lo, int64_t hi, int64_t c, int64_t 
 template <typename T, bool NEG>
 void bwd_impl(const acc_t<T>* grad_loss, const T* logits, int64_t n, int64_t c, int64_t rs, const int64_t* target,
               const acc_t<T>* stats, const LossWeights& w, double scale, int64_t ignore_index, T* grad) {
-  const int64_t splits = row_splits(n, c, IO<T>::W);
+  const int64_t splits = row_splits(n, c);
   const int64_t len = chunk_len(c, splits, IO<T>::W);
   const int64_t k = (c + len - 1) / len;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::min(len, c));
@@ -535,7 +389,7 @@ void bwd_impl(const acc_t<T>* grad_loss, const T* logits, int64_t n, int64_t c, 
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t r = i / k, lo = (i % k) * len;
       bool valid;
-      const int64_t y = row_target(target, r, c, ignore_index, &valid);
+      const int64_t y = row_target(target, r, ignore_index, &valid);
       const double st[3] = {static_cast<double>(stats[3 * r]), static_cast<double>(stats[3 * r + 1]),
                             static_cast<double>(stats[3 * r + 2])};
       const int64_t hi = std::min(c, lo + len);
