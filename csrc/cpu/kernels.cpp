@@ -81,7 +81,7 @@ inline acc_t<T> block_scan(const T* p, int64_t len, int64_t skip, acc_t<T> scale
   const int64_t last = full < len ? len - W : -1, first = full < len ? full - last : 0;
   V mx0(-std::numeric_limits<A>::infinity()), mx1 = mx0, z0(A(0)), z1(A(0));
   V s0(A(0)), s1(A(0)), t0(A(0)), t1(A(0)), bs(A(0)), bt(A(0));
-  auto step = [&](int64_t i, int64_t first_lane, int64_t skip_lane, bool masked) {
+  auto step = [&](int64_t i, int64_t first_lane, int64_t skip_lane, bool masked) SF_INLINE {
     V a, b;
     io::load(p + i, a, b);
     if constexpr (KLU) {
@@ -121,7 +121,7 @@ inline acc_t<T> block_max(const T* p, int64_t len, int64_t skip, acc_t<T> scale)
   const V vs(scale), zero(A(0));
   const int64_t full = len - len % W;
   V mx0(kNegInf), mx1 = mx0;
-  auto step = [&](int64_t i, int64_t first_lane) {
+  auto step = [&](int64_t i, int64_t first_lane) SF_INLINE {
     V a, b;
     io::load(p + i, a, b);
     a = shifted<SK>(a, vs, zero), b = shifted<SK>(b, vs, zero);
@@ -192,8 +192,6 @@ inline Partial chunk_partial(const T* row, int64_t lo, int64_t hi, int64_t y, ac
   }
 }
 
-inline double softplus(double x) { return x > 0 ? x + std::log1p(std::exp(-x)) : std::log1p(std::exp(x)); }
-
 // Row target: -1 when the row has no target (no target tensor, or ignored). Sets *valid.
 inline int64_t row_target(const int64_t* target, int64_t r, int64_t ignore_index, bool* valid) {
   *valid = true;
@@ -209,22 +207,25 @@ inline int64_t row_target(const int64_t* target, int64_t r, int64_t ignore_index
 template <typename T, typename A>
 void finalize_row(const T* row, Partial p, int64_t y, bool valid, int64_t c, double scale, const LossWeights& w,
                   bool neg, A* loss, A* stats) {
-  const double lse_x = p.m + std::log(p.s);
-  double lse = lse_x, zy = 0, negent = std::numeric_limits<double>::quiet_NaN();
+  const double lse_x = p.m + std::log(p.s), log_c = std::log(static_cast<double>(c));
+  double lse = lse_x, zy = 0, sp_pos = 0, sp_neg = 0, negent = std::numeric_limits<double>::quiet_NaN();
   if (y >= 0) {
     const double raw = static_cast<double>(static_cast<A>(row[y]));
     zy = static_cast<double>(static_cast<A>(scale) * static_cast<A>(raw));
-    const double hi = std::max(zy, lse_x), lo = std::min(zy, lse_x);
-    lse = hi + std::log1p(std::exp(lo - hi));
+    // d = z'_y - lse_x: lse = max + l1, softplus(+-d) = max(+-d, 0) + l1 from one exp and one log1p
+    const double d = zy - lse_x, l1 = std::log1p(std::exp(-std::abs(d)));
+    lse = std::max(zy, lse_x) + l1;
+    sp_pos = std::max(d, 0.0) + l1;   // ICE = softplus(z'_y - lse_x)
+    sp_neg = std::max(-d, 0.0) + l1;  // CE = lse - z'_y = softplus(lse_x - z'_y)
     p.z += raw;
-    merge(p, Partial{zy, 1.0, 0.0, 0.0});
+    if (neg) merge(p, Partial{zy, 1.0, 0.0, 0.0});
   }
   if (neg) negent = p.t / p.s - std::log(p.s);
   double l = 0;
   if (valid) {
-    if (w.ce) l += w.ce * softplus(lse_x - zy);
-    if (w.ice) l += w.ice * softplus(zy - lse_x);
-    if (w.klu) l += w.klu * (lse - scale * p.z / static_cast<double>(c) - std::log(static_cast<double>(c)));
+    if (w.ce) l += w.ce * sp_neg;
+    if (w.ice) l += w.ice * sp_pos;
+    if (w.klu) l += w.klu * (lse - scale * p.z / static_cast<double>(c) - log_c);
     if (w.negent) l += w.negent * negent;
   }
   *loss = static_cast<A>(l);
@@ -335,7 +336,7 @@ void bwd_chunk(const T* row, T* out, int64_t lo, int64_t hi, int64_t c, int64_t 
   }
   const V vs(static_cast<A>(scale)), vl(static_cast<A>(-ref)), va(static_cast<A>(gs * alpha)),
       vb(static_cast<A>(gs * beta)), vg(static_cast<A>(-gs * w.klu / static_cast<double>(c)));
-  auto grad = [&](const V& x) {
+  auto grad = [&](const V& x) SF_INLINE {
     const V d = shifted<SK>(x, vs, vl);
     const V q = vexp(d);
     if constexpr (NEG) return at::vec::fmadd(q, at::vec::fmadd(vb, d, va), vg);
@@ -429,7 +430,7 @@ void step_impl(T* param, T* grad, T* m1, T* m2, int64_t numel, double lr, double
       vb2(static_cast<A>(beta2)), v1b1(static_cast<A>(1 - beta1)), v1b2(static_cast<A>(1 - beta2)),
       vsq(static_cast<A>(std::sqrt(bc2))), veps(static_cast<A>(eps)), zero(A(0));
   // One W-wide step on registers; m and v are untouched for kinds that do not use them.
-  auto update = [&](V& p, V g, V& m, V& v) {
+  auto update = [&](V& p, V g, V& m, V& v) SF_INLINE {
     g = at::vec::fmadd(vwd, p, g);
     if constexpr (KIND == 0) {
       p = p - vlr * g;

@@ -15,6 +15,14 @@ namespace sophon_fast {
 namespace cpu {
 
 using at::vec::Vectorized;
+
+// Hot lambdas and helpers are forced inline into their loops (GCC outlined the backward's
+// per-vector lambda, reloading every constant per call).
+#if defined(__GNUC__)
+#define SF_INLINE __attribute__((always_inline))
+#else
+#define SF_INLINE
+#endif
 #if defined(CPU_CAPABILITY_AVX2)
 static_assert(Vectorized<float>::size() == 8, "the AVX2 build must see 256-bit vectors of 8 floats");
 #endif
@@ -112,7 +120,7 @@ struct IO {
 // exp for the kernels. Arguments are z' - max (<= 0) except at the target column in the backward,
 // whose value is overwritten. fp64: Sleef's 1-ulp exp.
 template <typename V>
-inline V vexp(const V& x) {
+SF_INLINE inline V vexp(const V& x) {
   return x.exp();
 }
 
@@ -123,7 +131,7 @@ inline V vexp(const V& x) {
 // relative error: < 1 ulp for results above e^-40, irrelevant below), e^r by a degree-6 minimax
 // polynomial (|rel err| 2e-9 on [-ln2/2, ln2/2]), n added to the exponent field. 12 ops.
 template <>
-inline Vectorized<float> vexp(const Vectorized<float>& v) {
+SF_INLINE inline Vectorized<float> vexp(const Vectorized<float>& v) {
   const __m256 x = _mm256_max_ps(v, _mm256_set1_ps(-86.5f));
   const __m256 shifter = _mm256_set1_ps(12582912.0f);
   const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), shifter);
@@ -155,7 +163,7 @@ inline void mask_lanes(typename IO<T>::V& a, typename IO<T>::V& b, int64_t first
 
 // z' - m for z' = scale * x: a plain add/sub for scale = +-1 (SK = 1 / -1), an fma otherwise (SK = 0).
 template <int SK, typename V>
-inline V shifted(const V& x, const V& vs, const V& neg_m) {
+SF_INLINE inline V shifted(const V& x, const V& vs, const V& neg_m) {
   if constexpr (SK == 1) return x + neg_m;
   else if constexpr (SK == -1) return neg_m - x;
   else return at::vec::fmadd(x, vs, neg_m);
