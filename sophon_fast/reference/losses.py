@@ -26,7 +26,9 @@ Gradients with respect to z' (then multiplied by ``scale`` for z):
     dKLU/dz'_c    = p_c - 1/C
     dNEGENT/dz'_c = p_c * (z'_c - lse - NEGENT)
 
-Forward saves per-row ``stats = [lse, lse_x, negent]`` (fp32, shape (N, 3)); backward re-reads the
+Forward saves per-row ``stats = [lse, lse_x, negent]`` (fp32, shape (N, 3)); ``negent`` is only
+defined when w_negent != 0 (backends that skip its accumulation may store anything there, the C++
+one stores NaN, and no backward reads it then). Backward re-reads the
 logits once and writes the gradient once, so forward + backward costs two reads and one write of the
 logits. CE and ICE need a target; KLU and NEGENT do not (``target=None``: every row counts).
 """
