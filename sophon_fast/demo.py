@@ -24,16 +24,18 @@ from sophon_fast.engine import ProtectConfig, Strategy, protect
 from sophon_fast.io import load_model, save_model
 from sophon_fast.report import write_report
 
-# Start point from the protection-strength research (docs/experiments.md): ICE, outer lr 1e-3,
-# a mixture of inner strategies taking turns, K = 20.
+# The best recipe of the protection-strength research (docs/experiments.md, e6): ICE, outer lr 1e-3,
+# K = 20, a mixture of inner strategies taking turns, all with head re-initialisation, plus the
+# restricted-feature energy term that switches the restricted domain's features off.
 DEMO_DOMAINS = {"original": "fashion_mnist", "restricted": "mnist", "arch": "cnn_small"}
 
 
 def demo_config(quick: bool, iterations: Optional[int] = None, seed: int = 0, progress: bool = True,
                 checkpoint_dir: Optional[str] = None) -> ProtectConfig:
-    strategies = [Strategy("sgd", lr=1e-3, reinit_head=True), Strategy("momentum", lr=1e-2),
-                  Strategy("adam", lr=1e-3)]
+    strategies = [Strategy("sgd", lr=1e-3, reinit_head=True), Strategy("momentum", lr=1e-2, reinit_head=True),
+                  Strategy("adam", lr=1e-3, reinit_head=True)]
     return ProtectConfig(loss="ice", alpha=10.0, beta=5.0, inner_steps=20, strategies=strategies,
+                         feature_loss="energy", feature_weight=1.0,
                          iterations=iterations if iterations is not None else (40 if quick else 200),
                          eval_every=10, seed=seed, progress=progress,
                          checkpoint_dir=checkpoint_dir, checkpoint_every=10, resume=True)
