@@ -1,0 +1,82 @@
+"""The demo pipeline end to end (tiny budget), report rendering, and the command line."""
+import json
+import os
+
+import pytest
+
+from sophon_fast import cli
+from sophon_fast.report import load_report, render_markdown, validate, write_report
+
+
+def _report():
+    curve = [0.1, 0.2, 0.3]
+    return {"domains": {"original": "fashion_mnist", "restricted": "mnist"},
+            "original_domain": {"unprotected_acc": 0.88, "protected_acc": 0.87},
+            "attacks": [{"name": "paper", "method": "full", "optimizer": "momentum", "lr": 1e-4, "batch_size": 200,
+                         "epochs": 2, "protected": curve, "unprotected": [0.1, 0.5, 0.6], "scratch": [0.1, 0.1, 0.1],
+                         "overhead": None, "never_reached": True, "head_start_removed": 0.6}],
+            "config": {"seed": 0}, "timing": {"protect": 1.5},
+            "targets": [{"target": "t", "met": False, "detail": "d"}]}
+
+
+def test_report_renders_tables_and_plot(tmp_path):
+    paths = write_report(_report(), str(tmp_path))
+    md = open(paths["md"]).read()
+    assert "| paper | full | momentum | 0.0001 | 200 | 2 | 30.0% | 60.0% | 10.0% | ∞ | 0.60 |" in md
+    assert "88.0%" in md and "**no**" in md
+    assert os.path.getsize(paths["png"]) > 1000
+    assert load_report(str(tmp_path)) == json.loads(json.dumps(_report()))
+    assert render_markdown(_report()) == md
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_report_validation():
+    bad = _report()
+    del bad["attacks"][0]["scratch"]
+    with pytest.raises(ValueError, match="scratch"):
+        validate(bad)
+    with pytest.raises(ValueError, match="timing"):
+        validate({k: v for k, v in _report().items() if k != "timing"})
+
+
+def test_cli_argument_errors(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--iterations", "many"])
+    assert "invalid int value" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="threads"):
+        cli.main(["--threads", "0", "backends"])
+
+
+def test_cli_backends(capsys):
+    assert cli.main(["backends"]) == 0
+    assert "reference" in capsys.readouterr().out
+
+
+def test_demo_quick_end_to_end(tmp_path):
+    """`demo --quick` with a tiny budget: every file, and the report schema (not the quality numbers)."""
+    out = tmp_path / "demo"
+    args = ["--threads", "1", "demo", "--quick", "--out", str(out), "--iterations", "2", "--suite", "paper",
+            "--attack-epochs", "1", "--subset", "300", "--pretrain-epochs", "1", "--no-progress"]
+    assert cli.main(args) == 0
+    for f in ("report.json", "report.md", "curves.png", "original.safetensors", "original.json",
+              "protected.safetensors", "protected.json"):
+        assert (out / f).exists(), f
+    report = json.loads((out / "report.json").read_text())
+    validate(report)
+    assert set(report["domains"].values()) == {"fashion_mnist", "mnist"}
+    a = report["attacks"][0]
+    assert a["name"] == "paper" and a["epochs"] == 1
+    for key in ("protected", "unprotected", "scratch"):
+        assert len(a[key]) == 2 and all(0 <= v <= 1 for v in a[key])
+    assert 0 <= report["original_domain"]["protected_acc"] <= 1
+    # a rerun reuses every finished step (resumable) and gives the same report
+    assert cli.main(args) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert again["attacks"] == report["attacks"]
+    # the report command re-renders from report.json
+    os.remove(out / "report.md")
+    assert cli.main(["report", str(out)]) == 0
+    assert (out / "report.md").exists()
