@@ -127,10 +127,9 @@ def test_extreme_logits_finite_and_accurate(backend, dtype):
     # fp16: per-row values stay below 65504, batch sums need not
     for func, reduction in itertools.product(FUNCS, ("none",) if dtype == torch.float16 else ("none", "sum")):
         cot = torch.linspace(0.5, 1.5, 6).to(dtype) if reduction == "none" else torch.tensor(1.0, dtype=dtype)
-        ident = lambda b, n=None, c=None: b  # noqa: E731
-        gold = _run(FUNCS[func], z.double(), ident, y, reduction, "reference", cot.double())
-        baseline = _run(FUNCS[func], z, ident, y, reduction, "reference", cot)
-        out, grad = _run(FUNCS[func], z, ident, y, reduction, backend, cot)
+        gold = _run(FUNCS[func], z.double(), lambda b: b, y, reduction, "reference", cot.double())
+        baseline = _run(FUNCS[func], z, lambda b: b, y, reduction, "reference", cot)
+        out, grad = _run(FUNCS[func], z, lambda b: b, y, reduction, backend, cot)
         assert torch.isfinite(out).all() and torch.isfinite(grad).all(), f"{backend} {func} {reduction}"
         assert_parity(out, baseline[0], gold[0], dtype, f"{backend} {func} {reduction} extreme value")
         assert_parity(grad, baseline[1], gold[1], dtype, f"{backend} {func} {reduction} extreme grad", "grad")
@@ -247,26 +246,33 @@ def test_bad_input_raises_value_error(backend, case):
         BAD_INPUTS[case]()
 
 
-@pytest.mark.skipif("cpp" not in BACKENDS, reason="extension not built")
-def test_cpp_binding_rejects_bad_arguments():
+def _stats():
     from sophon_fast import _C
-    z, w = torch.randn(3, 4), [1.0, 0.0, 0.0, 0.0]
-    loss, stats = _C.row_losses_fwd(z, _y, w, 1.0, IGNORE)
-    bad = {
-        "target out of range": lambda: _C.row_losses_fwd(z, torch.tensor([0, 9, 1]), w, 1.0, IGNORE),
-        "int32 target": lambda: _C.row_losses_fwd(z, _y.int(), w, 1.0, IGNORE),
-        "three weights": lambda: _C.row_losses_fwd(z, _y, w[:3], 1.0, IGNORE),
-        "ce without target": lambda: _C.row_losses_fwd(z, None, w, 1.0, IGNORE),
-        "class stride": lambda: _C.row_losses_fwd(torch.randn(4, 3).t(), _y, w, 1.0, IGNORE),
-        "stats shape": lambda: _C.row_losses_bwd(torch.ones(3), z, _y, stats[:, :2].contiguous(), w, 1.0, IGNORE),
-        "grad_loss dtype": lambda: _C.row_losses_bwd(torch.ones(3, dtype=torch.float64), z, _y, stats, w, 1.0, IGNORE),
-        "step kind": lambda: _C.inner_step_(z, z, z, z, 7, 0.1, 0.9, 0.99, 1e-8, 0.0, 1, False),
-        "step buffer shape": lambda: _C.inner_step_(z, z[:2], z, z, 0, 0.1, 0.9, 0.99, 1e-8, 0.0, 1, False),
-    }
-    for name, call in bad.items():
-        with pytest.raises(ValueError):
-            call()
-        assert name
+    return _C.row_losses_fwd(_z, _y, [1.0, 0.0, 0.0, 0.0], 1.0, IGNORE)[1]
+
+
+# Direct calls into the extension with arguments the Python layer would never pass.
+BAD_BINDING_CALLS = {
+    "target out of range": lambda C: C.row_losses_fwd(_z, torch.tensor([0, 9, 1]), [1.0, 0, 0, 0], 1.0, IGNORE),
+    "int32 target": lambda C: C.row_losses_fwd(_z, _y.int(), [1.0, 0, 0, 0], 1.0, IGNORE),
+    "three weights": lambda C: C.row_losses_fwd(_z, _y, [1.0, 0, 0], 1.0, IGNORE),
+    "ce without target": lambda C: C.row_losses_fwd(_z, None, [1.0, 0, 0, 0], 1.0, IGNORE),
+    "class stride": lambda C: C.row_losses_fwd(torch.randn(4, 3).t(), _y, [1.0, 0, 0, 0], 1.0, IGNORE),
+    "stats shape": lambda C: C.row_losses_bwd(torch.ones(3), _z, _y, _stats()[:, :2].contiguous(), [1.0, 0, 0, 0],
+                                              1.0, IGNORE),
+    "grad_loss dtype": lambda C: C.row_losses_bwd(torch.ones(3, dtype=torch.float64), _z, _y, _stats(),
+                                                  [1.0, 0, 0, 0], 1.0, IGNORE),
+    "step kind": lambda C: C.inner_step_(_z, _z, _z, _z, 7, 0.1, 0.9, 0.99, 1e-8, 0.0, 1, False),
+    "step buffer shape": lambda C: C.inner_step_(_z, _z[:2], _z, _z, 0, 0.1, 0.9, 0.99, 1e-8, 0.0, 1, False),
+}
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="extension not built")
+@pytest.mark.parametrize("case", list(BAD_BINDING_CALLS))
+def test_cpp_binding_rejects_bad_arguments(case):
+    from sophon_fast import _C
+    with pytest.raises(ValueError):
+        BAD_BINDING_CALLS[case](_C)
 
 
 def test_forcing_unusable_backend_names_every_backend(monkeypatch):

@@ -100,20 +100,12 @@ struct IO {
       b = V::set(f, b, n - L);
     }
   }
+  // Horizontal sum / max of the pair (shuffle trees; SIMD on AVX2).
   static inline double hsum(const V& a, const V& b) {
-    A buf[W];
-    a.store(buf);
-    b.store(buf + L);
-    double s = 0;
-    for (int64_t i = 0; i < W; ++i) s += buf[i];
-    return s;
+    return at::vec::vec_reduce_all<A>([](V& x, V& y) { return x + y; }, a + b);
   }
   static inline A hmax(const V& a, const V& b) {
-    A buf[L];
-    at::vec::maximum(a, b).store(buf);
-    A m = buf[0];
-    for (int64_t i = 1; i < L; ++i) m = std::max(m, buf[i]);
-    return m;
+    return at::vec::vec_reduce_all<A>([](V& x, V& y) { return at::vec::maximum(x, y); }, at::vec::maximum(a, b));
   }
 };
 
