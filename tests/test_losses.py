@@ -312,7 +312,7 @@ def _steps(backend, bufs, grads, kind, weight_decay, zero_grad, dtype=None):
     return p, m, v
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("zero_grad", [False, True])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 @pytest.mark.parametrize("kind", list(KINDS))
