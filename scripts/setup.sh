@@ -16,6 +16,6 @@ stamp=.venv/.sophon_fast_build
 if [ ! -f "$stamp" ] || [ -n "$(find setup.py csrc -newer "$stamp" 2>/dev/null | head -1)" ] \
    || ! .venv/bin/python -c "import sophon_fast._C" 2>/dev/null; then
   echo "[setup] building sophon_fast (C++ extension, ~1 minute)"
-  .venv/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation -e .
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation --use-pep517 -e .
   touch "$stamp"
 fi
