@@ -13,7 +13,8 @@ provider's median and its ratio to the copy floor and to torch.compile.
 
 Engine-level cases (bench_engine.py, bench_e2e.py) use the same ``measure`` with fixed rounds and
 ``engine_memory`` for peak memory in a child process. Threads: SOPHON_BENCH_THREADS (recorded in the
-metadata); 1 gives stable numbers on a shared 2-core machine. ``make bench`` writes the JSON under
+metadata); 1 gives stable numbers on a shared 2-core machine, and so does
+``--benchmark-timer=time.process_time`` (CPU time: other processes' load stays out; wall clock on GPU). ``make bench`` writes the JSON under
 benchmarks/results/ (created here); benchmarks/render_results.py turns it into RESULTS.md.
 """
 from __future__ import annotations
