@@ -9,7 +9,7 @@ unshared) to that path and ``dir/name.json`` beside it::
      "metadata": {...free-form, JSON-serialisable...}}
 
 Both files are written to temporary names in the same folder and moved into place with
-``os.replace`` (weights first, then the JSON), so a crash never leaves a half-written file under
+``os.replace`` once both are written (sophon_fast._atomic), so a crash never leaves a half-written file under
 either name. :func:`load_model` rebuilds the architecture with :func:`sophon_fast.models.build` and
 loads the state dict strictly (parameters and buffers, BatchNorm statistics included).
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
@@ -27,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sophon_fast import models
+from sophon_fast._atomic import atomic_path
 
 FORMAT = "sophon_fast.model"
 VERSION = 1
@@ -48,12 +48,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _temp_beside(target: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
 def save_model(model: nn.Module, path: PathLike, metadata: Optional[Dict[str, Any]] = None) -> Path:
     """Write ``path`` (weights, safetensors) and ``path`` with suffix ``.json`` (architecture + metadata).
 
@@ -71,19 +65,12 @@ def save_model(model: nn.Module, path: PathLike, metadata: Optional[Dict[str, An
                   "arch": {"name": arch["name"], "kwargs": dict(arch.get("kwargs", {}))},
                   "weights": weights.name, "sha256": None, "metadata": dict(metadata or {})}
     json.dumps(record_obj)   # fail before touching the disk when metadata/kwargs are not JSON-serialisable
-    tmp_w, tmp_j = _temp_beside(weights), _temp_beside(record)
-    try:
+    with atomic_path(weights) as tmp_w, atomic_path(record) as tmp_j:   # both written before either lands
         save_file(tensors, str(tmp_w), metadata={"format": "pt"})
         record_obj["sha256"] = _sha256(tmp_w)
         with open(tmp_j, "w") as f:
             json.dump(record_obj, f, indent=2, sort_keys=True)
             f.write("\n")
-        os.replace(tmp_w, weights)
-        os.replace(tmp_j, record)
-    finally:
-        for tmp in (tmp_w, tmp_j):
-            if tmp.exists():
-                tmp.unlink()
     return weights
 
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from typing import Optional
+
+from sophon_fast._atomic import atomic_path
 
 REQUIRED = ("domains", "original_domain", "attacks", "config", "timing")
 ATTACK_KEYS = ("name", "method", "optimizer", "lr", "batch_size", "epochs", "protected", "unprotected",
@@ -36,17 +37,8 @@ def validate(report: dict) -> None:
 
 
 def _atomic_write(path: str, data: bytes) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def _pct(x: Optional[float]) -> str:
@@ -118,11 +110,9 @@ def plot_curves(report: dict, path: str) -> Optional[str]:
     d = report["domains"]
     fig.suptitle(f"Fine-tuning on {d['restricted']}: SOPHON-protected vs unprotected vs scratch", fontsize=11)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=".curves-", suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

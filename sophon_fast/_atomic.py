@@ -1,0 +1,21 @@
+"""Atomic file writes: write to a temporary file beside the target, rename it over the target on
+success, remove it on failure — a killed run never leaves a half-written file."""
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(target):
+    """Yield a temporary path beside ``target``; on a clean exit it replaces ``target``."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
