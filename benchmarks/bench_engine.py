@@ -30,7 +30,7 @@ def bench_engine_outer(measure, engine_memory, bench_disabled, arch, K, impl):
             pytest.skip("--benchmark-disable runs the smallest K on cnn and cnn_bn only")
         K = 2
     ec.time_outer(measure, arch, K, impl, rounds=ROUNDS.get(arch, 3), device=DEVICE)
-    if impl != "passes":
+    if impl in ("reference", "fast"):
         engine_memory(arch, impl, K, iterations=1, device=DEVICE)
 
 

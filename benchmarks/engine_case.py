@@ -39,7 +39,7 @@ from sophon_fast.quickbench import median_time, sync
 
 BATCH, QUERY, NTR_BATCH = 150, 20, 150
 DEMO = "demo"
-IMPLS = ("passes", "reference", "fast")   # the providers of an engine group (see time_outer)
+IMPLS = ("passes", "reference", "fast", "reference-setup", "fast-setup")   # an engine group (see time_outer)
 MMAP_THRESHOLD = 64 * 1024                 # bytes; for run_in_child's allocator (see there)
 # The suite's engine cases run here: SOPHON_BENCH_DEVICE, else the GPU when there is one.
 DEVICE = os.environ.get("SOPHON_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -96,16 +96,22 @@ def time_outer(measure, arch: str, K: int, impl: str, rounds: int, device: str =
     """Time one outer iteration with the suite's ``measure`` fixture, grouped per (arch, K) so that
     ``passes`` (the bare forward+backward passes), ``reference`` and ``fast`` sit side by side.
 
-    A protect impl's round is one protect() call of one outer iteration (its per-call setup, a few ms,
-    included); extra_info ``t_outer_history_s`` lists each round's iteration by protect()'s own clock.
+    A mode's round is one protect() call of one outer iteration; ``reference-setup`` / ``fast-setup``
+    time protect() with zero iterations (deepcopy, input checks, arena, snapshot, release: tens of
+    ms), which RESULTS.md subtracts, so a mode's t_outer is the iteration alone. extra_info
+    ``t_outer_history_s`` lists each round's iteration by protect()'s own (wall) clock.
     Returns the median seconds (None under --benchmark-disable)."""
     model, data = make_case(arch, device=device)
-    history = []
+    history, mode = [], impl.replace("-setup", "")
     if impl == "passes":
         bare_passes(model, data, 1)                      # warm-up outside the timed rounds
 
         def fn():
             bare_passes(model, data, K)
+    elif impl.endswith("-setup"):
+        def fn():
+            run_protect(model, data, K, mode, 0, device)
+        rounds = None                                    # milliseconds: let pytest-benchmark calibrate
     else:
         run_protect(model, data, 2, impl, 1, device)     # warm-up outside the timed rounds
 
@@ -113,8 +119,9 @@ def time_outer(measure, arch: str, K: int, impl: str, rounds: int, device: str =
             h = run_protect(model, data, K, impl, 1, device).history[0]
             history.append(h["t_fts"] + h["t_ntr"])
     return measure(fn, group=f"engine outer iteration {arch} K={K}", provider=impl, device=torch.device(device),
-                   rounds=rounds, warmup=0, layer="engine", arch=arch, K=K, params=models.num_parameters(model),
-                   threads=torch.get_num_threads(), **({"t_outer_history_s": history} if impl != "passes" else {}))
+                   rounds=rounds, warmup=0 if rounds else 1, layer="engine", arch=arch, K=K,
+                   params=models.num_parameters(model), threads=torch.get_num_threads(),
+                   **({"t_outer_history_s": history} if impl in ("reference", "fast") else {}))
 
 
 def _status_mb(key: str) -> float:

@@ -131,21 +131,29 @@ def engine_rows(run):
     return out
 
 
+def t_mode(p, mode):
+    """One outer iteration of ``mode``: its 1-iteration protect() minus the 0-iteration call (setup)."""
+    t, setup = med(p.get(mode)), med(p.get(f"{mode}-setup"))
+    return None if t is None else t - (setup or 0.0)
+
+
 def _peak(p, impl):
     b = p.get(impl)
     return None if b is None else b["extra_info"].get("peak_mb")
 
 
 def _engine_row(arch, K, p):
-    tp, tr, tf = med(p.get("passes")), med(p.get("reference")), med(p.get("fast"))
+    tp, tr, tf = med(p.get("passes")), t_mode(p, "reference"), t_mode(p, "fast")
     info = next(iter(p.values()))["extra_info"]
     mr, mf = _peak(p, "reference"), _peak(p, "fast")
+    setup = "/".join(ms(med(p.get(f"{m}-setup"))) for m in ("reference", "fast"))
     return [arch, f"{info['params'] / 1e6:.2f}M", K, sec(tp), sec(tr), sec(tf), ratio(tr, tf), ratio(tr, tp),
-            ratio(tf, tp), "—" if mr is None else f"{mr:.0f}", "—" if mf is None else f"{mf:.0f}"]
+            ratio(tf, tp), "—" if mr is None else f"{mr:.0f}", "—" if mf is None else f"{mf:.0f}", setup]
 
 
 ENGINE_HEAD = ["model", "params", "K", "t_model_passes s", "reference s", "fast s", "fast speed-up",
-               "reference t_outer/t_passes", "fast t_outer/t_passes", "reference peak MB", "fast peak MB"]
+               "reference t_outer/t_passes", "fast t_outer/t_passes", "reference peak MB", "fast peak MB",
+               "protect() setup ms (ref/fast, subtracted)"]
 
 
 def engine_section(run) -> str:
@@ -168,8 +176,8 @@ def engine_section(run) -> str:
     text = ("## 3. Engine: one outer iteration, reference vs fast\n\n" + caption(run) + "\n\n" +
             table(ENGINE_HEAD, body) +
             "\n\nt_model_passes: the same forward+backward passes (K x (support 130 + query 20) + one NTR 150) "
-            "run bare in the same process; a mode's time is one protect() call of one outer iteration "
-            "(setup of a few ms included). Peak MB: RSS high-water above the baseline, each case in its own "
+            "run bare in the same process; a mode's time is one protect() call of one outer iteration minus a "
+            "protect() call of zero iterations (its setup, last column). Peak MB: RSS high-water above the baseline, each case in its own "
             "child process after a warm-up (benchmarks/engine_case.py).\n")
     if growth:
         text += "\nPeak memory growth with K:\n\n" + caption(run) + "\n\n" + table(
@@ -184,7 +192,7 @@ def shared_forward_section(run) -> str:
         one, two = med(p.get("fwd150")), med(p.get("fwd130+fwd20"))
         if one is None or two is None:
             continue
-        fast50 = med(rows.get(("cnn", TARGET_K), {}).get("fast"))
+        fast50 = t_mode(rows.get(("cnn", TARGET_K), {}), "fast")
         share = "" if fast50 is None else (f"; x K = {TARGET_K}: {1e3 * TARGET_K * (two - one):.0f} ms = "
                                            f"{100 * TARGET_K * (two - one) / fast50:.1f}% of fast mode's cnn "
                                            f"K = {TARGET_K} outer iteration")
@@ -202,7 +210,7 @@ def targets_section(run) -> str:
         p = rows.get((arch, TARGET_K))
         if p is None:
             continue
-        tr, tf, tp = med(p.get("reference")), med(p.get("fast")), med(p.get("passes"))
+        tr, tf, tp = t_mode(p, "reference"), t_mode(p, "fast"), med(p.get("passes"))
         if tr and tf:
             out.append([f"fast >= {want}x faster than reference, {arch}, K = {TARGET_K}", f"{tr / tf:.2f}x",
                         "met" if tr / tf >= want else "missed"])
@@ -331,10 +339,9 @@ def short(run) -> str:
                     if n in p]
             lines.append(f"{g}: {f} {ms(med(b))} ms, {gbs} GB/s{of_floor} | " + ", ".join(base) + " ms")
         elif "fast" in p:
-            base = ", ".join(f"{n} {sec(med(p[n]))} s" for n in ("passes", "reference") if n in p)
-            lines.append(f"{g}: fast {sec(med(p['fast']))} s | {base} | speed-up "
-                         f"{ratio(med(p.get('reference')), med(p['fast']))}, fast/passes "
-                         f"{ratio(med(p['fast']), med(p.get('passes')))}")
+            tf, tr, tp = t_mode(p, "fast"), t_mode(p, "reference"), med(p.get("passes"))
+            lines.append(f"{g}: fast {sec(tf)} s | reference {sec(tr)} s, passes {sec(tp)} s | speed-up "
+                         f"{ratio(tr, tf)}, fast/passes {ratio(tf, tp)}")
     return "\n".join(lines)
 
 
