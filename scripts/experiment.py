@@ -17,7 +17,7 @@ import time
 import torch
 
 from sophon_fast import data as sfdata
-from sophon_fast.attacks import Attack, head_start_removed, overhead, run, scratch, suite
+from sophon_fast.attacks import head_start_removed, overhead, run, scratch, suite
 from sophon_fast.attacks import accuracy
 from sophon_fast.demo import pretrain
 from sophon_fast.engine import ProtectConfig, protect
