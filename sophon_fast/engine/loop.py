@@ -237,7 +237,6 @@ def protect(model: nn.Module, original, restricted, config: Optional[ProtectConf
         return next_batch
 
     bar = _progress(cfg, cfg.iterations, start)
-    n_traj = cfg.trajectories * (len(r_streams) if cfg.restricted_sampling == "each" else 1)
     try:
         for it in range(start, cfg.iterations):
             rec = {"iteration": it}
@@ -253,7 +252,6 @@ def protect(model: nn.Module, original, restricted, config: Optional[ProtectConf
                     plan += [(strat, s) for s in r_streams]
                 else:
                     plan.append((strat, r_streams[int(torch.randint(len(r_streams), (1,), generator=gen))]))
-            assert len(plan) == n_traj
             # Uniform reference weighting n_q,k / sum n_q (or linear in k), over every trajectory.
             raw = [[s.query_size * ((k + 1) if cfg.step_weighting == "linear" else 1)
                     for k in range(s.steps or cfg.inner_steps)] for s, _ in plan]
