@@ -13,6 +13,7 @@ import itertools
 
 import pytest
 import torch
+import tolerances
 
 if not torch.cuda.is_available():
     pytest.skip("no CUDA device: the CUDA backend cannot run here", allow_module_level=True)
@@ -30,7 +31,6 @@ if not _probe.usable.get("cuda"):
 DEV = "cuda"
 IGNORE = R.IGNORE_INDEX
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-FLOOR = {torch.float32: 2.0 ** -21, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7, torch.float64: 2.0 ** -22}
 BASE_W = (0.5, 1.0, 0.25, 2.0)
 COMBOS = [tuple(BASE_W[i] if bits[i] else 0.0 for i in range(4))
           for bits in itertools.product((0, 1), repeat=4) if any(bits)]
@@ -38,14 +38,9 @@ FUSED = BASE_W
 
 
 def assert_parity(fast, ref, gold, what):
-    gold = gold.double()
-    assert fast.shape == gold.shape and fast.dtype == ref.dtype, f"{what}: {fast.shape}/{fast.dtype} vs {ref.dtype}"
-    assert torch.isfinite(fast).all() == torch.isfinite(gold).all(), f"{what}: non-finite values"
-    err_fast = (fast.double() - gold).abs().max().item()
-    err_ref = (ref.double() - gold).abs().max().item()
-    floor = FLOOR[fast.dtype] * max(1.0, gold.abs().max().item())
-    assert err_fast <= 2 * err_ref + floor, \
-        f"{what}: CUDA error {err_fast:.3g} > 2 x reference error {err_ref:.3g} + floor {floor:.3g}"
+    """The one parity rule (tests/tolerances.py), with the fp64 floor of fp32 scalar arguments."""
+    assert fast.dtype == ref.dtype, f"{what}: {fast.dtype} vs {ref.dtype}"
+    tolerances.assert_parity(fast, ref, gold, fast.dtype, what, fp32_scalars=True)
 
 
 def make(n, c, dtype=torch.float32, seed=0, target=True, spread=4.0):
