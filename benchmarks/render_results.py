@@ -177,8 +177,10 @@ def engine_section(run) -> str:
             table(ENGINE_HEAD, body) +
             "\n\nt_model_passes: the same forward+backward passes (K x (support 130 + query 20) + one NTR 150) "
             "run bare in the same process; a mode's time is one protect() call of one outer iteration minus a "
-            "protect() call of zero iterations (its setup, last column). Peak MB: RSS high-water above the baseline, each case in its own "
-            "child process after a warm-up (benchmarks/engine_case.py).\n")
+            "protect() call of zero iterations (its setup, last column). Peak MB: RSS high-water above the "
+            "baseline, each case in its own child process after a warm-up (benchmarks/engine_case.py). Run to run, "
+            "these ratios move by up to ~5% on this shared machine (two full runs: cnn K = 50 fast/passes 1.02 "
+            "and 1.08).\n")
     if growth:
         text += "\nPeak memory growth with K:\n\n" + caption(run) + "\n\n" + table(
             ["model", "mode", "peak MB", "peak MB", "growth"], growth) + "\n"
@@ -263,8 +265,10 @@ def e2e_section(run) -> str:
     return ("## 4. End-to-end: protect() on the demo task\n\n" + caption(run) + "\n\n" +
             "fashion_mnist -> mnist, cnn_small, the demo's ProtectConfig (3 strategies taking turns, an original-test "
             "evaluation every 10 iterations), no accuracy floor, no checkpoints.\n\n" + table(
-                ["mode", "iterations", "K", "protect() wall-clock s", "s / iteration", "speed-up vs reference",
-                 "peak MB (same run, child process)"], rows) + "\n")
+                ["mode", "iterations", "K", "protect() s (timer in caption)", "s / iteration", "speed-up vs reference",
+                 "peak MB (same run, child process)"], rows) +
+            "\n\nThe demo's peak memory is set by its original-test evaluation (batches of 1000 images), not by "
+            "the K = 20 trajectories, so both modes peak alike here.\n")
 
 
 def scaling_section(run) -> str:
