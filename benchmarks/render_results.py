@@ -178,9 +178,8 @@ def engine_section(run) -> str:
             "\n\nt_model_passes: the same forward+backward passes (K x (support 130 + query 20) + one NTR 150) "
             "run bare in the same process; a mode's time is one protect() call of one outer iteration minus a "
             "protect() call of zero iterations (its setup, last column). Peak MB: RSS high-water above the "
-            "baseline, each case in its own child process after a warm-up (benchmarks/engine_case.py). Run to run, "
-            "these ratios move by up to ~5% on this shared machine (two full runs: cnn K = 50 fast/passes 1.02 "
-            "and 1.08).\n")
+            "baseline, each case in its own child process after a warm-up (benchmarks/engine_case.py). On a shared "
+            "machine, compare ratios across runs only beyond a few percent (rounds are in the JSON).\n")
     if growth:
         text += "\nPeak memory growth with K:\n\n" + caption(run) + "\n\n" + table(
             ["model", "mode", "peak MB", "peak MB", "growth"], growth) + "\n"
