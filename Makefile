@@ -21,4 +21,6 @@ test: setup
 	$(PY) -m pytest benchmarks -q --benchmark-disable
 
 bench: setup
-	$(PY) -m pytest benchmarks -q --benchmark-json=benchmarks/results/latest.json
+	SOPHON_BENCH_THREADS=1 $(PY) -m pytest benchmarks -q --benchmark-timer=time.process_time \
+		--benchmark-json=benchmarks/results/latest.json
+	$(PY) benchmarks/render_results.py
