@@ -20,7 +20,6 @@ if not torch.cuda.is_available():
 
 import sophon_fast  # noqa: E402
 from sophon_fast import _backend  # noqa: E402
-from sophon_fast import functional as F  # noqa: E402
 from sophon_fast.reference import losses as R  # noqa: E402
 from sophon_fast.reference.inner_step import inner_step_ as ref_inner_step  # noqa: E402
 
@@ -131,22 +130,7 @@ def test_ignore_index_rows():
     assert (loss[::2] == 0).all() and (grad[::2] == 0).all()
 
 
-OPS = {
-    "ice": lambda z, y: F.inverse_cross_entropy(z, y),
-    "ice_reference_code": lambda z, y: F.inverse_cross_entropy(z, y, variant="reference_code"),
-    "klu": lambda z, y: F.kl_uniform(z),
-    "neg_entropy": lambda z, y: F.neg_entropy(z),
-    "ce": lambda z, y: F.cross_entropy(z, y, reduction="sum"),
-    "fused": lambda z, y: F.fused_loss(z, y, ce=0.5, ice=1.0, klu=0.25, negent=2.0, reduction="none").sum(),
-}
-
-
-def _value_and_grad(backend, fn, logits, y):
-    z = logits.detach().clone().requires_grad_(True)
-    with sophon_fast.use_backend(backend):
-        out = fn(z, y)
-        out.backward()
-    return out.detach(), z.grad
+from op_cases import OPS, value_and_grad  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -154,9 +138,9 @@ def _value_and_grad(backend, fn, logits, y):
 def test_functional_cuda_backend(name, dtype):
     logits, y = make(64, 3000, dtype=dtype, seed=7)
     fn = OPS[name]
-    val, grad = _value_and_grad("cuda", fn, logits, y)
-    val_r, grad_r = _value_and_grad("reference", fn, logits, y)
-    val_g, grad_g = _value_and_grad("reference", fn, logits.double(), y)
+    val, grad = value_and_grad("cuda", fn, logits, y)
+    val_r, grad_r = value_and_grad("reference", fn, logits, y)
+    val_g, grad_g = value_and_grad("reference", fn, logits.double(), y)
     assert_parity(val, val_r, val_g, f"{name} value")
     assert_parity(grad, grad_r, grad_g, f"{name} grad")
 

@@ -23,7 +23,6 @@ if not INTERPRET and not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 import sophon_fast  # noqa: E402
-from sophon_fast import functional as F  # noqa: E402
 from sophon_fast import kernels as K  # noqa: E402
 from sophon_fast.reference import losses as R  # noqa: E402
 from sophon_fast.reference.inner_step import inner_step_ as ref_inner_step  # noqa: E402
@@ -220,22 +219,7 @@ def test_inner_step_errors():
 # ------------------------------------------------------------------------------------------------
 # Op level: the public functions with the Triton backend against the reference backend
 # ------------------------------------------------------------------------------------------------
-OPS = {
-    "ice": lambda z, y: F.inverse_cross_entropy(z, y),
-    "ice_reference_code": lambda z, y: F.inverse_cross_entropy(z, y, variant="reference_code"),
-    "klu": lambda z, y: F.kl_uniform(z),
-    "neg_entropy": lambda z, y: F.neg_entropy(z),
-    "ce": lambda z, y: F.cross_entropy(z, y, reduction="sum"),
-    "fused": lambda z, y: F.fused_loss(z, y, ce=0.5, ice=1.0, klu=0.25, negent=2.0, reduction="none").sum(),
-}
-
-
-def _value_and_grad(backend, fn, logits, y):
-    z = logits.detach().clone().requires_grad_(True)
-    with sophon_fast.use_backend(backend):
-        out = fn(z, y)
-        out.backward()
-    return out.detach(), z.grad
+from op_cases import OPS, value_and_grad  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -243,9 +227,9 @@ def _value_and_grad(backend, fn, logits, y):
 def test_functional_triton_backend(name, dtype):
     logits, y = make(11, 300, dtype=dtype, seed=7)
     fn = OPS[name]
-    val, grad = _value_and_grad("triton", fn, logits, y)
-    val_r, grad_r = _value_and_grad("reference", fn, logits, y)
-    val_g, grad_g = _value_and_grad("reference", fn, logits.double(), y)
+    val, grad = value_and_grad("triton", fn, logits, y)
+    val_r, grad_r = value_and_grad("reference", fn, logits, y)
+    val_g, grad_g = value_and_grad("reference", fn, logits.double(), y)
     assert_parity(val, val_r, val_g, f"{name} value")
     assert_parity(grad, grad_r, grad_g, f"{name} grad")
 
