@@ -21,6 +21,7 @@ from sophon_fast.attacks import head_start_removed, overhead, run, scratch, suit
 from sophon_fast.attacks import accuracy
 from sophon_fast.demo import pretrain
 from sophon_fast.engine import ProtectConfig, protect
+from sophon_fast.engine.loop import _head_preacts
 from sophon_fast.io import load_model, save_model
 
 ROOT = "runs/exp"
@@ -38,6 +39,20 @@ def attack_set(name, scale):
                                        name=a.name if a.name == "paper" else None) for a in attacks]
         attacks = [dataclasses.replace(a, name=f"paper-ep{a.epochs}") if a.name == "paper" else a for a in attacks]
     return attacks
+
+
+@torch.no_grad()
+def dead_stats(model, dataset, n=2000):
+    """How switched off the head's input ReLUs are: the fraction of inputs whose every unit is <= 0,
+    and of (input, unit) pairs <= 0. Dead units pass no gradient to anything below the head."""
+    x = sfdata.as_tensors(dataset)[0][:n]
+    was = model.training
+    model.eval()
+    try:
+        z = _head_preacts(model, model.head, x)
+    finally:
+        model.train(was)
+    return {"inputs_all_off": float((z.max(1).values <= 0).float().mean()), "units_off": float((z <= 0).float().mean())}
 
 
 def main():
@@ -77,7 +92,12 @@ def main():
         prot = res.model
         out = {"name": a.name, "seed": seed, "pair": a.pair, "arch": a.arch, "config": json.loads(a.config),
                "original_acc": {"unprotected": accuracy(unprot, o_te), "protected": accuracy(prot, o_te)},
-               "protect_seconds": t_protect, "stop_reason": res.stop_reason, "attacks": []}
+               "protect_seconds": t_protect, "stop_reason": res.stop_reason, "attacks": [],
+               "dead": {k: dead_stats(prot, d) for k, d in (("restricted_train", r_tr), ("restricted_test", r_te),
+                                                           ("original_test", o_te))}}
+        print(f"[{a.name} s{seed}] dead head-input units (all units off / unit-input pairs off): "
+              + ", ".join(f"{k} {v['inputs_all_off']:.3f}/{v['units_off']:.3f}" for k, v in out["dead"].items()),
+              flush=True)
         print(f"[{a.name} s{seed}] original {100*out['original_acc']['unprotected']:.1f}% -> "
               f"{100*out['original_acc']['protected']:.1f}%  protect {t_protect:.0f}s  {res.stop_reason}", flush=True)
         base = scratch(prot, seed)

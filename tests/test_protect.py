@@ -80,8 +80,8 @@ def test_three_iterations_parity(builder, loss, inner):
     assert rel(out["fast"], out["reference"]) <= 1e-9
 
 
-@pytest.mark.parametrize("builder", [mlp, cnn_bn])
-@pytest.mark.parametrize("feature_loss", ["collapse", "energy"])
+@pytest.mark.parametrize("builder,feature_loss", [(mlp, "collapse"), (mlp, "energy"), (cnn_bn, "collapse"),
+                                                  (cnn_bn, "energy"), (cnn_bn, "margin")])
 def test_parity_strategy_mixture_two_domains_sgd_outer(builder, feature_loss):
     strats = [sf.Strategy("sgd", lr=1e-2, batch_size=24, query_size=8),
               sf.Strategy("adam", lr=1e-3, batch_size=20, query_size=5, reinit_head=True, steps=2, warmup_steps=3),
@@ -206,3 +206,45 @@ def test_reference_defaults():
     assert (s.optimizer, s.lr, s.batch_size, s.query_size, ice.inner_steps, ice.clip_norm) == \
         ("sgd", 1e-4, 150, 20, 50, 0.5)
     assert sf.ProtectConfig.from_dict(ice.to_dict()) == ice
+
+
+def test_head_preacts_is_the_relu_input_and_leaves_the_model_unchanged():
+    from sophon_fast.engine.loop import _head_preacts
+    from sophon_fast.models import build
+    model = build("cnn_small", seed=0).double()   # in-place ReLUs
+    x = torch.randn(6, 1, 28, 28, dtype=torch.float64)
+    want = model.features[:-1](x)                        # up to the Linear before the last ReLU
+    out_before = model(x)
+    z = _head_preacts(model, model.head, x)
+    assert torch.equal(z, want) and (z < 0).any()
+    assert torch.equal(model(x), out_before)
+    with pytest.raises(ValueError, match="nn.ReLU"):
+        _head_preacts(mlp().double(), mlp().double()[-1], torch.randn(2, 20, dtype=torch.float64))
+
+
+def test_margin_feature_loss_switches_restricted_units_off():
+    """feature_loss="margin" (with a negligible inner step and no NTR) drives the restricted pre-activations below
+    -margin, and the hinge it reports falls."""
+    from sophon_fast.engine.loop import _head_preacts
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 5)).double()
+    xr, yr = data((20,), seed=2)
+    res = sf.protect(model, data((20,), seed=1), (xr, yr), iterations=60, inner_steps=1, progress=False,
+                     feature_loss="margin", feature_weight=1.0, feature_margin=0.5, ntr_steps=0, alpha=1e2,
+                     strategies=[sf.Strategy("sgd", lr=1e-6, batch_size=24, query_size=8)])
+    with torch.no_grad():
+        before, after = _head_preacts(model, model[-1], xr), _head_preacts(res.model, res.model[-1], xr)
+    assert (before > 0).float().mean() > 0.3
+    assert (after <= 0).float().mean() > 0.95 and after.mean() < -0.4
+    hinge = [r["feature_loss"] for r in res.history]
+    assert hinge[-1] < 0.1 * hinge[0]
+
+
+def test_margin_config_errors():
+    with pytest.raises(ValueError, match="feature_margin"):
+        sf.ProtectConfig(feature_margin=-1.0)
+    with pytest.raises(ValueError, match="feature_loss"):
+        sf.ProtectConfig(feature_loss="dead")
+    with pytest.raises(ValueError, match="nn.ReLU"):
+        sf.protect(mlp().double(), data((20,), seed=1), data((20,), seed=2), iterations=1, inner_steps=1,
+                   progress=False, feature_loss="margin", feature_weight=1.0)

@@ -80,7 +80,9 @@ class ProtectConfig:
     restricted_sampling: str = "each"      # several restricted domains: "each" | "random"
     step_weighting: str = "uniform"        # "uniform" (reference) | "linear" (late steps weigh more)
     feature_weight: float = 0.0            # + weight * a restricted-feature loss on the head's input (at theta)
-    feature_loss: str = "collapse"         # "collapse": spread / size; "energy": size relative to original's
+    feature_loss: str = "collapse"         # "collapse": spread / size; "energy": size relative to original's;
+                                           # "margin": hinge keeping the head-input ReLUs off by feature_margin
+    feature_margin: float = 1.0            # "margin" only: how far below 0 the pre-activations are pushed
     ntr_steps: Optional[int] = None        # ICE 1, KLU/neg_entropy 5
     ntr_batch_size: int = 150
     clip_norm: Optional[float] = 0.5
@@ -134,8 +136,10 @@ class ProtectConfig:
             raise ValueError("ProtectConfig.restricted_sampling must be 'each' or 'random'")
         if self.step_weighting not in ("uniform", "linear"):
             raise ValueError("ProtectConfig.step_weighting must be 'uniform' or 'linear'")
-        if self.feature_loss not in ("collapse", "energy"):
-            raise ValueError("ProtectConfig.feature_loss must be 'collapse' or 'energy'")
+        if self.feature_loss not in ("collapse", "energy", "margin"):
+            raise ValueError("ProtectConfig.feature_loss must be 'collapse', 'energy' or 'margin'")
+        if not self.feature_margin >= 0:
+            raise ValueError("ProtectConfig.feature_margin must be >= 0")
         if self.feature_weight < 0:
             raise ValueError("ProtectConfig.feature_weight must be >= 0")
         if self.clip_norm is not None and not self.clip_norm > 0:

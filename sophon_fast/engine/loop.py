@@ -136,14 +136,49 @@ def _head_inputs(model: nn.Module, head: nn.Linear, x: torch.Tensor) -> torch.Te
     return feats[0].flatten(1)
 
 
-def _feature_loss(kind: str, model: nn.Module, head: nn.Linear, x_r: torch.Tensor, x_o: torch.Tensor):
+def _head_preacts(model: nn.Module, head: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The input of the last ``nn.ReLU`` module that runs before ``head`` (the features' pre-activation).
+
+    The ReLU gets a clone (it may be in place) so the pre-activation stays intact for the loss.
+    """
+    relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
+    if not relus:
+        raise ValueError("protect: feature_loss='margin' needs the head's input to come from an nn.ReLU module")
+    seen, at_head = [], []
+
+    def grab(mod, args):
+        seen.append(args[0])
+        return (args[0].clone(),)
+
+    hooks = [m.register_forward_pre_hook(grab) for m in relus]
+    hooks.append(head.register_forward_pre_hook(lambda mod, args: at_head.append(len(seen))))
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    if not at_head or at_head[0] == 0:
+        raise ValueError("protect: feature_loss='margin' found no nn.ReLU before the head")
+    return seen[at_head[0] - 1].flatten(1)
+
+
+def _feature_loss(kind: str, model: nn.Module, head: nn.Linear, x_r: torch.Tensor, x_o: torch.Tensor,
+                  margin: float = 1.0):
     """Restricted-domain feature suppression on the head's input h (both in [0, ~1]).
 
     collapse: spread of h over a restricted batch relative to its size; 0 when every restricted
               input maps to one feature vector, so no head can tell them apart.
     energy:   mean |h(x_r)|^2 relative to the original batch's (held constant); 0 when restricted
               inputs switch the (ReLU) features off, which also blocks fine-tuning gradients.
+    margin:   hinge on the pre-activation z of the ReLU feeding the head, sum_j relu(z_j(x_r) + margin)
+              averaged over the batch; 0 when every feature unit is off by at least ``margin`` for the
+              restricted inputs. Dead units pass exactly zero gradient to everything below the head,
+              so no gradient optimiser (Adam included) can move them; the margin keeps them dead
+              while the attacker's head-bias updates and weight decay act.
     """
+    if kind == "margin":
+        z = _head_preacts(model, head, x_r)
+        return torch.relu(z + margin).sum(1).mean()
     h = _head_inputs(model, head, x_r)
     if kind == "collapse":
         centred = h - h.mean(0, keepdim=True)
@@ -264,7 +299,8 @@ def protect(model: nn.Module, original, restricted, config: Optional[ProtectConf
                 x_r = plan[0][1].next(plan[0][0].batch_size)[0]
                 x_o = o_stream.next(cfg.ntr_batch_size)[0] if cfg.feature_loss == "energy" else None
                 rec["feature_loss"] = float(mode.meta_backward(
-                    lambda: cfg.feature_weight * _feature_loss(cfg.feature_loss, model, head, x_r, x_o)))
+                    lambda: cfg.feature_weight * _feature_loss(cfg.feature_loss, model, head, x_r, x_o,
+                                                              cfg.feature_margin)))
             params = mode.use_meta_grad()
             if cfg.clip_norm is not None:
                 gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
