@@ -100,6 +100,7 @@ def main():
               flush=True)
         print(f"[{a.name} s{seed}] original {100*out['original_acc']['unprotected']:.1f}% -> "
               f"{100*out['original_acc']['protected']:.1f}%  protect {t_protect:.0f}s  {res.stop_reason}", flush=True)
+        save_model(prot, f"{ROOT}/{a.name}/model_s{seed}.safetensors")
         base = scratch(prot, seed)
         for atk in attacks:
             key = f"{atk.name}"

@@ -95,7 +95,8 @@ def test_parity_strategy_mixture_two_domains_sgd_outer(builder, feature_loss):
                          progress=False, loss="klu", iterations=3, inner_steps=3, strategies=strats,
                          trajectories=2, strategy_sampling="random", fts_optimizer="sgd", alpha=100,
                          clip_norm=None, step_weighting="linear", feature_weight=0.5,
-                         feature_loss=feature_loss)
+                         feature_loss=feature_loss, feature_decay=0.3 if feature_loss == "margin" else 0.0,
+                         feature_decay_samples=2)
         out[mode] = flat(res.model)
     assert rel(out["fast"], out["reference"]) <= 1e-9
 
@@ -243,8 +244,33 @@ def test_margin_feature_loss_switches_restricted_units_off():
 def test_margin_config_errors():
     with pytest.raises(ValueError, match="feature_margin"):
         sf.ProtectConfig(feature_margin=-1.0)
+    with pytest.raises(ValueError, match="feature_decay"):
+        sf.ProtectConfig(feature_decay=-0.1)
+    with pytest.raises(ValueError, match="feature_decay"):
+        sf.ProtectConfig(feature_decay_samples=0)
     with pytest.raises(ValueError, match="feature_loss"):
         sf.ProtectConfig(feature_loss="dead")
     with pytest.raises(ValueError, match="nn.ReLU"):
         sf.protect(mlp().double(), data((20,), seed=1), data((20,), seed=2), iterations=1, inner_steps=1,
                    progress=False, feature_loss="margin", feature_weight=1.0)
+
+
+def test_margin_decay_hinge_is_taken_at_soft_thresholded_body_weights():
+    """decays=[s]: the hinge is averaged with the one at body weights moved s towards 0 (head untouched)."""
+    from sophon_fast.engine.loop import _feature_loss, _head_preacts, _soft_threshold
+    from sophon_fast.models import build
+    model = build("cnn_small", seed=0).double()
+    x = torch.randn(4, 1, 28, 28, dtype=torch.float64)
+    assert torch.allclose(_soft_threshold(torch.tensor([-0.5, -0.1, 0.0, 0.2, 0.7]), 0.3),
+                       torch.tensor([-0.2, 0.0, 0.0, 0.0, 0.4]))
+    s = 0.01
+    shrunk = build("cnn_small", seed=0).double()
+    with torch.no_grad():
+        for n, p in shrunk.named_parameters():
+            if not n.startswith("head."):
+                p.copy_(_soft_threshold(p, s))
+    hinge = lambda m: torch.relu(_head_preacts(m, m.head, x) + 1.0).sum(1).mean()
+    got = _feature_loss("margin", model, model.head, x, None, 1.0, [s])
+    assert torch.allclose(got, (hinge(model) + hinge(shrunk)) / 2, rtol=1e-12)
+    got.backward()
+    assert model.head.weight.grad is None and model.features[0].weight.grad.abs().sum() > 0

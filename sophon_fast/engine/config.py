@@ -83,6 +83,9 @@ class ProtectConfig:
     feature_loss: str = "collapse"         # "collapse": spread / size; "energy": size relative to original's;
                                            # "margin": hinge keeping the head-input ReLUs off by feature_margin
     feature_margin: float = 1.0            # "margin" only: how far below 0 the pre-activations are pushed
+    feature_decay: float = 0.0             # "margin" only: also hinge at body weights soft-thresholded by
+    feature_decay_samples: int = 1         #   s ~ U(0, feature_decay), this many s per iteration (the path of
+                                           #   Adam/RMSprop with L2 weight decay on dead units)
     ntr_steps: Optional[int] = None        # ICE 1, KLU/neg_entropy 5
     ntr_batch_size: int = 150
     clip_norm: Optional[float] = 0.5
@@ -140,6 +143,8 @@ class ProtectConfig:
             raise ValueError("ProtectConfig.feature_loss must be 'collapse', 'energy' or 'margin'")
         if not self.feature_margin >= 0:
             raise ValueError("ProtectConfig.feature_margin must be >= 0")
+        if not self.feature_decay >= 0 or self.feature_decay_samples < 1:
+            raise ValueError("ProtectConfig.feature_decay must be >= 0 and feature_decay_samples >= 1")
         if self.feature_weight < 0:
             raise ValueError("ProtectConfig.feature_weight must be >= 0")
         if self.clip_norm is not None and not self.clip_norm > 0:

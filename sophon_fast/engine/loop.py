@@ -136,10 +136,11 @@ def _head_inputs(model: nn.Module, head: nn.Linear, x: torch.Tensor) -> torch.Te
     return feats[0].flatten(1)
 
 
-def _head_preacts(model: nn.Module, head: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def _head_preacts(model: nn.Module, head: nn.Linear, x: torch.Tensor, params=None) -> torch.Tensor:
     """The input of the last ``nn.ReLU`` module that runs before ``head`` (the features' pre-activation).
 
     The ReLU gets a clone (it may be in place) so the pre-activation stays intact for the loss.
+    ``params``: a {name: tensor} replacement for some parameters (``torch.func.functional_call``).
     """
     relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
     if not relus:
@@ -153,7 +154,7 @@ def _head_preacts(model: nn.Module, head: nn.Linear, x: torch.Tensor) -> torch.T
     hooks = [m.register_forward_pre_hook(grab) for m in relus]
     hooks.append(head.register_forward_pre_hook(lambda mod, args: at_head.append(len(seen))))
     try:
-        model(x)
+        model(x) if params is None else torch.func.functional_call(model, params, (x,))
     finally:
         for h in hooks:
             h.remove()
@@ -162,8 +163,12 @@ def _head_preacts(model: nn.Module, head: nn.Linear, x: torch.Tensor) -> torch.T
     return seen[at_head[0] - 1].flatten(1)
 
 
+def _soft_threshold(p: torch.Tensor, s: float) -> torch.Tensor:
+    return torch.sign(p) * torch.relu(p.abs() - s)
+
+
 def _feature_loss(kind: str, model: nn.Module, head: nn.Linear, x_r: torch.Tensor, x_o: torch.Tensor,
-                  margin: float = 1.0):
+                  margin: float = 1.0, decays=()):
     """Restricted-domain feature suppression on the head's input h (both in [0, ~1]).
 
     collapse: spread of h over a restricted batch relative to its size; 0 when every restricted
@@ -174,11 +179,21 @@ def _feature_loss(kind: str, model: nn.Module, head: nn.Linear, x_r: torch.Tenso
               averaged over the batch; 0 when every feature unit is off by at least ``margin`` for the
               restricted inputs. Dead units pass exactly zero gradient to everything below the head,
               so no gradient optimiser (Adam included) can move them; the margin keeps them dead
-              while the attacker's head-bias updates and weight decay act.
+              while the attacker's head-bias updates act. ``decays``: the hinge is also taken (and
+              averaged) at the body's parameters soft-thresholded by each s in ``decays``: the path that
+              Adam/RMSprop with coupled (L2) weight decay take while no data gradient flows (every
+              weight moves lr towards 0 per step), so the units stay off along the attacker's decay.
     """
     if kind == "margin":
-        z = _head_preacts(model, head, x_r)
-        return torch.relu(z + margin).sum(1).mean()
+        loss = torch.relu(_head_preacts(model, head, x_r) + margin).sum(1).mean()
+        if decays:
+            head_ids = {id(p) for p in head.parameters()}
+            named = [(n, p) for n, p in model.named_parameters() if id(p) not in head_ids]
+            for s_ in decays:
+                z = _head_preacts(model, head, x_r, {n: _soft_threshold(p, s_) for n, p in named})
+                loss = loss + torch.relu(z + margin).sum(1).mean()
+            loss = loss / (1 + len(decays))
+        return loss
     h = _head_inputs(model, head, x_r)
     if kind == "collapse":
         centred = h - h.mean(0, keepdim=True)
@@ -298,9 +313,11 @@ def protect(model: nn.Module, original, restricted, config: Optional[ProtectConf
             if cfg.feature_weight:
                 x_r = plan[0][1].next(plan[0][0].batch_size)[0]
                 x_o = o_stream.next(cfg.ntr_batch_size)[0] if cfg.feature_loss == "energy" else None
+                decays = [cfg.feature_decay * float(u) for u in torch.rand(cfg.feature_decay_samples, generator=gen)
+                          ] if cfg.feature_loss == "margin" and cfg.feature_decay > 0 else []
                 rec["feature_loss"] = float(mode.meta_backward(
                     lambda: cfg.feature_weight * _feature_loss(cfg.feature_loss, model, head, x_r, x_o,
-                                                              cfg.feature_margin)))
+                                                              cfg.feature_margin, decays)))
             params = mode.use_meta_grad()
             if cfg.clip_norm is not None:
                 gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
