@@ -96,7 +96,7 @@ def test_parity_strategy_mixture_two_domains_sgd_outer(builder, feature_loss):
                          trajectories=2, strategy_sampling="random", fts_optimizer="sgd", alpha=100,
                          clip_norm=None, step_weighting="linear", feature_weight=0.5,
                          feature_loss=feature_loss, feature_decay=0.3 if feature_loss == "margin" else 0.0,
-                         feature_decay_samples=2)
+                         feature_decay_samples=2, feature_inner_weight=0.3 if feature_loss == "margin" else 0.0)
         out[mode] = flat(res.model)
     assert rel(out["fast"], out["reference"]) <= 1e-9
 
@@ -274,3 +274,16 @@ def test_margin_decay_hinge_is_taken_at_soft_thresholded_body_weights():
     assert torch.allclose(got, (hinge(model) + hinge(shrunk)) / 2, rtol=1e-12)
     got.backward()
     assert model.head.weight.grad is None and model.features[0].weight.grad.abs().sum() > 0
+
+
+def test_feature_inner_weight_adds_the_hinge_to_every_query_loss():
+    """With a zero inner learning rate theta'_k = theta, so each recorded query loss grows by exactly
+    weight * hinge(theta) of its batch: the FTS loss rises and the weights move differently."""
+    kw = dict(iterations=1, inner_steps=2, ntr_steps=0, progress=False, loss="klu",
+              strategies=[sf.Strategy("sgd", lr=1e-12, batch_size=24, query_size=8)])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 5)).double()
+    base = sf.protect(model, data((20,), seed=1), data((20,), seed=2), **kw)
+    extra = sf.protect(model, data((20,), seed=1), data((20,), seed=2), feature_inner_weight=2.0, **kw)
+    assert extra.history[0]["fts_loss"] > base.history[0]["fts_loss"] + 0.1
+    assert not torch.equal(flat(extra.model), flat(base.model))

@@ -86,6 +86,8 @@ class ProtectConfig:
     feature_decay: float = 0.0             # "margin" only: also hinge at body weights soft-thresholded by
     feature_decay_samples: int = 1         #   s ~ U(0, feature_decay), this many s per iteration (the path of
                                            #   Adam/RMSprop with L2 weight decay on dead units)
+    feature_inner_weight: float = 0.0      # + this weight * the margin hinge on every query batch at theta'_k
+                                           #   (inside the simulated fine-tuning; uses feature_margin)
     ntr_steps: Optional[int] = None        # ICE 1, KLU/neg_entropy 5
     ntr_batch_size: int = 150
     clip_norm: Optional[float] = 0.5
@@ -143,6 +145,8 @@ class ProtectConfig:
             raise ValueError("ProtectConfig.feature_loss must be 'collapse', 'energy' or 'margin'")
         if not self.feature_margin >= 0:
             raise ValueError("ProtectConfig.feature_margin must be >= 0")
+        if not self.feature_inner_weight >= 0:
+            raise ValueError("ProtectConfig.feature_inner_weight must be >= 0")
         if not self.feature_decay >= 0 or self.feature_decay_samples < 1:
             raise ValueError("ProtectConfig.feature_decay must be >= 0 and feature_decay_samples >= 1")
         if self.feature_weight < 0:

@@ -136,11 +136,11 @@ def _head_inputs(model: nn.Module, head: nn.Linear, x: torch.Tensor) -> torch.Te
     return feats[0].flatten(1)
 
 
-def _head_preacts(model: nn.Module, head: nn.Linear, x: torch.Tensor, params=None) -> torch.Tensor:
-    """The input of the last ``nn.ReLU`` module that runs before ``head`` (the features' pre-activation).
+def _run_with_preacts(model: nn.Module, head: nn.Linear, call):
+    """``call()`` (one forward of ``model``) with the input of the last ``nn.ReLU`` module that runs
+    before ``head`` captured: returns (output, pre-activation flattened to (N, -1)).
 
-    The ReLU gets a clone (it may be in place) so the pre-activation stays intact for the loss.
-    ``params``: a {name: tensor} replacement for some parameters (``torch.func.functional_call``).
+    The ReLU gets a clone (it may be in place) so the pre-activation stays intact for a loss.
     """
     relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
     if not relus:
@@ -154,13 +154,24 @@ def _head_preacts(model: nn.Module, head: nn.Linear, x: torch.Tensor, params=Non
     hooks = [m.register_forward_pre_hook(grab) for m in relus]
     hooks.append(head.register_forward_pre_hook(lambda mod, args: at_head.append(len(seen))))
     try:
-        model(x) if params is None else torch.func.functional_call(model, params, (x,))
+        out = call()
     finally:
         for h in hooks:
             h.remove()
     if not at_head or at_head[0] == 0:
         raise ValueError("protect: feature_loss='margin' found no nn.ReLU before the head")
-    return seen[at_head[0] - 1].flatten(1)
+    return out, seen[at_head[0] - 1].flatten(1)
+
+
+def _head_preacts(model: nn.Module, head: nn.Linear, x: torch.Tensor, params=None) -> torch.Tensor:
+    """The pre-activation of the ReLU feeding ``head`` for inputs ``x``; ``params``: a {name: tensor}
+    replacement for some parameters (``torch.func.functional_call``)."""
+    call = (lambda: model(x)) if params is None else (lambda: torch.func.functional_call(model, params, (x,)))
+    return _run_with_preacts(model, head, call)[1]
+
+
+def _margin_hinge(z: torch.Tensor, margin: float) -> torch.Tensor:
+    return torch.relu(z + margin).sum(1).mean()
 
 
 def _soft_threshold(p: torch.Tensor, s: float) -> torch.Tensor:
@@ -185,13 +196,13 @@ def _feature_loss(kind: str, model: nn.Module, head: nn.Linear, x_r: torch.Tenso
               weight moves lr towards 0 per step), so the units stay off along the attacker's decay.
     """
     if kind == "margin":
-        loss = torch.relu(_head_preacts(model, head, x_r) + margin).sum(1).mean()
+        loss = _margin_hinge(_head_preacts(model, head, x_r), margin)
         if decays:
             head_ids = {id(p) for p in head.parameters()}
             named = [(n, p) for n, p in model.named_parameters() if id(p) not in head_ids]
             for s_ in decays:
                 z = _head_preacts(model, head, x_r, {n: _soft_threshold(p, s_) for n, p in named})
-                loss = loss + torch.relu(z + margin).sum(1).mean()
+                loss = loss + _margin_hinge(z, margin)
             loss = loss / (1 + len(decays))
         return loss
     h = _head_inputs(model, head, x_r)
@@ -286,6 +297,13 @@ def protect(model: nn.Module, original, restricted, config: Optional[ProtectConf
             return x[:-q], y[:-q], x[-q:], y[-q:]
         return next_batch
 
+    query_extra = None
+    if cfg.feature_inner_weight:
+        # the margin hinge at every simulated attacker step theta'_k, from the query batch's own forward
+        def query_extra(forward, xq):
+            out, z = _run_with_preacts(model, head, lambda: forward(xq))
+            return out, cfg.feature_inner_weight * _margin_hinge(z, cfg.feature_margin)
+
     bar = _progress(cfg, cfg.iterations, start)
     try:
         for it in range(start, cfg.iterations):
@@ -308,7 +326,8 @@ def protect(model: nn.Module, original, restricted, config: Optional[ProtectConf
             norm = float(sum(map(sum, raw)))
             fts = []
             for (strat, stream), w in zip(plan, raw):
-                fts.append(mode.trajectory(strat, next_batch_for(stream), cfg.loss, [v / norm for v in w], gen))
+                fts.append(mode.trajectory(strat, next_batch_for(stream), cfg.loss, [v / norm for v in w], gen,
+                                           query_extra))
             fts = torch.cat(fts)
             if cfg.feature_weight:
                 x_r = plan[0][1].next(plan[0][0].batch_size)[0]

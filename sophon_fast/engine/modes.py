@@ -70,6 +70,15 @@ class _BufferSnapshot:
             b.copy_(s)
 
 
+def _query_loss(forward, xq, yq, loss_name: str, query_extra=None) -> torch.Tensor:
+    """The suppression loss of one query batch at the current inner weights; ``query_extra(forward, xq)``
+    (optional) returns the logits and an extra loss from the same forward pass (added)."""
+    if query_extra is None:
+        return suppression_loss(loss_name, forward(xq), yq)
+    logits, extra = query_extra(forward, xq)
+    return suppression_loss(loss_name, logits, yq) + extra
+
+
 class ReferenceMode:
     """The reference code's computation (learn2learn-style first-order MAML), kept readable."""
 
@@ -88,7 +97,8 @@ class ReferenceMode:
     def rewind(self) -> None:
         self.restore((self.start, self.bufs.saved))
 
-    def trajectory(self, strategy, next_batch: Callable, loss_name: str, weights, gen) -> torch.Tensor:
+    def trajectory(self, strategy, next_batch: Callable, loss_name: str, weights, gen,
+                   query_extra=None) -> torch.Tensor:
         fast = {self.names[id(p)]: p.clone() for p in self.optim_params}   # graph-connected clone
         if strategy.reinit_head:
             hw = self.names[id(self.head.weight)]
@@ -111,7 +121,7 @@ class ReferenceMode:
             fast = new
             if k < warm:
                 continue
-            lq = suppression_loss(loss_name, functional_call(self.model, fast, (xq,)), yq)
+            lq = _query_loss(lambda x: functional_call(self.model, fast, (x,)), xq, yq, loss_name, query_extra)
             total = total + weights[k - warm] * lq                              # K graphs stay alive
             losses.append(lq.detach())
         total.backward()
@@ -205,7 +215,8 @@ class FastMode:
     def rewind(self) -> None:
         self.restore((self.backup, self.bufs.saved))
 
-    def trajectory(self, strategy, next_batch: Callable, loss_name: str, weights, gen) -> torch.Tensor:
+    def trajectory(self, strategy, next_batch: Callable, loss_name: str, weights, gen,
+                   query_extra=None) -> torch.Tensor:
         kind = KINDS[strategy.optimizer]
         self._state_for(kind)
         if kind >= MOMENTUM:
@@ -226,7 +237,7 @@ class FastMode:
             if k < warm:
                 continue
             self._point_grads(self.acc_views)
-            lq = suppression_loss(loss_name, self.model(xq), yq)
+            lq = _query_loss(self.model, xq, yq, loss_name, query_extra)
             (lq * weights[k - warm]).backward()                                 # acc += w_k grad L_k
             losses.append(lq.detach())
         with torch.no_grad():
