@@ -1,4 +1,4 @@
-"""How does an attack leave the dead-unit trap? Step an attack by hand on a protected model and log,
+"""How does an attack leave the dead-unit trap? (docs/experiments.md, e12-e15) Step an attack by hand on a protected model and log,
 every few steps, the fraction of restricted training inputs with every head-input unit off, the
 largest pre-activation, the body's gradient norm and the restricted test accuracy.
 
@@ -10,7 +10,7 @@ import torch
 
 from sophon_fast import data as sfdata
 from sophon_fast.attacks import Attack
-from sophon_fast.engine.loop import _head_preacts
+from sophon_fast.engine.loop import _head_preacts, _soft_threshold
 from sophon_fast.io import load_model
 
 
@@ -24,6 +24,8 @@ def main():
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--every", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sweep", action="store_true",
+                    help="first print the all-off fraction along the soft-threshold path (body weights moved s towards 0)")
     ap.add_argument("--wd", type=float, default=1e-4, help="weight decay (the suite's attacks use 1e-4)")
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -31,6 +33,13 @@ def main():
     m = load_model(a.model)
     xtr, ytr = sfdata.as_tensors(sfdata.load(a.restricted, "train"))
     xte, yte = sfdata.as_tensors(sfdata.load(a.restricted, "test"))
+    if a.sweep:
+        named = [(n, p) for n, p in m.named_parameters() if not n.startswith("head.")]
+        with torch.no_grad():
+            for s_ in (0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.3, 1.0):
+                z = _head_preacts(m, m.head, xtr, {n: _soft_threshold(p, s_) for n, p in named})
+                print(f"soft-threshold s={s_:<6} all_off {float((z.max(1).values <= 0).float().mean()):.4f}"
+                      f"  max_z {float(z.max()):.2f}")
     if a.method == "reinit_head":
         m.head.reset_parameters()
     atk = Attack(method=a.method, optimizer=a.optimizer, lr=a.lr, batch_size=200, epochs=1, weight_decay=a.wd)
