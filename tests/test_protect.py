@@ -269,7 +269,7 @@ def test_margin_decay_hinge_is_taken_at_soft_thresholded_body_weights():
         for n, p in shrunk.named_parameters():
             if not n.startswith("head."):
                 p.copy_(_soft_threshold(p, s))
-    hinge = lambda m: torch.relu(_head_preacts(m, m.head, x) + 1.0).sum(1).mean()
+    hinge = lambda m: torch.relu(_head_preacts(m, m.head, x) + 1.0).sum(1).mean()  # noqa: E731
     got = _feature_loss("margin", model, model.head, x, None, 1.0, [s])
     assert torch.allclose(got, (hinge(model) + hinge(shrunk)) / 2, rtol=1e-12)
     got.backward()
@@ -287,3 +287,22 @@ def test_feature_inner_weight_adds_the_hinge_to_every_query_loss():
     extra = sf.protect(model, data((20,), seed=1), data((20,), seed=2), feature_inner_weight=2.0, **kw)
     assert extra.history[0]["fts_loss"] > base.history[0]["fts_loss"] + 0.1
     assert not torch.equal(flat(extra.model), flat(base.model))
+
+
+def test_feature_robust_margin_is_the_worst_case_of_a_sign_step_on_the_last_body_linear():
+    from sophon_fast.engine.loop import _margin_run
+    from sophon_fast.models import build
+    model = build("cnn_small", seed=0).double()
+    x = torch.randn(5, 1, 28, 28, dtype=torch.float64)
+    fc = model.features[7]
+    h = model.features[:7](x)
+    d = 0.003
+    _, hinge = _margin_run(model, model.head, lambda: model(x), 1.0, robust=d)
+    with torch.no_grad():                   # the worst step of size d on fc for every unit: +d*sign(h), +d
+        worst = fc(h) + d * (h.abs().sum(1, keepdim=True) + 1)
+        fc.weight.add_(d * torch.sign(h).mean(0, keepdim=True).sign())  # one common step: a lower bound
+    assert torch.allclose(hinge, torch.relu(worst + 1.0).sum(1).mean(), rtol=1e-12)
+    assert torch.all(fc(h) + 1e-9 <= worst)
+    with pytest.raises(ValueError, match="feature_robust"):
+        sf.protect(cnn_bn().double(), data((1, 8, 8), seed=1), data((1, 8, 8), seed=2), iterations=1,
+                   inner_steps=1, progress=False, feature_loss="margin", feature_weight=1.0, feature_robust=d)

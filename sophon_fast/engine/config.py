@@ -86,6 +86,8 @@ class ProtectConfig:
     feature_decay: float = 0.0             # "margin" only: also hinge at body weights soft-thresholded by
     feature_decay_samples: int = 1         #   s ~ U(0, feature_decay), this many s per iteration (the path of
                                            #   Adam/RMSprop with L2 weight decay on dead units)
+    feature_robust: float = 0.0            # margin hinge: also survive a change of this size in every weight of
+                                           #   the Linear producing the head's input (margin + robust*(|h|_1+1))
     feature_inner_weight: float = 0.0      # + this weight * the margin hinge on every query batch at theta'_k
                                            #   (inside the simulated fine-tuning; uses feature_margin)
     ntr_steps: Optional[int] = None        # ICE 1, KLU/neg_entropy 5
@@ -145,6 +147,8 @@ class ProtectConfig:
             raise ValueError("ProtectConfig.feature_loss must be 'collapse', 'energy' or 'margin'")
         if not self.feature_margin >= 0:
             raise ValueError("ProtectConfig.feature_margin must be >= 0")
+        if not self.feature_robust >= 0:
+            raise ValueError("ProtectConfig.feature_robust must be >= 0")
         if not self.feature_inner_weight >= 0:
             raise ValueError("ProtectConfig.feature_inner_weight must be >= 0")
         if not self.feature_decay >= 0 or self.feature_decay_samples < 1:

@@ -138,20 +138,23 @@ def _head_inputs(model: nn.Module, head: nn.Linear, x: torch.Tensor) -> torch.Te
 
 def _run_with_preacts(model: nn.Module, head: nn.Linear, call):
     """``call()`` (one forward of ``model``) with the input of the last ``nn.ReLU`` module that runs
-    before ``head`` captured: returns (output, pre-activation flattened to (N, -1)).
+    before ``head`` captured: returns (output, pre-activation z flattened to (N, -1), h) where h is the
+    input of the last ``nn.Linear`` that ran before that ReLU (the layer producing z), or None.
 
     The ReLU gets a clone (it may be in place) so the pre-activation stays intact for a loss.
     """
     relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
     if not relus:
         raise ValueError("protect: feature_loss='margin' needs the head's input to come from an nn.ReLU module")
-    seen, at_head = [], []
+    seen, lin_in, at_head = [], [], []
 
     def grab(mod, args):
-        seen.append(args[0])
+        seen.append((args[0], len(lin_in)))
         return (args[0].clone(),)
 
     hooks = [m.register_forward_pre_hook(grab) for m in relus]
+    hooks += [m.register_forward_pre_hook(lambda mod, args: lin_in.append(args[0]))
+              for m in model.modules() if isinstance(m, nn.Linear) and m is not head]
     hooks.append(head.register_forward_pre_hook(lambda mod, args: at_head.append(len(seen))))
     try:
         out = call()
@@ -160,7 +163,8 @@ def _run_with_preacts(model: nn.Module, head: nn.Linear, call):
             h.remove()
     if not at_head or at_head[0] == 0:
         raise ValueError("protect: feature_loss='margin' found no nn.ReLU before the head")
-    return out, seen[at_head[0] - 1].flatten(1)
+    z, n_lin = seen[at_head[0] - 1]
+    return out, z.flatten(1), (lin_in[n_lin - 1] if n_lin else None)
 
 
 def _head_preacts(model: nn.Module, head: nn.Linear, x: torch.Tensor, params=None) -> torch.Tensor:
@@ -170,8 +174,17 @@ def _head_preacts(model: nn.Module, head: nn.Linear, x: torch.Tensor, params=Non
     return _run_with_preacts(model, head, call)[1]
 
 
-def _margin_hinge(z: torch.Tensor, margin: float) -> torch.Tensor:
-    return torch.relu(z + margin).sum(1).mean()
+def _margin_run(model: nn.Module, head: nn.Linear, call, margin: float, robust: float = 0.0):
+    """(output of ``call()``, margin hinge sum_j relu(z_j + margin + robust * (|h|_1 + 1)) averaged over the
+    batch). ``robust`` > 0 asks the units to stay off under any change of at most ``robust`` in every weight
+    and bias of the Linear layer producing z (the worst case of one sign-like Adam step of that size)."""
+    out, z, h = _run_with_preacts(model, head, call)
+    shift = margin
+    if robust:
+        if h is None:
+            raise ValueError("protect: feature_robust needs an nn.Linear right before the ReLU feeding the head")
+        shift = margin + robust * (h.flatten(1).abs().sum(1, keepdim=True) + 1)
+    return out, torch.relu(z + shift).sum(1).mean()
 
 
 def _soft_threshold(p: torch.Tensor, s: float) -> torch.Tensor:
@@ -179,7 +192,7 @@ def _soft_threshold(p: torch.Tensor, s: float) -> torch.Tensor:
 
 
 def _feature_loss(kind: str, model: nn.Module, head: nn.Linear, x_r: torch.Tensor, x_o: torch.Tensor,
-                  margin: float = 1.0, decays=()):
+                  margin: float = 1.0, decays=(), robust: float = 0.0):
     """Restricted-domain feature suppression on the head's input h (both in [0, ~1]).
 
     collapse: spread of h over a restricted batch relative to its size; 0 when every restricted
@@ -196,13 +209,14 @@ def _feature_loss(kind: str, model: nn.Module, head: nn.Linear, x_r: torch.Tenso
               weight moves lr towards 0 per step), so the units stay off along the attacker's decay.
     """
     if kind == "margin":
-        loss = _margin_hinge(_head_preacts(model, head, x_r), margin)
+        loss = _margin_run(model, head, lambda: model(x_r), margin, robust)[1]
         if decays:
             head_ids = {id(p) for p in head.parameters()}
             named = [(n, p) for n, p in model.named_parameters() if id(p) not in head_ids]
             for s_ in decays:
-                z = _head_preacts(model, head, x_r, {n: _soft_threshold(p, s_) for n, p in named})
-                loss = loss + _margin_hinge(z, margin)
+                params = {n: _soft_threshold(p, s_) for n, p in named}
+                loss = loss + _margin_run(model, head, lambda: torch.func.functional_call(model, params, (x_r,)),
+                                          margin, robust)[1]
             loss = loss / (1 + len(decays))
         return loss
     h = _head_inputs(model, head, x_r)
@@ -301,8 +315,8 @@ def protect(model: nn.Module, original, restricted, config: Optional[ProtectConf
     if cfg.feature_inner_weight:
         # the margin hinge at every simulated attacker step theta'_k, from the query batch's own forward
         def query_extra(forward, xq):
-            out, z = _run_with_preacts(model, head, lambda: forward(xq))
-            return out, cfg.feature_inner_weight * _margin_hinge(z, cfg.feature_margin)
+            out, hinge = _margin_run(model, head, lambda: forward(xq), cfg.feature_margin, cfg.feature_robust)
+            return out, cfg.feature_inner_weight * hinge
 
     bar = _progress(cfg, cfg.iterations, start)
     try:
@@ -336,7 +350,7 @@ def protect(model: nn.Module, original, restricted, config: Optional[ProtectConf
                           ] if cfg.feature_loss == "margin" and cfg.feature_decay > 0 else []
                 rec["feature_loss"] = float(mode.meta_backward(
                     lambda: cfg.feature_weight * _feature_loss(cfg.feature_loss, model, head, x_r, x_o,
-                                                              cfg.feature_margin, decays)))
+                                                              cfg.feature_margin, decays, cfg.feature_robust)))
             params = mode.use_meta_grad()
             if cfg.clip_norm is not None:
                 gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
