@@ -306,3 +306,19 @@ def test_feature_robust_margin_is_the_worst_case_of_a_sign_step_on_the_last_body
     with pytest.raises(ValueError, match="feature_robust"):
         sf.protect(cnn_bn().double(), data((1, 8, 8), seed=1), data((1, 8, 8), seed=2), iterations=1,
                    inner_steps=1, progress=False, feature_loss="margin", feature_weight=1.0, feature_robust=d)
+
+
+def test_feature_decay_straight_through_pushes_decayed_weights():
+    """Exact soft-threshold: weights within s of 0 get no hinge gradient; straight-through: they do."""
+    from sophon_fast.engine.loop import _feature_loss
+    from sophon_fast.models import build
+    x = torch.randn(4, 1, 28, 28, dtype=torch.float64)
+    grads = {}
+    for st in (False, True):
+        model = build("cnn_small", seed=0).double()
+        with torch.no_grad():
+            model.features[7].bias.fill_(0.001)                # inside the dead zone of s = 0.5
+        _feature_loss("margin", model, model.head, x, None, 1.0, [0.5], straight_through=st).backward()
+        grads[st] = model.features[7].bias.grad.clone()
+    at_theta_only = grads[False]                               # only the hinge at theta reaches the bias
+    assert torch.all(grads[True] >= at_theta_only) and grads[True].sum() > at_theta_only.sum() + 1.0

@@ -86,6 +86,8 @@ class ProtectConfig:
     feature_decay: float = 0.0             # "margin" only: also hinge at body weights soft-thresholded by
     feature_decay_samples: int = 1         #   s ~ U(0, feature_decay), this many s per iteration (the path of
                                            #   Adam/RMSprop with L2 weight decay on dead units)
+    feature_decay_st: bool = False         #   straight-through gradient of the soft-threshold (else exact: 0
+                                           #   for weights already decayed to 0)
     feature_robust: float = 0.0            # margin hinge: also survive a change of this size in every weight of
                                            #   the Linear producing the head's input (margin + robust*(|h|_1+1))
     feature_inner_weight: float = 0.0      # + this weight * the margin hinge on every query batch at theta'_k

@@ -192,7 +192,7 @@ def _soft_threshold(p: torch.Tensor, s: float) -> torch.Tensor:
 
 
 def _feature_loss(kind: str, model: nn.Module, head: nn.Linear, x_r: torch.Tensor, x_o: torch.Tensor,
-                  margin: float = 1.0, decays=(), robust: float = 0.0):
+                  margin: float = 1.0, decays=(), robust: float = 0.0, straight_through: bool = False):
     """Restricted-domain feature suppression on the head's input h (both in [0, ~1]).
 
     collapse: spread of h over a restricted batch relative to its size; 0 when every restricted
@@ -207,6 +207,8 @@ def _feature_loss(kind: str, model: nn.Module, head: nn.Linear, x_r: torch.Tenso
               averaged) at the body's parameters soft-thresholded by each s in ``decays``: the path that
               Adam/RMSprop with coupled (L2) weight decay take while no data gradient flows (every
               weight moves lr towards 0 per step), so the units stay off along the attacker's decay.
+              The soft-threshold has zero derivative for |theta| <= s, so a bias that has decayed to 0
+              gets no push; ``straight_through`` passes the hinge's gradient to theta unchanged.
     """
     if kind == "margin":
         loss = _margin_run(model, head, lambda: model(x_r), margin, robust)[1]
@@ -214,7 +216,8 @@ def _feature_loss(kind: str, model: nn.Module, head: nn.Linear, x_r: torch.Tenso
             head_ids = {id(p) for p in head.parameters()}
             named = [(n, p) for n, p in model.named_parameters() if id(p) not in head_ids]
             for s_ in decays:
-                params = {n: _soft_threshold(p, s_) for n, p in named}
+                params = {n: (p + (_soft_threshold(p, s_) - p).detach()) if straight_through else
+                          _soft_threshold(p, s_) for n, p in named}
                 loss = loss + _margin_run(model, head, lambda: torch.func.functional_call(model, params, (x_r,)),
                                           margin, robust)[1]
             loss = loss / (1 + len(decays))
@@ -350,7 +353,8 @@ def protect(model: nn.Module, original, restricted, config: Optional[ProtectConf
                           ] if cfg.feature_loss == "margin" and cfg.feature_decay > 0 else []
                 rec["feature_loss"] = float(mode.meta_backward(
                     lambda: cfg.feature_weight * _feature_loss(cfg.feature_loss, model, head, x_r, x_o,
-                                                              cfg.feature_margin, decays, cfg.feature_robust)))
+                                                              cfg.feature_margin, decays, cfg.feature_robust,
+                                                              cfg.feature_decay_st)))
             params = mode.use_meta_grad()
             if cfg.clip_norm is not None:
                 gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
