@@ -24,9 +24,10 @@ from sophon_fast.engine import ProtectConfig, Strategy, protect
 from sophon_fast.io import load_model, save_model
 from sophon_fast.report import write_report
 
-# The best recipe of the protection-strength research (docs/experiments.md, e6): ICE, outer lr 1e-3,
-# K = 20, a mixture of inner strategies taking turns, all with head re-initialisation, plus the
-# restricted-feature energy term that switches the restricted domain's features off.
+# The best recipe of the protection-strength research (docs/experiments.md, e21): ICE, outer lr 1e-3,
+# K = 20, a mixture of inner strategies taking turns, all with head re-initialisation, 3 NTR steps, plus
+# the dead-unit trap: a margin hinge that keeps the head-input ReLUs of restricted inputs off by 3, also
+# under a 0.002 sign step on the last body Linear and along the L2-weight-decay path of Adam/RMSprop.
 DEMO_DOMAINS = {"original": "fashion_mnist", "restricted": "mnist", "arch": "cnn_small"}
 
 
@@ -34,8 +35,9 @@ def demo_config(quick: bool, iterations: Optional[int] = None, seed: int = 0, pr
                 checkpoint_dir: Optional[str] = None) -> ProtectConfig:
     strategies = [Strategy("sgd", lr=1e-3, reinit_head=True), Strategy("momentum", lr=1e-2, reinit_head=True),
                   Strategy("adam", lr=1e-3, reinit_head=True)]
-    return ProtectConfig(loss="ice", alpha=10.0, beta=5.0, inner_steps=20, strategies=strategies,
-                         feature_loss="energy", feature_weight=1.0,
+    return ProtectConfig(loss="ice", alpha=10.0, beta=5.0, inner_steps=20, strategies=strategies, ntr_steps=3,
+                         feature_loss="margin", feature_weight=0.05, feature_margin=3.0, feature_robust=0.002,
+                         feature_decay=1.0, feature_decay_st=True,
                          iterations=iterations if iterations is not None else (40 if quick else 200),
                          eval_every=10, seed=seed, progress=progress,
                          checkpoint_dir=checkpoint_dir, checkpoint_every=10, resume=True)
