@@ -20,7 +20,11 @@ def cnn_bn():
     return nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6 * 6, 5))
 
 
-SHAPES = {mlp: (20,), cnn_bn: (1, 8, 8)}
+def relu_mlp():
+    return nn.Sequential(nn.Flatten(), nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 5))
+
+
+SHAPES = {mlp: (20,), cnn_bn: (1, 8, 8), relu_mlp: (20,)}
 
 
 def data(shape, n=120, seed=0, dtype=torch.float64):
@@ -81,7 +85,7 @@ def test_three_iterations_parity(builder, loss, inner):
 
 
 @pytest.mark.parametrize("builder,feature_loss", [(mlp, "collapse"), (mlp, "energy"), (cnn_bn, "collapse"),
-                                                  (cnn_bn, "energy"), (cnn_bn, "margin")])
+                                                  (cnn_bn, "energy"), (cnn_bn, "margin"), (relu_mlp, "margin")])
 def test_parity_strategy_mixture_two_domains_sgd_outer(builder, feature_loss):
     strats = [sf.Strategy("sgd", lr=1e-2, batch_size=24, query_size=8),
               sf.Strategy("adam", lr=1e-3, batch_size=20, query_size=5, reinit_head=True, steps=2, warmup_steps=3),
@@ -96,7 +100,8 @@ def test_parity_strategy_mixture_two_domains_sgd_outer(builder, feature_loss):
                          trajectories=2, strategy_sampling="random", fts_optimizer="sgd", alpha=100,
                          clip_norm=None, step_weighting="linear", feature_weight=0.5,
                          feature_loss=feature_loss, feature_decay=0.3 if feature_loss == "margin" else 0.0,
-                         feature_decay_samples=2, feature_inner_weight=0.3 if feature_loss == "margin" else 0.0)
+                         feature_decay_samples=2, feature_inner_weight=0.3 if feature_loss == "margin" else 0.0,
+                         feature_robust=0.01 if builder is relu_mlp else 0.0, feature_decay_st=builder is relu_mlp)
         out[mode] = flat(res.model)
     assert rel(out["fast"], out["reference"]) <= 1e-9
 
