@@ -21,7 +21,8 @@ from sophon_fast import models
 from sophon_fast.attacks import Attack, evaluate_suite, run, scratch, suite
 from sophon_fast.attacks import accuracy as attack_accuracy
 from sophon_fast.engine import ProtectConfig, Strategy, protect
-from sophon_fast.io import load_model, save_model
+from sophon_fast.engine.loop import config_changes
+from sophon_fast.io import load_model, read_record, save_model
 from sophon_fast.report import write_report
 
 # The best recipe of the protection-strength research (docs/experiments.md, e21): ICE, outer lr 1e-3,
@@ -114,7 +115,16 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, origina
     cfg.original_acc_floor = max(0.0, unprot_acc - 0.10)   # roll back rather than lose 10 points
     t0 = time.perf_counter()
     history = []
+    stale = []
     if os.path.exists(prot_path):
+        saved = read_record(prot_path).get("metadata", {}).get("protect_config", {})
+        stale = config_changes(saved, cfg)
+        if stale:   # made by another recipe: its checkpoint and attack results are stale too
+            say(f"[demo] {prot_path} was protected with other settings ({', '.join(stale)}): protecting again")
+            for p in (os.path.join(cfg.checkpoint_dir, "protect.pt"), os.path.join(out, "attacks.partial.json")):
+                if os.path.exists(p):
+                    os.remove(p)
+    if os.path.exists(prot_path) and not stale:
         protected = load_model(prot_path)
         say(f"[demo] reusing protected model {prot_path}")
     else:
@@ -125,7 +135,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, origina
         if res.stop_reason:
             say(f"[demo] protection stopped early: {res.stop_reason}")
         save_model(protected, prot_path, metadata={"original": original, "restricted": restricted,
-                                                   "iterations": len(history)})
+                                                   "iterations": len(history), "protect_config": cfg.to_dict()})
     timing["protect"] = time.perf_counter() - t0
     prot_acc = attack_accuracy(protected, o_test)
     say(f"[demo] protected {original} test accuracy {100 * prot_acc:.1f}%")

@@ -80,3 +80,24 @@ def test_demo_quick_end_to_end(tmp_path):
     os.remove(out / "report.md")
     assert cli.main(["report", str(out)]) == 0
     assert (out / "report.md").exists()
+
+
+def test_demo_reprotects_a_model_made_with_other_settings(tmp_path, capsys):
+    """A protected.safetensors (and its attack results) from another recipe is not silently reused."""
+    out = tmp_path / "demo"
+    args = ["--threads", "1", "demo", "--quick", "--out", str(out), "--iterations", "1", "--suite", "paper",
+            "--attack-epochs", "1", "--subset", "200", "--pretrain-epochs", "1", "--no-progress"]
+    assert cli.main(args) == 0
+    rec_path = out / "protected.json"
+    rec = json.loads(rec_path.read_text())
+    assert rec["metadata"]["protect_config"]["feature_loss"] == "margin"
+    rec["metadata"]["protect_config"]["alpha"] = 1.0           # as if an older recipe had made it
+    rec_path.write_text(json.dumps(rec))
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    said = capsys.readouterr()
+    assert "protected with other settings (alpha): protecting again" in said.out + said.err
+    assert json.loads(rec_path.read_text())["metadata"]["protect_config"]["alpha"] == 10.0
+    assert cli.main(args) == 0                                  # now it is reused
+    said = capsys.readouterr()
+    assert "reusing protected model" in said.out + said.err

@@ -327,3 +327,12 @@ def test_feature_decay_straight_through_pushes_decayed_weights():
         grads[st] = model.features[7].bias.grad.clone()
     at_theta_only = grads[False]                               # only the hinge at theta reaches the bias
     assert torch.all(grads[True] >= at_theta_only) and grads[True].sum() > at_theta_only.sum() + 1.0
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path):
+    kw = dict(iterations=2, inner_steps=2, checkpoint_every=1, checkpoint_dir=str(tmp_path))
+    _protect(mlp, "fast", **kw)
+    with pytest.raises(ValueError, match="different config.*alpha"):
+        _protect(mlp, "fast", resume=True, alpha=7.0, **{**kw, "iterations": 4})
+    _, res = _protect(mlp, "fast", resume=True, **{**kw, "iterations": 4})   # more iterations: fine
+    assert len(res.history) == 4

@@ -12,6 +12,7 @@ Non-finite losses or gradients skip the iteration (weights restored, counted in 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import os
@@ -231,6 +232,17 @@ def _feature_loss(kind: str, model: nn.Module, head: nn.Linear, x_r: torch.Tenso
     return h.pow(2).sum(1).mean() / (ref + 1e-8)
 
 
+# Fields that may change between a checkpoint and its resumption (they do not change the computation).
+RESUMABLE_FIELDS = ("iterations", "progress", "checkpoint_dir", "checkpoint_every", "resume", "in_place", "device")
+
+
+def config_changes(saved: dict, cfg: ProtectConfig) -> List[str]:
+    """Names of the fields of ``cfg`` that differ from a saved ``cfg.to_dict()`` (RESUMABLE_FIELDS aside)."""
+    now = json.loads(json.dumps(cfg.to_dict()))      # tuples -> lists, as in a JSON record
+    saved = json.loads(json.dumps(saved))
+    return sorted(k for k in set(now) | set(saved) if k not in RESUMABLE_FIELDS and saved.get(k) != now.get(k))
+
+
 def _make_opt(name: str, params, lr: float):
     return torch.optim.Adam(params, lr=lr) if name == "adam" else torch.optim.SGD(params, lr=lr)
 
@@ -295,6 +307,10 @@ def protect(model: nn.Module, original, restricted, config: Optional[ProtectConf
     ckpt = os.path.join(cfg.checkpoint_dir, "protect.pt") if cfg.checkpoint_dir else None
     if cfg.resume and ckpt and os.path.exists(ckpt):
         state = load_checkpoint(ckpt)
+        changed = config_changes(state.get("config", {}), cfg)
+        if changed:
+            raise ValueError(f"protect: the checkpoint {ckpt} was written with a different config "
+                             f"({', '.join(changed)}); resume with the same settings, or use a new checkpoint_dir")
         mode.restore(state["weights"])
         last_good = state["last_good"]
         fts_opt.load_state_dict(state["fts_opt"])
