@@ -26,11 +26,20 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sweep", action="store_true",
                     help="first print the all-off fraction along the soft-threshold path (body weights moved s towards 0)")
+    ap.add_argument("--reinit-trap-layer", action="store_true",
+                    help="an attacker who knows the trap: re-initialise the Linear that produces the head's input")
+    ap.add_argument("--scratch", action="store_true", help="attack a fresh model of the same architecture instead")
     ap.add_argument("--wd", type=float, default=1e-4, help="weight decay (the suite's attacks use 1e-4)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(a.seed)
     m = load_model(a.model)
+    if a.scratch:
+        from sophon_fast.attacks import scratch
+        m = scratch(m, a.seed)
+    if a.reinit_trap_layer:
+        linears = [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear) and mod is not m.head]
+        linears[-1].reset_parameters()
     xtr, ytr = sfdata.as_tensors(sfdata.load(a.restricted, "train"))
     xte, yte = sfdata.as_tensors(sfdata.load(a.restricted, "test"))
     if a.sweep:
