@@ -41,6 +41,16 @@ def attack_set(name, scale):
     return attacks
 
 
+def save_cache(path, key, value):
+    """Add one entry to a curves cache shared by concurrent runs: re-read, merge, replace atomically."""
+    cache = json.load(open(path)) if os.path.exists(path) else {}
+    cache[key] = value
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(cache, f)
+    os.replace(tmp, path)
+
+
 @torch.no_grad()
 def dead_stats(model, dataset, n=2000):
     """How switched off the head's input ReLUs are: the fraction of inputs whose every unit is <= 0,
@@ -66,12 +76,15 @@ def main():
     ap.add_argument("--epochs-scale", type=float, default=1.0)
     ap.add_argument("--pretrain-epochs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--shard", default="0/1", help="i/n: run every n-th attack starting at i (parallel processes)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     orig, restr = a.pair.split(":")
     o_tr, o_te, r_tr, r_te = (sfdata.load(n, s) for n in (orig, restr) for s in ("train", "test"))
     classes = 1 + max(int(sfdata.as_tensors(d)[1].max()) for d in (o_tr, r_tr))
     attacks = attack_set(a.attacks, a.epochs_scale)
+    shard, nshards = (int(v) for v in a.shard.split("/"))
+    attacks = attacks[shard::nshards]
     os.makedirs(f"{ROOT}/cache", exist_ok=True)
     os.makedirs(f"{ROOT}/{a.name}", exist_ok=True)
     for seed in a.seeds:
@@ -106,7 +119,7 @@ def main():
             key = f"{atk.name}"
             if key not in cache:
                 cache[key] = {"unprotected": run(unprot, r_tr, r_te, atk, seed), "scratch": run(base, r_tr, r_te, atk, seed)}
-                json.dump(cache, open(cpath, "w"))
+                save_cache(cpath, key, cache[key])
             p = run(prot, r_tr, r_te, atk, seed)
             u, s = cache[key]["unprotected"], cache[key]["scratch"]
             ov = overhead(p, s)
