@@ -25,7 +25,8 @@ from sophon_fast.engine.loop import config_changes
 from sophon_fast.io import load_model, read_record, save_model
 from sophon_fast.report import write_report
 
-# The best recipe of the protection-strength research (docs/experiments.md, e21): ICE, outer lr 1e-3,
+# The best recipe of the protection-strength research (docs/experiments.md, e24 = e21 with 400
+# iterations): ICE, outer lr 1e-3,
 # K = 20, a mixture of inner strategies taking turns, all with head re-initialisation, 3 NTR steps, plus
 # the dead-unit trap: a margin hinge that keeps the head-input ReLUs of restricted inputs off by 3, also
 # under a 0.002 sign step on the last body Linear and along the L2-weight-decay path of Adam/RMSprop.
@@ -39,7 +40,7 @@ def demo_config(quick: bool, iterations: Optional[int] = None, seed: int = 0, pr
     return ProtectConfig(loss="ice", alpha=10.0, beta=5.0, inner_steps=20, strategies=strategies, ntr_steps=3,
                          feature_loss="margin", feature_weight=0.05, feature_margin=3.0, feature_robust=0.002,
                          feature_decay=1.0, feature_decay_st=True,
-                         iterations=iterations if iterations is not None else (40 if quick else 200),
+                         iterations=iterations if iterations is not None else (40 if quick else 400),
                          eval_every=10, seed=seed, progress=progress,
                          checkpoint_dir=checkpoint_dir, checkpoint_every=10, resume=True)
 
@@ -118,10 +119,13 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, origina
     stale = []
     if os.path.exists(prot_path):
         saved = read_record(prot_path).get("metadata", {}).get("protect_config", {})
-        stale = config_changes(saved, cfg)
-        if stale:   # made by another recipe: its checkpoint and attack results are stale too
-            say(f"[demo] {prot_path} was protected with other settings ({', '.join(stale)}): protecting again")
-            for p in (os.path.join(cfg.checkpoint_dir, "protect.pt"), os.path.join(out, "attacks.partial.json")):
+        changed = config_changes(saved, cfg)
+        stale = changed + (["iterations"] if saved.get("iterations") != cfg.iterations else [])
+        if stale:   # made by another recipe: its attack results (and, unless only longer, checkpoint) are stale
+            say(f"[demo] {prot_path} was protected with other settings ({', '.join(stale)}): protecting again"
+                + ("" if changed else " (resuming its checkpoint)"))
+            for p in ([os.path.join(cfg.checkpoint_dir, "protect.pt")] if changed else []) + \
+                    [os.path.join(out, "attacks.partial.json")]:
                 if os.path.exists(p):
                     os.remove(p)
     if os.path.exists(prot_path) and not stale:

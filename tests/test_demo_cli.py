@@ -101,3 +101,8 @@ def test_demo_reprotects_a_model_made_with_other_settings(tmp_path, capsys):
     assert cli.main(args) == 0                                  # now it is reused
     said = capsys.readouterr()
     assert "reusing protected model" in said.out + said.err
+    longer = args[:args.index("--iterations") + 1] + ["2"] + args[args.index("--iterations") + 2:]
+    assert cli.main(longer) == 0                                # more iterations: continue from the checkpoint
+    said = capsys.readouterr()
+    assert "(iterations): protecting again (resuming its checkpoint)" in said.out + said.err
+    assert json.loads(rec_path.read_text())["metadata"]["iterations"] == 2
