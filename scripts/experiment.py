@@ -76,6 +76,8 @@ def main():
     ap.add_argument("--epochs-scale", type=float, default=1.0)
     ap.add_argument("--pretrain-epochs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", default=None,
+                    help="attack this already-protected model instead of protecting ({seed} is replaced by the seed)")
     ap.add_argument("--shard", default="0/1", help="i/n: run every n-th attack starting at i (parallel processes)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -100,9 +102,12 @@ def main():
         cfg = ProtectConfig.from_dict({**ProtectConfig().to_dict(), "progress": False, "seed": seed,
                                        **json.loads(a.config)})
         t0 = time.perf_counter()
-        res = protect(unprot, o_tr, r_tr, cfg, original_test=o_te)
+        if a.model:
+            prot, res = load_model(a.model.format(seed=seed)), argparse.Namespace(stop_reason="loaded " + a.model)
+        else:
+            res = protect(unprot, o_tr, r_tr, cfg, original_test=o_te)
+            prot = res.model
         t_protect = time.perf_counter() - t0
-        prot = res.model
         out = {"name": a.name, "seed": seed, "pair": a.pair, "arch": a.arch, "config": json.loads(a.config),
                "original_acc": {"unprotected": accuracy(unprot, o_te), "protected": accuracy(prot, o_te)},
                "protect_seconds": t_protect, "stop_reason": res.stop_reason, "attacks": [],
