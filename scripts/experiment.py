@@ -103,7 +103,8 @@ def main():
                                        **json.loads(a.config)})
         t0 = time.perf_counter()
         if a.model:
-            prot, res = load_model(a.model.format(seed=seed)), argparse.Namespace(stop_reason="loaded " + a.model)
+            path = a.model.format(seed=seed)
+            prot, res = load_model(path), argparse.Namespace(stop_reason="loaded " + path)
         else:
             res = protect(unprot, o_tr, r_tr, cfg, original_test=o_te)
             prot = res.model
