@@ -27,8 +27,9 @@ from sophon_fast.report import write_report
 
 # The best recipe of the protection-strength research (docs/experiments.md, e24 = e21 with 400 iterations):
 # ICE, outer lr 1e-3, K = 20, a mixture of inner strategies taking turns, all with head re-initialisation,
-# 3 NTR steps, plus the dead-unit trap: a margin hinge that keeps the head-input ReLUs of restricted inputs off by 3, also
-# under a 0.002 sign step on the last body Linear and along the L2-weight-decay path of Adam/RMSprop.
+# 3 NTR steps, plus the dead-unit trap: a margin hinge that keeps the head-input ReLUs of restricted
+# inputs off by 3, also under a 0.002 sign step on the last body Linear and along the L2-weight-decay
+# path of Adam/RMSprop.
 DEMO_DOMAINS = {"original": "fashion_mnist", "restricted": "mnist", "arch": "cnn_small"}
 
 
