@@ -1,0 +1,71 @@
+"""What ``protect`` needs to know about one kind of model: the ``Task`` interface.
+
+The engine (sophon_fast/engine) is generic: it draws batches (tuples of tensors sharing dim 0) from
+the restricted and original data, splits each restricted batch into support (all rows but the last
+``query_size``) and query (the last ``query_size`` rows), and asks the task for three losses:
+
+    attacker_loss(model, batch, gen)         the simulated attacker's fine-tuning loss (support)
+    suppression_loss(model, batch, loss, gen) the suppression loss at theta'_k (query); ``loss`` is
+                                              "ice", "ice_reference_code", "klu", "neg_entropy", "dos", ...
+    train_loss(model, batch, gen)            normal training reinforcement (original domain)
+
+plus ``prepare`` (materialise and validate user data on the model's device), ``evaluate`` (the
+original-domain metric), and ``head`` (what a strategy's head re-initialisation resets).
+
+``gen`` is a ``torch.Generator`` on the model's device for any randomness a loss needs (diffusion
+noise and timesteps); the losses must not synchronise with the host (no ``.item()``), so a loss
+runs the same on CPU and GPU and can be compiled.
+
+Implementations: ``classification.ClassificationTask`` (logits (N, C), labels), ``lm.LanguageModelTask``
+(causal LMs, token-level), ``diffusion.DiffusionTask`` (denoisers, epsilon prediction).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+Batch = Tuple[Tensor, ...]
+
+
+class Task:
+    """Base class; subclasses implement every method below."""
+
+    name: str = "task"
+    metric: str = "metric"           # what ``evaluate`` returns, e.g. "accuracy", "next-token loss"
+    higher_is_better: bool = True
+
+    def prepare(self, model: nn.Module, data, what: str) -> Batch:
+        """Materialise ``data`` (Dataset, DataLoader, or tuple of tensors) as a tuple of tensors on the
+        model's device, validated against the model (raise ValueError naming ``what`` on bad input)."""
+        raise NotImplementedError
+
+    def attacker_loss(self, model: nn.Module, batch: Batch, gen: torch.Generator) -> Tensor:
+        raise NotImplementedError
+
+    def suppression_loss(self, model: nn.Module, batch: Batch, loss: str, gen: torch.Generator) -> Tensor:
+        raise NotImplementedError
+
+    def train_loss(self, model: nn.Module, batch: Batch, gen: torch.Generator) -> Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, data: Batch) -> float:
+        """The original-domain metric of ``model`` on prepared ``data`` (eval mode; the mode is restored)."""
+        raise NotImplementedError
+
+    def head(self, model: nn.Module) -> Optional[nn.Module]:
+        """The module a strategy's ``reinit_head`` re-initialises (None: the task has no head)."""
+        return None
+
+    def reinit_head(self, model: nn.Module, gen: torch.Generator) -> None:
+        """Re-initialise ``head(model)`` in place from ``gen`` (on the model's device): xavier_uniform
+        weight, zero bias. Raises ValueError when the task has no head."""
+        head = self.head(model)
+        if head is None:
+            raise ValueError(f"{self.name} task: this model has no head to re-initialise")
+        with torch.no_grad():
+            nn.init.xavier_uniform_(head.weight, generator=gen)
+            if getattr(head, "bias", None) is not None:
+                head.bias.zero_()
