@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import sophon_fast as sf
+from sophon_fast.defences import TrapConfig
 from sophon_fast.engine.loop import NonFiniteError
 
 LOSSES = ["ice", "ice_reference_code", "klu", "neg_entropy"]
@@ -20,11 +21,16 @@ def cnn_bn():
     return nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6 * 6, 5))
 
 
+def cnn_relu():
+    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6 * 6, 8),
+                         nn.ReLU(), nn.Linear(8, 5))
+
+
 def relu_mlp():
     return nn.Sequential(nn.Flatten(), nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 5))
 
 
-SHAPES = {mlp: (20,), cnn_bn: (1, 8, 8), relu_mlp: (20,)}
+SHAPES = {mlp: (20,), cnn_bn: (1, 8, 8), cnn_relu: (1, 8, 8), relu_mlp: (20,)}
 
 
 def data(shape, n=120, seed=0, dtype=torch.float64):
@@ -84,11 +90,13 @@ def test_three_iterations_parity(builder, loss, inner):
     assert rel(out["fast"], out["reference"]) <= 1e-9
 
 
-@pytest.mark.parametrize("builder,feature_loss", [(mlp, "collapse"), (mlp, "energy"), (cnn_bn, "collapse"),
-                                                  (cnn_bn, "energy"), (cnn_bn, "margin"), (relu_mlp, "margin")])
-def test_parity_strategy_mixture_two_domains_sgd_outer(builder, feature_loss):
+@pytest.mark.parametrize("builder,trap", [(mlp, None), (cnn_bn, None),
+                                          (relu_mlp, TrapConfig(weight=0.5, margin=1.0, decay=0.3, decay_samples=2,
+                                                                robust=0.01, straight_through=True)),
+                                          (cnn_relu, TrapConfig(weight=0.5, margin=1.0, decay=0.3, decay_samples=2))])
+def test_parity_strategy_mixture_two_domains_sgd_outer(builder, trap):
     strats = [sf.Strategy("sgd", lr=1e-2, batch_size=24, query_size=8),
-              sf.Strategy("adam", lr=1e-3, batch_size=20, query_size=5, reinit_head=True, steps=2, warmup_steps=3),
+              sf.Strategy("adam", lr=1e-3, batch_size=20, query_size=5, reinit_head=True, steps=2),
               sf.Strategy("momentum", lr=1e-2, batch_size=16, query_size=4)]
     out = {}
     for mode in ("reference", "fast"):
@@ -98,11 +106,9 @@ def test_parity_strategy_mixture_two_domains_sgd_outer(builder, feature_loss):
         res = sf.protect(model, data(shape, seed=1), [data(shape, seed=2), data(shape, seed=3)], mode=mode,
                          progress=False, loss="klu", iterations=3, inner_steps=3, strategies=strats,
                          trajectories=2, strategy_sampling="random", fts_optimizer="sgd", alpha=100,
-                         clip_norm=None, step_weighting="linear", feature_weight=0.5,
-                         feature_loss=feature_loss, feature_decay=0.3 if feature_loss == "margin" else 0.0,
-                         feature_decay_samples=2, feature_inner_weight=0.3 if feature_loss == "margin" else 0.0,
-                         feature_robust=0.01 if builder is relu_mlp else 0.0, feature_decay_st=builder is relu_mlp)
+                         clip_norm=None, defences=[trap] if trap else [])
         out[mode] = flat(res.model)
+        assert not torch.equal(out[mode], flat(model))
     assert rel(out["fast"], out["reference"]) <= 1e-9
 
 
@@ -121,11 +127,12 @@ def test_model_not_modified_unless_in_place():
 
 @pytest.mark.parametrize("mode", ["fast", "reference"])
 def test_resume_equals_uninterrupted(tmp_path, mode):
-    kw = dict(loss="ice", iterations=6, inner_steps=2, checkpoint_every=2, mode=mode,
+    kw = dict(loss="ice", iterations=6, inner_steps=2, mode=mode,
               strategies=[sf.Strategy("adam", lr=1e-3, batch_size=24, query_size=8, reinit_head=True)])
-    _, full = _protect(mlp, **{**kw, "checkpoint_dir": str(tmp_path / "a")})
-    _, part = _protect(mlp, **{**kw, "iterations": 4, "checkpoint_dir": str(tmp_path / "b")})
-    _, resumed = _protect(mlp, **{**kw, "checkpoint_dir": str(tmp_path / "b"), "resume": True})
+    ck = lambda d, resume=False: sf.Checkpointing(str(tmp_path / d), every=2, resume=resume)  # noqa: E731
+    _, full = _protect(mlp, **{**kw, "checkpoint": ck("a")})
+    _, part = _protect(mlp, **{**kw, "iterations": 4, "checkpoint": ck("b")})
+    _, resumed = _protect(mlp, **{**kw, "checkpoint": ck("b", True)})
     assert not torch.equal(flat(part.model), flat(full.model))
     assert torch.equal(flat(resumed.model), flat(full.model))
     assert [r["iteration"] for r in resumed.history] == list(range(6))
@@ -163,20 +170,21 @@ def test_single_nonfinite_iteration_is_skipped_and_counted():
 def test_rollback_when_original_accuracy_falls():
     model = mlp().double()
     res = sf.protect(model, data((20,), seed=1), data((20,), seed=2), original_test=data((20,), seed=4),
-                     iterations=5, inner_steps=2, eval_every=2, original_acc_floor=1.0, progress=False)
-    assert res.stopped_early and "floor" in res.stop_reason
+                     iterations=5, inner_steps=2, evaluation=sf.Evaluation(every=2, max_drop=0.0), progress=False,
+                     alpha=300)
+    assert res.stopped_early and "rolled back" in res.stop_reason
     assert len(res.history) == 2
     assert torch.equal(flat(res.model), flat(model))       # rolled back to the last good (initial) weights
 
 
 def test_history_records():
     res = sf.protect(mlp().double(), data((20,), seed=1), data((20,), seed=2), original_test=data((20,), seed=4),
-                     iterations=4, inner_steps=2, eval_every=2, original_acc_floor=None, progress=False)
+                     iterations=4, inner_steps=2, evaluation=sf.Evaluation(every=2, max_drop=None), progress=False)
     assert len(res.history) == 4
     for r in res.history:
         assert math.isfinite(r["fts_loss"]) and math.isfinite(r["ntr_loss"]) and r["t_fts"] > 0
-    assert "original_acc" in res.history[1] and "original_acc" not in res.history[0]
-    assert 0 <= res.original_acc <= 1
+    assert "original_metric" in res.history[1] and "original_metric" not in res.history[0]
+    assert 0 <= res.original_metric <= 1
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -198,13 +206,18 @@ def test_bad_config_errors():
     with pytest.raises(ValueError, match="query_size"):
         sf.ProtectConfig(strategies=[sf.Strategy(batch_size=10, query_size=10)])
     with pytest.raises(ValueError, match="optimizer"):
-        sf.Strategy(optimizer="lbfgs").validate()
+        sf.Strategy(optimizer="lbfgs")
+    with pytest.raises(ValueError, match="unknown settings.*inner_lr"):
+        sf.ProtectConfig().replace(inner_lr=1e-3)
+    with pytest.raises(ValueError, match="max_drop"):
+        sf.Evaluation(max_drop=-1)
     with pytest.raises(ValueError, match="nn.Linear"):
-        sf.protect(nn.Sequential(nn.Flatten(), nn.Identity()), data((20,)), data((20,)), progress=False)
+        sf.protect(nn.Sequential(nn.Unflatten(1, (1, 20)), nn.Conv1d(1, 5, 20), nn.Flatten()).double(),
+                   data((20,)), data((20,)), progress=False)
 
 
 def test_reference_defaults():
-    ice, klu = sf.ProtectConfig(loss="ice"), sf.ProtectConfig(loss="klu")
+    ice, klu = sf.ProtectConfig(loss="ice").resolved(), sf.ProtectConfig(loss="klu").resolved()
     assert (ice.alpha, ice.beta, ice.ntr_steps, ice.strategies[0].reinit_head) == (3, 5, 1, True)
     assert ice.fts_lr == pytest.approx(3e-4) and ice.ntr_lr == pytest.approx(5e-4)
     assert (klu.fts_lr, klu.ntr_lr, klu.ntr_steps, klu.strategies[0].reinit_head) == (1e-4, 1e-4, 5, False)
@@ -212,127 +225,160 @@ def test_reference_defaults():
     assert (s.optimizer, s.lr, s.batch_size, s.query_size, ice.inner_steps, ice.clip_norm) == \
         ("sgd", 1e-4, 150, 20, 50, 0.5)
     assert sf.ProtectConfig.from_dict(ice.to_dict()) == ice
-
-
-def test_head_preacts_is_the_relu_input_and_leaves_the_model_unchanged():
-    from sophon_fast.engine.loop import _head_preacts
-    from sophon_fast.models import build
-    model = build("cnn_small", seed=0).double()   # in-place ReLUs
-    x = torch.randn(6, 1, 28, 28, dtype=torch.float64)
-    want = model.features[:-1](x)                        # up to the Linear before the last ReLU
-    out_before = model(x)
-    z = _head_preacts(model, model.head, x)
-    assert torch.equal(z, want) and (z < 0).any()
-    assert torch.equal(model(x), out_before)
-    with pytest.raises(ValueError, match="nn.ReLU"):
-        _head_preacts(mlp().double(), mlp().double()[-1], torch.randn(2, 20, dtype=torch.float64))
-
-
-def test_margin_feature_loss_switches_restricted_units_off():
-    """feature_loss="margin" (with a negligible inner step and no NTR) drives the restricted pre-activations below
-    -margin, and the hinge it reports falls."""
-    from sophon_fast.engine.loop import _head_preacts
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 5)).double()
-    xr, yr = data((20,), seed=2)
-    res = sf.protect(model, data((20,), seed=1), (xr, yr), iterations=60, inner_steps=1, progress=False,
-                     feature_loss="margin", feature_weight=1.0, feature_margin=0.5, ntr_steps=0, alpha=1e2,
-                     strategies=[sf.Strategy("sgd", lr=1e-6, batch_size=24, query_size=8)])
-    with torch.no_grad():
-        before, after = _head_preacts(model, model[-1], xr), _head_preacts(res.model, res.model[-1], xr)
-    assert (before > 0).float().mean() > 0.3
-    assert (after <= 0).float().mean() > 0.95 and after.mean() < -0.4
-    hinge = [r["feature_loss"] for r in res.history]
-    assert hinge[-1] < 0.1 * hinge[0]
-
-
-def test_margin_config_errors():
-    with pytest.raises(ValueError, match="feature_margin"):
-        sf.ProtectConfig(feature_margin=-1.0)
-    with pytest.raises(ValueError, match="feature_decay"):
-        sf.ProtectConfig(feature_decay=-0.1)
-    with pytest.raises(ValueError, match="feature_decay"):
-        sf.ProtectConfig(feature_decay_samples=0)
-    with pytest.raises(ValueError, match="feature_loss"):
-        sf.ProtectConfig(feature_loss="dead")
-    with pytest.raises(ValueError, match="nn.ReLU"):
-        sf.protect(mlp().double(), data((20,), seed=1), data((20,), seed=2), iterations=1, inner_steps=1,
-                   progress=False, feature_loss="margin", feature_weight=1.0)
-
-
-def test_margin_decay_hinge_is_taken_at_soft_thresholded_body_weights():
-    """decays=[s]: the hinge is averaged with the one at body weights moved s towards 0 (head untouched)."""
-    from sophon_fast.engine.loop import _feature_loss, _head_preacts, _soft_threshold
-    from sophon_fast.models import build
-    model = build("cnn_small", seed=0).double()
-    x = torch.randn(4, 1, 28, 28, dtype=torch.float64)
-    assert torch.allclose(_soft_threshold(torch.tensor([-0.5, -0.1, 0.0, 0.2, 0.7]), 0.3),
-                       torch.tensor([-0.2, 0.0, 0.0, 0.0, 0.4]))
-    s = 0.01
-    shrunk = build("cnn_small", seed=0).double()
-    with torch.no_grad():
-        for n, p in shrunk.named_parameters():
-            if not n.startswith("head."):
-                p.copy_(_soft_threshold(p, s))
-    hinge = lambda m: torch.relu(_head_preacts(m, m.head, x) + 1.0).sum(1).mean()  # noqa: E731
-    got = _feature_loss("margin", model, model.head, x, None, 1.0, [s])
-    assert torch.allclose(got, (hinge(model) + hinge(shrunk)) / 2, rtol=1e-12)
-    got.backward()
-    assert model.head.weight.grad is None and model.features[0].weight.grad.abs().sum() > 0
-
-
-def test_feature_inner_weight_adds_the_hinge_to_every_query_loss():
-    """With a zero inner learning rate theta'_k = theta, so each recorded query loss grows by exactly
-    weight * hinge(theta) of its batch: the FTS loss rises and the weights move differently."""
-    kw = dict(iterations=1, inner_steps=2, ntr_steps=0, progress=False, loss="klu",
-              strategies=[sf.Strategy("sgd", lr=1e-12, batch_size=24, query_size=8)])
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 5)).double()
-    base = sf.protect(model, data((20,), seed=1), data((20,), seed=2), **kw)
-    extra = sf.protect(model, data((20,), seed=1), data((20,), seed=2), feature_inner_weight=2.0, **kw)
-    assert extra.history[0]["fts_loss"] > base.history[0]["fts_loss"] + 0.1
-    assert not torch.equal(flat(extra.model), flat(base.model))
-
-
-def test_feature_robust_margin_is_the_worst_case_of_a_sign_step_on_the_last_body_linear():
-    from sophon_fast.engine.loop import _margin_run
-    from sophon_fast.models import build
-    model = build("cnn_small", seed=0).double()
-    x = torch.randn(5, 1, 28, 28, dtype=torch.float64)
-    fc = model.features[7]
-    h = model.features[:7](x)
-    d = 0.003
-    _, hinge = _margin_run(model, model.head, lambda: model(x), 1.0, robust=d)
-    with torch.no_grad():                   # the worst step of size d on fc for every unit: +d*sign(h), +d
-        worst = fc(h) + d * (h.abs().sum(1, keepdim=True) + 1)
-        fc.weight.add_(d * torch.sign(h).mean(0, keepdim=True).sign())  # one common step: a lower bound
-    assert torch.allclose(hinge, torch.relu(worst + 1.0).sum(1).mean(), rtol=1e-12)
-    assert torch.all(fc(h) + 1e-9 <= worst)
-    with pytest.raises(ValueError, match="feature_robust"):
-        sf.protect(cnn_bn().double(), data((1, 8, 8), seed=1), data((1, 8, 8), seed=2), iterations=1,
-                   inner_steps=1, progress=False, feature_loss="margin", feature_weight=1.0, feature_robust=d)
-
-
-def test_feature_decay_straight_through_pushes_decayed_weights():
-    """Exact soft-threshold: weights within s of 0 get no hinge gradient; straight-through: they do."""
-    from sophon_fast.engine.loop import _feature_loss
-    from sophon_fast.models import build
-    x = torch.randn(4, 1, 28, 28, dtype=torch.float64)
-    grads = {}
-    for st in (False, True):
-        model = build("cnn_small", seed=0).double()
-        with torch.no_grad():
-            model.features[7].bias.fill_(0.001)                # inside the dead zone of s = 0.5
-        _feature_loss("margin", model, model.head, x, None, 1.0, [0.5], straight_through=st).backward()
-        grads[st] = model.features[7].bias.grad.clone()
-    at_theta_only = grads[False]                               # only the hinge at theta reaches the bias
-    assert torch.all(grads[True] >= at_theta_only) and grads[True].sum() > at_theta_only.sum() + 1.0
+    with_trap = sf.ProtectConfig(defences=[TrapConfig(robust=0.01)])
+    assert sf.ProtectConfig.from_dict(with_trap.to_dict()) == with_trap
 
 
 def test_resume_with_a_different_config_is_refused(tmp_path):
-    kw = dict(iterations=2, inner_steps=2, checkpoint_every=1, checkpoint_dir=str(tmp_path))
+    kw = dict(iterations=2, inner_steps=2, checkpoint=sf.Checkpointing(str(tmp_path), every=1))
     _protect(mlp, "fast", **kw)
+    resume = sf.Checkpointing(str(tmp_path), every=1, resume=True)
     with pytest.raises(ValueError, match="different config.*alpha"):
-        _protect(mlp, "fast", resume=True, alpha=7.0, **{**kw, "iterations": 4})
-    _, res = _protect(mlp, "fast", resume=True, **{**kw, "iterations": 4})   # more iterations: fine
+        _protect(mlp, "fast", alpha=7.0, **{**kw, "iterations": 4, "checkpoint": resume})
+    _, res = _protect(mlp, "fast", **{**kw, "iterations": 4, "checkpoint": resume})   # more iterations: fine
     assert len(res.history) == 4
+
+
+# ---- defects found by a careful reader (issue 13) ----
+def test_a_nan_original_sample_never_reaches_the_weights():
+    """One NaN sample in 300 original samples (NTR batch 40): NTR steps that draw it are skipped, and the
+    returned model (or the error's model) is finite."""
+    xo, yo = data((20,), n=300, seed=1)
+    xo[17] = float("nan")
+    try:
+        res = sf.protect(mlp().double(), (xo, yo), data((20,), seed=2), iterations=12, inner_steps=1, ntr_steps=1,
+                         ntr_batch_size=40, progress=False)
+        model, skipped = res.model, [r for r in res.history if r.get("skipped")]
+        assert skipped, "some NTR batches hold the NaN sample"
+    except NonFiniteError as e:
+        model = e.model
+    assert torch.isfinite(flat(model)).all()
+
+
+def test_overrides_resolve_loss_dependent_defaults_from_the_final_loss():
+    res = sf.protect(mlp().double(), data((20,), seed=1), data((20,), seed=2), sf.ProtectConfig(loss="klu"),
+                     loss="ice", iterations=1, inner_steps=1, progress=False)
+    c = res.config
+    assert (c.alpha, c.beta, c.ntr_steps, c.strategies[0].reinit_head) == (3, 5, 1, True)
+    fresh = sf.ProtectConfig(loss="ice").resolved()
+    assert (c.alpha, c.beta, c.ntr_steps) == (fresh.alpha, fresh.beta, fresh.ntr_steps)
+
+
+def test_protect_leaves_the_callers_global_rng_alone():
+    model = mlp().double()
+    torch.manual_seed(123)
+    want = torch.rand(3)
+    torch.manual_seed(123)
+    sf.protect(model, data((20,), seed=1), data((20,), seed=2), iterations=2, inner_steps=1, progress=False)
+    assert torch.equal(torch.rand(3), want)
+
+
+def test_a_model_that_starts_below_80_percent_is_not_stopped_at_once():
+    """The rollback is relative to the starting metric (an untrained model starts near chance)."""
+    res = sf.protect(mlp().double(), data((20,), seed=1), data((20,), seed=2), original_test=data((20,), seed=4),
+                     iterations=4, inner_steps=1, evaluation=sf.Evaluation(every=1), progress=False)
+    assert not res.stopped_early and len(res.history) == 4
+
+
+def test_checkpoints_load_without_pickle(tmp_path):
+    _protect(mlp, "fast", iterations=2, inner_steps=1, checkpoint=sf.Checkpointing(str(tmp_path), every=1))
+    state = torch.load(tmp_path / "protect.pt", weights_only=True)
+    assert state["iteration"] == 2
+
+
+def test_the_hot_path_creates_nothing_off_the_models_device_and_never_syncs():
+    """Simulated trajectories (with head re-initialisation), the FTS step and an NTR step on the meta device:
+    a tensor made on another device would fail to mix with meta tensors, and a host read (.item(), bool())
+    of a meta tensor raises."""
+    from sophon_fast.engine.modes import FastMode, ReferenceMode
+    from sophon_fast.engine.streams import BatchStream
+    from sophon_fast.tasks import ClassificationTask
+    task = ClassificationTask()
+    for mode_cls in (FastMode, ReferenceMode):
+        model = mlp().to("meta")
+        mode = mode_cls(model, task, list(model.parameters()))
+        x = torch.empty(64, 20, device="meta")
+        y = torch.empty(64, dtype=torch.long, device="meta")
+        stream = BatchStream((x, y), torch.Generator())  # a meta generator does not exist; draws are meta
+        stream.perm = torch.empty(64, dtype=torch.long, device="meta")
+        gen = torch.Generator()
+        mode.begin_iteration()
+        for strat in (sf.Strategy("adam", lr=1e-3, batch_size=24, query_size=8, reinit_head=True),
+                      sf.Strategy("momentum", lr=1e-2, batch_size=16, query_size=4)):
+            losses = mode.trajectory(strat, stream, "ice", [0.5, 0.5], gen)
+            assert losses.device.type == "meta"
+        norm = mode.meta_grad_norm(0.5)
+        assert norm.device.type == "meta"
+        opt = torch.optim.Adam(mode.optim_params, lr=1e-3)
+        mode.step(opt, "meta")
+        mode.plain_backward(task.train_loss(model, stream.next(16), gen))
+        mode.step(opt, "plain")
+
+
+def test_first_order_meta_gradient_matches_torch_func_unrolled():
+    """A third, independent computation: for a tiny MLP, theta'_k by explicit unrolling with torch.func.grad
+    (detached inner gradients), and sum_k w_k grad L_k(theta'_k) by torch.func.grad at each theta'_k."""
+    from torch.func import functional_call, grad
+    from sophon_fast.reference.losses import inverse_cross_entropy
+    torch.manual_seed(0)
+    model = mlp().double()
+    xr, yr = data((20,), n=24 * 3, seed=2)
+    params0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lr, K = 1e-1, 3
+    # the batches protect draws: its stream is a permutation from a generator seeded with cfg.seed
+    perm = torch.randperm(len(xr), generator=torch.Generator().manual_seed(0))
+
+    def ce(p, x, y):
+        return torch.nn.functional.cross_entropy(functional_call(model, p, (x,)), y)
+
+    def ice(p, x, y):
+        return inverse_cross_entropy(functional_call(model, p, (x,)), y)
+
+    theta, meta = dict(params0), {n: torch.zeros_like(p) for n, p in params0.items()}
+    for k in range(K):
+        idx = perm[24 * k:24 * (k + 1)]
+        xs, ys, xq, yq = xr[idx][:-8], yr[idx][:-8], xr[idx][-8:], yr[idx][-8:]
+        g = grad(ce)(theta, xs, ys)
+        theta = {n: theta[n] - lr * g[n] for n in theta}
+        gq = grad(ice)(theta, xq, yq)
+        meta = {n: meta[n] + gq[n] / K for n in meta}
+    want = torch.cat([meta[n].reshape(-1) for n in params0])
+    for mode in ("reference", "fast"):
+        res = sf.protect(model, data((20,), seed=1), (xr, yr), mode=mode, loss="ice", iterations=1, inner_steps=K,
+                         fts_optimizer="sgd", alpha=1e4, clip_norm=None, ntr_steps=0, progress=False,
+                         strategies=[sf.Strategy("sgd", lr=lr, batch_size=24, query_size=8, reinit_head=False)])
+        got = (torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+               - torch.cat([p.detach().reshape(-1) for p in res.model.parameters()]))
+        assert rel(got, want) <= 1e-9, mode
+
+
+def test_param_filter_freezes_the_rest():
+    model = mlp().double()
+    res = sf.protect(model, data((20,), seed=1), data((20,), seed=2), iterations=2, inner_steps=1, progress=False,
+                     params=["3.*"])
+    assert torch.equal(res.model[1].weight, model[1].weight)
+    assert not torch.equal(res.model[3].weight, model[3].weight)
+    assert all(p.requires_grad for p in res.model.parameters())
+    with pytest.raises(ValueError, match="matches no parameter"):
+        sf.protect(model, data((20,), seed=1), data((20,), seed=2), iterations=1, progress=False, params=["nope*"])
+
+
+def test_fast_mode_memory_per_parameter_matches_the_documented_count():
+    from sophon_fast.engine.modes import FastMode, bytes_per_parameter
+    from sophon_fast.tasks import ClassificationTask
+    for dtype in (torch.float32, torch.bfloat16):
+        model = mlp().to(dtype)
+        mode = FastMode(model, ClassificationTask(), list(model.parameters()))
+        n = mode.flat.numel()
+        opts = [torch.optim.Adam(mode.optim_params, lr=1e-3) for _ in range(2)]
+        mode._state_for(2)
+        x, y = torch.randn(8, 20, dtype=dtype), torch.randint(0, 5, (8,))
+        mode.plain_backward(ClassificationTask().train_loss(model, (x, y), None))
+        for o in opts:
+            mode.step(o, "plain")
+        held = [mode.flat, mode.backup, mode.grad, mode.qgrad, mode.exp_avg, mode.exp_avg_sq, mode.snapshot()[0]]
+        if mode.lowp:
+            held += [mode.master, mode.meta]
+        held += [t for o in opts for st in o.state.values() for t in st.values() if t.dim() > 0]
+        measured = sum(t.numel() * t.element_size() for t in held)
+        assert measured == bytes_per_parameter(dtype, "adam") * n, dtype

@@ -1,64 +1,74 @@
 """The two ways to compute SOPHON's first-order meta-gradient: ``ReferenceMode`` and ``FastMode``.
 
-Both implement one interface used by the outer loop (sophon_fast/engine/loop.py):
+Both implement one interface used by the outer loop (sophon_fast/engine/loop.py), generic over a
+:class:`~sophon_fast.tasks.base.Task`:
 
-    optim_params            parameters the FTS/NTR optimisers own
-    begin_iteration()       remember theta and the BatchNorm buffers, zero the meta-gradient
-    rewind()                back to the weights and buffers of the iteration's start
-    trajectory(...)         simulate one attacker trajectory, add sum_k w_k grad L_k(theta'_k) to the
-                            meta-gradient, restore theta and the BatchNorm buffers; returns the L_k
-    meta_backward(fn)       add the gradient of fn() at theta to the meta-gradient (buffers restored)
-    use_meta_grad()         expose the meta-gradient as .grad of optim_params (for clip + FTS step)
-    use_plain_grad()        expose zeroed plain gradients (for NTR steps)
-    snapshot() / restore()  copies of the weights and buffers (rollback, non-finite skips)
-    release()               the model as an ordinary module
+    begin_iteration()        remember theta and the buffers (BatchNorm statistics), zero the meta-gradient
+    trajectory(...)          simulate one attacker trajectory, add sum_k w_k grad L_k(theta'_k) to the
+                             meta-gradient, restore theta and the buffers; returns the L_k (no host sync)
+    meta_backward(loss_fn)   add the gradient of loss_fn(model) at theta to the meta-gradient
+    meta_grad_norm(clip)     the meta-gradient's norm, clipped in place to ``clip`` (None: not clipped)
+    step(opt, which)         one outer optimiser step on the "meta" or "plain" gradient
+    plain_backward(loss)     zero the plain gradient and back-propagate ``loss`` into it (NTR)
+    rewind()                 back to the weights and buffers of the iteration's start
+    snapshot() / restore()   copies of the weights and buffers (rollback)
+    release()                the model as an ordinary module
 
-ReferenceMode is the reference code's computation, readably: a graph-connected clone, inner updates
-with detached gradients, the K weighted query losses summed and back-propagated once (K graphs alive:
-memory O(K)). FastMode computes the same numbers with the model's parameters as views into one flat
-arena: the inner optimiser step (and the zeroing of the support gradient) is one fused pass over
-flat buffers (``torch.ops.sophon_fast.inner_step_``), and each query loss is back-propagated at once
-with the parameters' ``.grad`` pointing into the meta-gradient buffer, so autograd's own gradient
-accumulation adds ``w_k * grad L_k`` in place: no per-step graph survives, memory is flat in K, and
-the accumulation costs no pass of its own.
+ReferenceMode is the reference code's computation, readably: a graph-connected clone, inner updates with
+detached gradients, the K weighted query losses summed and back-propagated once (K graphs alive: memory
+O(K)). FastMode computes the same numbers with the protected parameters as views into one flat arena:
+the inner optimiser step (and the zeroing of the support gradient) is one fused pass over flat buffers
+(``torch.ops.sophon_fast.inner_step_``), and each query loss is back-propagated at once with the
+parameters' ``.grad`` pointing into the meta-gradient buffer, so autograd's own accumulation adds
+``w_k * grad L_k`` in place: no per-step graph survives and memory is flat in K.
+
+Low-precision weights (bf16/fp16) in FastMode keep an fp32 master copy for the outer optimisers and an fp32
+meta-gradient (each query gradient lands in a staging buffer of the weights' dtype and is added in fp32).
+Bytes per protected parameter of width b (4 fp32, 2 bf16), outer Adam for FTS and NTR:
+``4b`` (arena, backup, gradient, meta-gradient or staging) ``+ 16`` (two Adam states in fp32)
+``+ b`` (rollback snapshot) ``+ 0/b/2b`` (inner momentum/Adam state), plus ``4 + 4`` (fp32 master and
+meta-gradient) for bf16/fp16. :func:`bytes_per_parameter` computes it.
 """
 from __future__ import annotations
 
-from typing import Callable, List
+import fnmatch
+from typing import Callable, List, Optional, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.func import functional_call
 
-from sophon_fast.functional import cross_entropy, suppression_loss
+from sophon_fast.engine.streams import split
 from sophon_fast.ops.inner_step import inner_step_
 from sophon_fast.reference.inner_step import ADAM, KINDS, MOMENTUM
 from sophon_fast.reference.inner_step import inner_step_ as inner_step_reference
+from sophon_fast.tasks.base import reinit_linear_
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-def _trainable(model: nn.Module) -> List[nn.Parameter]:
+def select_params(model: nn.Module, patterns: Optional[Sequence[str]]) -> List[nn.Parameter]:
+    """The trainable parameters named by ``patterns`` (fnmatch; None: every trainable one), each once.
+    Raises ValueError when a pattern matches nothing or nothing is left to protect."""
     seen, out = set(), []
-    for p in model.parameters():
-        if p.requires_grad and id(p) not in seen:
+    named = list(model.named_parameters())
+    for pat in patterns or ():
+        if not any(fnmatch.fnmatchcase(n, pat) for n, _ in named):
+            raise ValueError(f"protect: params pattern {pat!r} matches no parameter of the model")
+    for n, p in named:
+        if p.requires_grad and id(p) not in seen and (patterns is None or any(fnmatch.fnmatchcase(n, q) for q in patterns)):
             seen.add(id(p))
             out.append(p)
     if not out:
-        raise ValueError("protect: the model has no trainable parameters")
+        raise ValueError("protect: the model has no trainable parameters to protect")
     return out
 
 
-def _reinit_head(weight: torch.Tensor, bias, gen: torch.Generator) -> None:
-    with torch.no_grad():
-        nn.init.xavier_uniform_(weight, generator=gen)
-        if bias is not None:
-            bias.zero_()
-
-
-class _BufferSnapshot:
-    """Copies of every floating/integer buffer (BatchNorm running stats), restored in place."""
+class _Buffers:
+    """Copies of every buffer (BatchNorm running statistics), restored in place."""
 
     def __init__(self, model: nn.Module):
-        self.buffers = [b for b in model.buffers()]
+        self.buffers = list(model.buffers())
         self.saved = [b.detach().clone() for b in self.buffers]
 
     def take(self) -> None:
@@ -69,133 +79,182 @@ class _BufferSnapshot:
         for s, b in zip(self.saved, self.buffers):
             b.copy_(s)
 
+    def copies(self) -> List[Tensor]:
+        return [b.detach().clone() for b in self.buffers]
 
-def _query_loss(forward, xq, yq, loss_name: str, query_extra=None) -> torch.Tensor:
-    """The suppression loss of one query batch at the current inner weights; ``query_extra(forward, xq)``
-    (optional) returns the logits and an extra loss from the same forward pass (added)."""
-    if query_extra is None:
-        return suppression_loss(loss_name, forward(xq), yq)
-    logits, extra = query_extra(forward, xq)
-    return suppression_loss(loss_name, logits, yq) + extra
+    def load(self, saved: Sequence[Tensor]) -> None:
+        for b, s in zip(self.buffers, saved):
+            b.copy_(s)
 
 
-class ReferenceMode:
+class _Bound(nn.Module):
+    """``functional_call`` target: runs ``fn(model, *args)`` with the model's parameters replaced."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args):
+        return fn(self.model, *args)
+
+
+def _inner_hparams(strategy):
+    kind = KINDS[strategy.optimizer]
+    b1 = strategy.momentum if kind == MOMENTUM else strategy.betas[0]
+    return kind, b1, strategy.betas[1]
+
+
+class _Mode:
+    def __init__(self, model: nn.Module, task, params: List[nn.Parameter]):
+        self.model, self.task, self.params = model, task, params
+        self.bufs = _Buffers(model)
+        head = task.head(model)
+        self.head_ids = [id(head.weight), id(getattr(head, "bias", None))] if head is not None else None
+
+    def _head_tensors(self, lookup):
+        """(weight, bias) of the head among ``lookup`` {id(param): tensor}; raises when the head is frozen."""
+        if self.head_ids is None:
+            raise ValueError(f"protect: reinit_head needs a head, and the {self.task.name} task has none")
+        if self.head_ids[0] not in lookup:
+            raise ValueError("protect: reinit_head needs the head's weight among the protected params")
+        return lookup[self.head_ids[0]], lookup.get(self.head_ids[1])
+
+    def _steps(self, strategy, stream, weights):
+        """The K (support, query) batches of one trajectory."""
+        for _ in weights:
+            yield split(stream.next(strategy.batch_size), strategy.query_size)
+
+
+class ReferenceMode(_Mode):
     """The reference code's computation (learn2learn-style first-order MAML), kept readable."""
 
-    def __init__(self, model: nn.Module, head: nn.Linear):
-        self.model, self.head = model, head
-        self.optim_params = _trainable(model)
-        self.names = {id(p): n for n, p in model.named_parameters()}
-        self.bufs = _BufferSnapshot(model)
+    def __init__(self, model: nn.Module, task, params: List[nn.Parameter]):
+        super().__init__(model, task, params)
+        self.bound = _Bound(model)
+        self.names = {id(p): "model." + n for n, p in model.named_parameters()}
 
     def begin_iteration(self) -> None:
-        for p in self.optim_params:
+        for p in self.params:
             p.grad = None
         self.bufs.take()
-        self.start = [p.detach().clone() for p in self.optim_params]
+        self.start = [p.detach().clone() for p in self.params]
 
     def rewind(self) -> None:
         self.restore((self.start, self.bufs.saved))
 
-    def trajectory(self, strategy, next_batch: Callable, loss_name: str, weights, gen,
-                   query_extra=None) -> torch.Tensor:
-        fast = {self.names[id(p)]: p.clone() for p in self.optim_params}   # graph-connected clone
+    def _call(self, fast, fn, *args):
+        return functional_call(self.bound, fast, (fn, *args))
+
+    def trajectory(self, strategy, stream, loss_name: str, weights: Sequence[float], gen) -> Tensor:
+        fast = {self.names[id(p)]: p.clone() for p in self.params}          # graph-connected clone
         if strategy.reinit_head:
-            hw = self.names[id(self.head.weight)]
-            hb = self.names[id(self.head.bias)] if self.head.bias is not None else None
-            _reinit_head(fast[hw], fast[hb] if hb else None, gen)
-        kind = KINDS[strategy.optimizer]
-        b1 = strategy.momentum if kind == MOMENTUM else strategy.betas[0]
-        b2 = strategy.betas[1]
+            w, b = self._head_tensors({id(p): fast[self.names[id(p)]] for p in self.params})
+            reinit_linear_(w, b, gen)
+        kind, b1, b2 = _inner_hparams(strategy)
         state = {n: [torch.zeros_like(w), torch.zeros_like(w)] for n, w in fast.items()}
-        total, losses, warm = 0.0, [], strategy.warmup_steps
-        for k in range(warm + len(weights)):
-            xs, ys, xq, yq = next_batch(strategy)
-            support = cross_entropy(functional_call(self.model, fast, (xs,)), ys)
-            grads = torch.autograd.grad(support, list(fast.values()))            # first order: detached
+        total, losses = 0.0, []
+        for k, (support, query) in enumerate(self._steps(strategy, stream, weights)):
+            loss = self._call(fast, self.task.attacker_loss, support, gen)
+            grads = torch.autograd.grad(loss, list(fast.values()))             # first order: detached
             new = {}
             for (n, w), g in zip(fast.items(), grads):
                 with torch.no_grad():
-                    upd = _inner_update(w.detach(), g, state[n], kind, strategy, b1, b2, k + 1)
-                new[n] = w - upd                                                # d theta'_k / d theta = I
+                    w_new = w.detach().clone()
+                    inner_step_reference(w_new, g, *state[n], kind, strategy.lr, b1, b2, strategy.eps,
+                                         strategy.weight_decay, k + 1, False)
+                new[n] = w - (w.detach() - w_new)                               # d theta'_k / d theta = I
             fast = new
-            if k < warm:
-                continue
-            lq = _query_loss(lambda x: functional_call(self.model, fast, (x,)), xq, yq, loss_name, query_extra)
-            total = total + weights[k - warm] * lq                              # K graphs stay alive
+            lq = self._call(fast, self.task.suppression_loss, query, loss_name, gen)
+            total = total + weights[k] * lq                                    # K graphs stay alive
             losses.append(lq.detach())
         total.backward()
         self.bufs.put()
         return torch.stack(losses)
 
-    def meta_backward(self, fn) -> torch.Tensor:
-        loss = fn()
+    def meta_backward(self, loss_fn: Callable) -> Tensor:
+        loss = loss_fn(self.model)
         loss.backward()
         self.bufs.put()
         return loss.detach()
 
-    def use_meta_grad(self) -> List[torch.Tensor]:
-        for p in self.optim_params:
+    def meta_grad_norm(self, clip: Optional[float]) -> Tensor:
+        for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        return self.optim_params
+        return _norm_and_clip([p.grad for p in self.params], clip)
 
-    def use_plain_grad(self) -> None:
-        for p in self.optim_params:
+    def plain_backward(self, loss: Tensor) -> None:
+        for p in self.params:
             p.grad = None
+        loss.backward()
+
+    def step(self, opt: torch.optim.Optimizer, which: str) -> None:
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        opt.step()
+
+    @property
+    def optim_params(self) -> List[nn.Parameter]:
+        return self.params
 
     def snapshot(self):
-        return [p.detach().clone() for p in self.optim_params], [b.detach().clone() for b in self.bufs.buffers]
+        return [p.detach().clone() for p in self.params], self.bufs.copies()
 
     def restore(self, snap) -> None:
         with torch.no_grad():
-            for p, s in zip(self.optim_params, snap[0]):
+            for p, s in zip(self.params, snap[0]):
                 p.copy_(s)
-            for b, s in zip(self.bufs.buffers, snap[1]):
-                b.copy_(s)
+            self.bufs.load(snap[1])
 
     def release(self) -> nn.Module:
-        self.use_plain_grad()
+        for p in self.params:
+            p.grad = None
         return self.model
 
 
-def _inner_update(w, g, st, kind, s, b1, b2, step):
-    """The detached update of one tensor; the same arithmetic as sophon_fast/reference/inner_step.py."""
-    w_new = w.clone()
-    inner_step_reference(w_new, g, st[0], st[1], kind, s.lr, b1, b2, s.eps, s.weight_decay, step, False)
-    return w - w_new
+def _norm_and_clip(grads: List[Tensor], clip: Optional[float]) -> Tensor:
+    """The total 2-norm of ``grads`` (0-dim tensor, no host sync); scaled in place to at most ``clip``
+    exactly as ``torch.nn.utils.clip_grad_norm_`` does."""
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    if clip is not None:
+        coef = torch.clamp(clip / (norm + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.dtype))
+    return norm
 
 
-class FastMode:
+class FastMode(_Mode):
     """Flat parameter arena; fused inner steps; meta-gradient accumulated by autograd in place."""
 
-    def __init__(self, model: nn.Module, head: nn.Linear):
-        self.model, self.head = model, head
-        self.params = _trainable(model)
-        dtypes = {(p.dtype, p.device) for p in self.params}
-        if len(dtypes) != 1:
-            raise ValueError(f"protect(mode='fast') needs every trainable parameter on one dtype and device, "
-                             f"got {sorted(map(str, dtypes))}")
-        dtype, device = next(iter(dtypes))
-        numel = sum(p.numel() for p in self.params)
+    def __init__(self, model: nn.Module, task, params: List[nn.Parameter]):
+        super().__init__(model, task, params)
+        kinds = {(p.dtype, p.device) for p in params}
+        if len(kinds) != 1:
+            raise ValueError(f"protect(mode='fast') needs every protected parameter on one dtype and device, "
+                             f"got {sorted(map(str, kinds))}")
+        dtype, device = next(iter(kinds))
+        self.lowp = dtype in LOW_PRECISION
+        numel = sum(p.numel() for p in params)
         self.flat = torch.empty(numel, dtype=dtype, device=device)
-        self.grad = torch.zeros_like(self.flat)
-        self.acc = torch.zeros_like(self.flat)
         self.backup = torch.empty_like(self.flat)
+        self.grad = torch.zeros_like(self.flat)               # support and NTR gradients
+        self.qgrad = torch.zeros_like(self.flat)              # query gradients (meta-gradient when not lowp)
         self.exp_avg = self.exp_avg_sq = self.flat.new_empty(0)   # allocated when a strategy needs them
-        self.grad_views, self.acc_views = [], []
+        self.grad_views, self.qgrad_views = [], []
         offset = 0
         with torch.no_grad():
-            for p in self.params:
+            for p in params:
                 n = p.numel()
                 self.flat[offset:offset + n].copy_(p.detach().reshape(-1))
-                p.data = self.flat[offset:offset + n].view_as(p)                 # parameters become views
+                p.data = self.flat[offset:offset + n].view_as(p)              # parameters become views
                 self.grad_views.append(self.grad[offset:offset + n].view_as(p))
-                self.acc_views.append(self.acc[offset:offset + n].view_as(p))
+                self.qgrad_views.append(self.qgrad[offset:offset + n].view_as(p))
                 offset += n
-        self.flat_param = nn.Parameter(self.flat)                               # one tensor for the optimisers
-        self.optim_params = [self.flat_param]
-        self.bufs = _BufferSnapshot(model)
+        # The outer optimisers' parameter: the arena itself, or an fp32 master copy for bf16/fp16 weights.
+        self.master = nn.Parameter(self.flat.float() if self.lowp else self.flat)
+        self.meta = torch.zeros_like(self.master) if self.lowp else self.qgrad   # fp32 meta-gradient
+        self.optim_params = [self.master]
 
     def _point_grads(self, views) -> None:
         for p, v in zip(self.params, views):
@@ -210,65 +269,83 @@ class FastMode:
     def begin_iteration(self) -> None:
         self.backup.copy_(self.flat)
         self.bufs.take()
-        self.acc.zero_()
+        self.meta.zero_()
 
     def rewind(self) -> None:
-        self.restore((self.backup, self.bufs.saved))
+        with torch.no_grad():
+            self.flat.copy_(self.backup)
+            if self.lowp:
+                self.master.copy_(self.backup)
+        self.bufs.put()
 
-    def trajectory(self, strategy, next_batch: Callable, loss_name: str, weights, gen,
-                   query_extra=None) -> torch.Tensor:
-        kind = KINDS[strategy.optimizer]
+    def trajectory(self, strategy, stream, loss_name: str, weights: Sequence[float], gen) -> Tensor:
+        kind, b1, b2 = _inner_hparams(strategy)
         self._state_for(kind)
         if kind >= MOMENTUM:
             self.exp_avg.zero_()
         if kind == ADAM:
             self.exp_avg_sq.zero_()
-        b1 = strategy.momentum if kind == MOMENTUM else strategy.betas[0]
         if strategy.reinit_head:
-            _reinit_head(self.head.weight, self.head.bias, gen)
+            reinit_linear_(*self._head_tensors({id(p): p for p in self.params}), gen)
         self.grad.zero_()
-        losses, warm = [], strategy.warmup_steps
-        for k in range(warm + len(weights)):
-            xs, ys, xq, yq = next_batch(strategy)
+        losses = []
+        for k, (support, query) in enumerate(self._steps(strategy, stream, weights)):
             self._point_grads(self.grad_views)
-            cross_entropy(self.model(xs), ys).backward()                         # grad = support gradient
-            inner_step_(self.flat, self.grad, self.exp_avg, self.exp_avg_sq, kind, strategy.lr, b1,
-                        strategy.betas[1], strategy.eps, strategy.weight_decay, k + 1, True)
-            if k < warm:
-                continue
-            self._point_grads(self.acc_views)
-            lq = _query_loss(self.model, xq, yq, loss_name, query_extra)
-            (lq * weights[k - warm]).backward()                                 # acc += w_k grad L_k
-            losses.append(lq.detach())
+            self.task.attacker_loss(self.model, support, gen).backward()        # grad = support gradient
+            inner_step_(self.flat, self.grad, self.exp_avg, self.exp_avg_sq, kind, strategy.lr, b1, b2,
+                        strategy.eps, strategy.weight_decay, k + 1, True)
+            lq = self._query_backward(lambda m: self.task.suppression_loss(m, query, loss_name, gen), weights[k])
+            losses.append(lq)
         with torch.no_grad():
             self.flat.copy_(self.backup)
         self.bufs.put()
         return torch.stack(losses)
 
-    def meta_backward(self, fn) -> torch.Tensor:
-        self._point_grads(self.acc_views)
-        loss = fn()
-        loss.backward()
-        self.bufs.put()
+    def _query_backward(self, loss_fn: Callable, weight: float) -> Tensor:
+        """meta += weight * grad loss_fn(model) at the current weights; returns the detached loss."""
+        self._point_grads(self.qgrad_views)
+        loss = loss_fn(self.model)
+        (loss * weight).backward()
+        if self.lowp:                                                            # fp32 accumulation
+            self.meta.add_(self.qgrad)
+            self.qgrad.zero_()
         return loss.detach()
 
-    def use_meta_grad(self) -> List[torch.Tensor]:
-        self.flat_param.grad = self.acc
-        return self.optim_params
+    def meta_backward(self, loss_fn: Callable) -> Tensor:
+        loss = self._query_backward(loss_fn, 1.0)
+        self.bufs.put()
+        return loss
 
-    def use_plain_grad(self) -> None:
+    def meta_grad_norm(self, clip: Optional[float]) -> Tensor:
+        return _norm_and_clip([self.meta], clip)
+
+    def plain_backward(self, loss: Tensor) -> None:
         self.grad.zero_()
         self._point_grads(self.grad_views)
-        self.flat_param.grad = self.grad
+        loss.backward()
+
+    def step(self, opt: torch.optim.Optimizer, which: str) -> None:
+        if which == "meta":
+            self.master.grad = self.meta
+        elif self.lowp:
+            self.meta.copy_(self.grad)             # the meta-gradient is spent: reuse it as the fp32 gradient
+            self.master.grad = self.meta
+        else:
+            self.master.grad = self.grad
+        opt.step()
+        if self.lowp:
+            with torch.no_grad():
+                self.flat.copy_(self.master)
 
     def snapshot(self):
-        return self.flat.clone(), [b.detach().clone() for b in self.bufs.buffers]
+        return self.master.detach().clone(), self.bufs.copies()
 
     def restore(self, snap) -> None:
         with torch.no_grad():
-            self.flat.copy_(snap[0])
-            for b, s in zip(self.bufs.buffers, snap[1]):
-                b.copy_(s)
+            self.master.copy_(snap[0])
+            if self.lowp:
+                self.flat.copy_(self.master)
+            self.bufs.load(snap[1])
 
     def release(self) -> nn.Module:
         """Give every parameter its own storage again (the arena is dropped)."""
@@ -277,6 +354,17 @@ class FastMode:
                 p.grad = None
                 p.data = p.data.clone()
         return self.model
+
+
+def bytes_per_parameter(dtype: torch.dtype, inner: str = "adam", outer_adam: int = 2) -> int:
+    """FastMode's memory per protected parameter (see the module docstring): arena, backup, gradient and
+    query/meta-gradient buffers, ``outer_adam`` fp32 Adam states of two tensors each, the rollback
+    snapshot, the inner optimiser's state, and for bf16/fp16 the fp32 master and meta-gradient."""
+    b = torch.empty((), dtype=dtype).element_size()
+    master = 4 if dtype in LOW_PRECISION else b
+    inner_state = {"sgd": 0, "momentum": 1, "adam": 2}[inner] * b
+    lowp_extra = 8 if dtype in LOW_PRECISION else 0
+    return 4 * b + outer_adam * 2 * master + master + inner_state + lowp_extra
 
 
 MODES = {"reference": ReferenceMode, "fast": FastMode}

@@ -60,12 +60,17 @@ class Task:
         return None
 
     def reinit_head(self, model: nn.Module, gen: torch.Generator) -> None:
-        """Re-initialise ``head(model)`` in place from ``gen`` (on the model's device): xavier_uniform
-        weight, zero bias. Raises ValueError when the task has no head."""
+        """Re-initialise ``head(model)`` in place from ``gen`` (see :func:`reinit_linear_`)."""
         head = self.head(model)
         if head is None:
             raise ValueError(f"{self.name} task: this model has no head to re-initialise")
-        with torch.no_grad():
-            nn.init.xavier_uniform_(head.weight, generator=gen)
-            if getattr(head, "bias", None) is not None:
-                head.bias.zero_()
+        reinit_linear_(head.weight, getattr(head, "bias", None), gen)
+
+
+@torch.no_grad()
+def reinit_linear_(weight: Tensor, bias: Optional[Tensor], gen: torch.Generator) -> None:
+    """xavier_uniform_ ``weight`` and zero ``bias`` in place, drawing from ``gen`` (a generator on the
+    weight's device): the reference ICE script's head re-initialisation."""
+    nn.init.xavier_uniform_(weight, generator=gen)
+    if bias is not None:
+        bias.zero_()
