@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from sophon_fast import models
-from sophon_fast.engine import protect
+from sophon_fast.engine import Checkpointing, Evaluation, protect
 from sophon_fast.quickbench import median_time, sync
 
 BATCH, QUERY, NTR_BATCH = 150, 20, 150
@@ -64,15 +64,14 @@ def demo_case(device: str = "cpu"):
 
 def demo_config(mode: str, iterations: int, device: str = "cpu"):
     from sophon_fast.demo import demo_config as cfg
-    c = cfg(quick=False, iterations=iterations, progress=False, checkpoint_dir=None)
-    c.mode, c.device, c.original_acc_floor, c.resume = mode, device, None, False
-    return c
+    return cfg(quick=False, iterations=iterations, progress=False).replace(
+        mode=mode, device=device, evaluation=Evaluation(max_drop=None), checkpoint=Checkpointing())
 
 
 def run_protect(model, data, K: int, mode: str, iterations: int, device: str = "cpu"):
     """protect() of an architecture case for ``iterations`` outer iterations; returns its ProtectResult."""
     return protect(model, data, data, mode=mode, loss="ice", iterations=iterations, inner_steps=K,
-                   progress=False, original_acc_floor=None, device=device)
+                   progress=False, evaluation=Evaluation(max_drop=None), device=device)
 
 
 def run_demo(case, mode: str, iterations: int, device: str = "cpu"):

@@ -21,7 +21,7 @@ from sophon_fast.attacks import head_start_removed, overhead, run, scratch, suit
 from sophon_fast.attacks import accuracy
 from sophon_fast.demo import pretrain
 from sophon_fast.engine import ProtectConfig, protect
-from sophon_fast.engine.loop import _head_preacts
+from sophon_fast.defences.trap import head_preacts
 from sophon_fast.io import load_model, save_model
 
 ROOT = "runs/exp"
@@ -59,7 +59,7 @@ def dead_stats(model, dataset, n=2000):
     was = model.training
     model.eval()
     try:
-        z = _head_preacts(model, model.head, x)
+        z = head_preacts(model, model.head, x)
     finally:
         model.train(was)
     return {"inputs_all_off": float((z.max(1).values <= 0).float().mean()), "units_off": float((z <= 0).float().mean())}

@@ -10,7 +10,7 @@ import torch
 
 from sophon_fast import data as sfdata
 from sophon_fast.attacks import Attack
-from sophon_fast.engine.loop import _head_preacts, _soft_threshold
+from sophon_fast.defences.trap import head_preacts, soft_threshold
 from sophon_fast.io import load_model
 
 
@@ -46,7 +46,7 @@ def main():
         named = [(n, p) for n, p in m.named_parameters() if not n.startswith("head.")]
         with torch.no_grad():
             for s_ in (0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.3, 1.0):
-                z = _head_preacts(m, m.head, xtr, {n: _soft_threshold(p, s_) for n, p in named})
+                z = head_preacts(m, m.head, xtr, {n: soft_threshold(p, s_) for n, p in named})
                 print(f"soft-threshold s={s_:<6} all_off {float((z.max(1).values <= 0).float().mean()):.4f}"
                       f"  max_z {float(z.max()):.2f}")
     if a.method == "reinit_head":
@@ -62,7 +62,7 @@ def main():
         if step % a.every == 0:
             with torch.no_grad():
                 m.eval()
-                z = _head_preacts(m, m.head, xtr)
+                z = head_preacts(m, m.head, xtr)
                 acc = float((m(xte).argmax(1) == yte).float().mean())
                 m.train()
         i = (step * 200) % len(xtr)

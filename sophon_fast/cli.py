@@ -1,7 +1,7 @@
 """The ``sophon-fast`` command (also ``python -m sophon_fast``).
 
     sophon-fast demo     [--quick] [--out runs/demo]        pre-train, protect, attack, report
-    sophon-fast protect  MODEL --original NAME --restricted NAME --out PATH [--loss ice ...]
+    sophon-fast protect  MODEL --original NAME --restricted NAME --out PATH [--config FILE.json|demo] [--loss ...]
     sophon-fast attack   MODEL --restricted NAME [--suite default] [--unprotected MODEL] [--out DIR]
     sophon-fast report   DIR_OR_JSON                         re-render report.md / curves.png
     sophon-fast backends                                     which kernel backends are usable
@@ -31,18 +31,45 @@ def _cmd_demo(a) -> int:
     return 0
 
 
+def load_config(spec: Optional[str]):
+    """A ProtectConfig from a JSON file of its fields (``ProtectConfig.to_dict`` form), or "demo" for the
+    demo's recipe; None: the reference defaults."""
+    import json
+
+    from sophon_fast.engine import ProtectConfig
+    if spec is None:
+        return ProtectConfig()
+    if spec == "demo":
+        from sophon_fast.demo import demo_config
+        return demo_config(quick=False)
+    try:
+        with open(spec) as f:
+            fields = json.load(f)
+    except OSError as e:
+        raise ValueError(f"cannot read the config file {spec}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"the config file {spec} is not valid JSON: {e}") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"the config file {spec} must hold a JSON object of ProtectConfig fields")
+    return ProtectConfig.from_dict(fields)
+
+
 def _cmd_protect(a) -> int:
     from sophon_fast import data
-    from sophon_fast.engine import ProtectConfig, protect
+    from sophon_fast.engine import Checkpointing, protect
     from sophon_fast.io import load_model, save_model
     model = load_model(a.model)
-    cfg = ProtectConfig(loss=a.loss, mode=a.mode, iterations=a.iterations, inner_steps=a.inner_steps,
-                        seed=a.seed, checkpoint_dir=a.checkpoint_dir, resume=a.checkpoint_dir is not None,
-                        progress=not a.no_progress)
+    flags = {k: v for k, v in (("loss", a.loss), ("mode", a.mode), ("iterations", a.iterations),
+                               ("inner_steps", a.inner_steps), ("seed", a.seed)) if v is not None}
+    if a.checkpoint_dir is not None:
+        flags["checkpoint"] = Checkpointing(a.checkpoint_dir, resume=True)
+    cfg = load_config(a.config).replace(progress=not a.no_progress, **flags)
     res = protect(model, data.load(a.original, "train"), [data.load(r, "train") for r in a.restricted], cfg,
                   original_test=data.load(a.original, "test"))
-    save_model(res.model, a.out, metadata={"original": a.original, "restricted": a.restricted})
-    print(f"protected model written to {a.out}; original accuracy {res.original_acc}; {res.stop_reason or 'completed'}")
+    save_model(res.model, a.out, metadata={"original": a.original, "restricted": a.restricted,
+                                           "protect_config": res.config.to_dict()})
+    print(f"protected model written to {a.out}; original accuracy {res.original_metric}; "
+          f"{res.stop_reason or 'completed'}")
     return 0
 
 
@@ -117,11 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--original", required=True)
     pr.add_argument("--restricted", required=True, nargs="+")
     pr.add_argument("--out", required=True)
-    pr.add_argument("--loss", default="ice")
-    pr.add_argument("--mode", default="fast", choices=["fast", "reference"])
-    pr.add_argument("--iterations", type=int, default=200)
-    pr.add_argument("--inner-steps", type=int, default=50)
-    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--config", default=None,
+                    help="JSON file of ProtectConfig fields, or 'demo' for the demo's recipe; flags below override it")
+    pr.add_argument("--loss", default=None)
+    pr.add_argument("--mode", default=None, choices=["fast", "reference"])
+    pr.add_argument("--iterations", type=int, default=None)
+    pr.add_argument("--inner-steps", type=int, default=None)
+    pr.add_argument("--seed", type=int, default=None)
     pr.add_argument("--checkpoint-dir", default=None, help="checkpoints here; a rerun resumes")
     pr.add_argument("--no-progress", action="store_true")
     pr.set_defaults(fn=_cmd_protect)
@@ -156,3 +185,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("\ninterrupted: checkpoints written so far are intact; rerun the same command to resume",
               file=sys.stderr)
         return 130
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:   # bad input: one line, no traceback
+        if args.verbose:
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"sophon-fast: error: {msg}", file=sys.stderr)
+        return 2

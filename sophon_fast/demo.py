@@ -20,8 +20,9 @@ from sophon_fast import data as sfdata
 from sophon_fast import models
 from sophon_fast.attacks import Attack, evaluate_suite, run, scratch, suite
 from sophon_fast.attacks import accuracy as attack_accuracy
-from sophon_fast.engine import ProtectConfig, Strategy, protect
-from sophon_fast.engine.loop import config_changes
+from sophon_fast.defences import TrapConfig
+from sophon_fast.engine import Checkpointing, Evaluation, ProtectConfig, Strategy, protect
+from sophon_fast.engine.state import config_changes
 from sophon_fast.io import load_model, read_record, save_model
 from sophon_fast.report import write_report
 
@@ -37,12 +38,11 @@ def demo_config(quick: bool, iterations: Optional[int] = None, seed: int = 0, pr
                 checkpoint_dir: Optional[str] = None) -> ProtectConfig:
     strategies = [Strategy("sgd", lr=1e-3, reinit_head=True), Strategy("momentum", lr=1e-2, reinit_head=True),
                   Strategy("adam", lr=1e-3, reinit_head=True)]
+    trap = TrapConfig(weight=0.05, margin=3.0, robust=0.002, decay=1.0, straight_through=True)
     return ProtectConfig(loss="ice", alpha=10.0, beta=5.0, inner_steps=20, strategies=strategies, ntr_steps=3,
-                         feature_loss="margin", feature_weight=0.05, feature_margin=3.0, feature_robust=0.002,
-                         feature_decay=1.0, feature_decay_st=True,
-                         iterations=iterations if iterations is not None else (40 if quick else 400),
-                         eval_every=10, seed=seed, progress=progress,
-                         checkpoint_dir=checkpoint_dir, checkpoint_every=10, resume=True)
+                         defences=[trap], iterations=iterations if iterations is not None else (40 if quick else 400),
+                         evaluation=Evaluation(every=10, max_drop=0.1), seed=seed, progress=progress,
+                         checkpoint=Checkpointing(checkpoint_dir, every=10, resume=True))
 
 
 def pretrain(arch: str, classes: int, train, test, epochs: int, seed: int = 0, progress: bool = False):
@@ -113,7 +113,6 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, origina
     # 2. protection
     prot_path = os.path.join(out, "protected.safetensors")
     cfg = demo_config(quick, iterations, seed, progress, os.path.join(out, "checkpoints"))
-    cfg.original_acc_floor = max(0.0, unprot_acc - 0.10)   # roll back rather than lose 10 points
     t0 = time.perf_counter()
     history = []
     stale = []
@@ -124,7 +123,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, origina
         if stale:   # made by another recipe: its attack results (and, unless only longer, checkpoint) are stale
             say(f"[demo] {prot_path} was protected with other settings ({', '.join(stale)}): protecting again"
                 + ("" if changed else " (resuming its checkpoint)"))
-            for p in ([os.path.join(cfg.checkpoint_dir, "protect.pt")] if changed else []) + \
+            for p in ([os.path.join(cfg.checkpoint.dir, "protect.pt")] if changed else []) + \
                     [os.path.join(out, "attacks.partial.json")]:
                 if os.path.exists(p):
                     os.remove(p)
@@ -179,7 +178,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, origina
                          "subset": subset, "threads": torch.get_num_threads()},
               "timing": timing,
               "protect_history": [{k: v for k, v in h.items() if k in ("iteration", "fts_loss", "ntr_loss",
-                                                                        "original_acc", "grad_norm")}
+                                                                        "original_metric", "grad_norm")}
                                   for h in history]}
     report["targets"] = _targets(report)
     paths = write_report(report, out)

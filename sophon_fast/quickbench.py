@@ -58,12 +58,12 @@ def _fwd_bwd(fn, z, y):
 def _protect_iteration(mode: str, K: int = 10, iterations: int = 4) -> float:
     """Median seconds of one outer iteration (the first, warm-up, excluded), from protect()'s history."""
     from sophon_fast import models
-    from sophon_fast.engine import protect
+    from sophon_fast.engine import Evaluation, protect
     model = models.build("cnn_small", num_classes=10, seed=0)
     g = torch.Generator().manual_seed(0)
     data = (torch.randn(600, 1, 28, 28, generator=g), torch.randint(0, 10, (600,), generator=g))
     res = protect(model, data, data, mode=mode, iterations=iterations, inner_steps=K, progress=False,
-                  original_acc_floor=None)
+                  evaluation=Evaluation(max_drop=None))
     return statistics.median(h["t_fts"] + h["t_ntr"] for h in res.history[1:])
 
 

@@ -90,7 +90,7 @@ def test_demo_reprotects_a_model_made_with_other_settings(tmp_path, capsys):
     assert cli.main(args) == 0
     rec_path = out / "protected.json"
     rec = json.loads(rec_path.read_text())
-    assert rec["metadata"]["protect_config"]["feature_loss"] == "margin"
+    assert rec["metadata"]["protect_config"]["defences"][0]["kind"] == "trap"
     rec["metadata"]["protect_config"]["alpha"] = 1.0           # as if an older recipe had made it
     rec_path.write_text(json.dumps(rec))
     capsys.readouterr()
@@ -106,3 +106,21 @@ def test_demo_reprotects_a_model_made_with_other_settings(tmp_path, capsys):
     said = capsys.readouterr()
     assert "(iterations): protecting again (resuming its checkpoint)" in said.out + said.err
     assert json.loads(rec_path.read_text())["metadata"]["iterations"] == 2
+
+
+def test_cli_bad_input_is_one_line_not_a_traceback(tmp_path, capsys):
+    assert cli.main(["protect", str(tmp_path / "missing.safetensors"), "--original", "fashion_mnist",
+                     "--restricted", "mnist", "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sophon-fast: error:") and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_protect_reads_a_config_file(tmp_path):
+    import sophon_fast as sf
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(sf.ProtectConfig(loss="klu", inner_steps=3).to_dict()))
+    assert cli.load_config(str(path)) == sf.ProtectConfig(loss="klu", inner_steps=3)
+    assert cli.load_config("demo").defences[0].kind == "trap"
+    path.write_text('{"inner_lr": 1}')
+    with pytest.raises(ValueError, match="unknown settings"):
+        cli.load_config(str(path))

@@ -14,35 +14,21 @@ from sophon_fast import models
 from sophon_fast.attacks.metrics import head_start_removed, overhead
 from sophon_fast.attacks.spec import Attack, suite
 from sophon_fast.data import as_tensors
+from sophon_fast.models import model_device as _model_device
+from sophon_fast.tasks.base import reinit_linear_
+from sophon_fast.tasks.classification import accuracy  # noqa: F401  (re-exported: one accuracy function)
 
 
 def _rng_devices(device: torch.device) -> list:
     return [device] if device.type == "cuda" else []
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 @torch.no_grad()
 def _accuracy(fn, X: torch.Tensor, Y: torch.Tensor, batch_size: int) -> float:
-    correct = 0
+    correct = torch.zeros((), dtype=torch.long, device=X.device)
     for i in range(0, X.shape[0], batch_size):
-        correct += (fn(X[i:i + batch_size]).argmax(1) == Y[i:i + batch_size]).sum().item()
-    return correct / X.shape[0]
-
-
-def accuracy(model: nn.Module, data, batch_size: int = 1000, device: Optional[Union[str, torch.device]] = None) -> float:
-    """Top-1 accuracy in [0, 1] of ``model`` (in eval mode; its mode is restored) on a Dataset/DataLoader/(X, Y)."""
-    device = torch.device(device) if device is not None else _model_device(model)
-    X, Y = as_tensors(data)
-    was_training = model.training
-    model.eval()
-    try:
-        return _accuracy(model, X.to(device), Y.to(device), batch_size)
-    finally:
-        model.train(was_training)
+        correct += (fn(X[i:i + batch_size]).argmax(1) == Y[i:i + batch_size]).sum()
+    return int(correct) / X.shape[0]
 
 
 @torch.no_grad()
@@ -89,9 +75,7 @@ def run(model: nn.Module, train, test, attack: Attack, seed: int = 0, device: Un
     with torch.random.fork_rng(devices=_rng_devices(device)):
         torch.manual_seed(seed)
         if attack.method == "reinit_head":
-            nn.init.xavier_uniform_(head.weight)
-            if head.bias is not None:
-                nn.init.zeros_(head.bias)
+            reinit_linear_(head.weight, head.bias, None)          # the global RNG, seeded above
         for p in m.parameters():
             p.requires_grad_(attack.method != "last_layer")
         for p in head.parameters():

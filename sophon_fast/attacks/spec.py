@@ -20,8 +20,9 @@ from typing import Dict, List, Optional
 
 import torch
 
+from sophon_fast.optim import OPTIMIZERS, make_optimizer
+
 METHODS = ("full", "reinit_head", "last_layer")
-OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "adagrad", "adadelta", "rmsprop")
 
 
 @dataclass(frozen=True)
@@ -53,13 +54,7 @@ class Attack:
         return dataclasses.replace(self, epochs=max(1, int(round(self.epochs * epochs_scale))))
 
     def make_optimizer(self, params) -> torch.optim.Optimizer:
-        o, wd = self.optimizer, self.weight_decay
-        if o in ("sgd", "momentum"):
-            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum if o == "momentum" else 0.0,
-                                   weight_decay=wd)
-        cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "adagrad": torch.optim.Adagrad,
-               "adadelta": torch.optim.Adadelta, "rmsprop": torch.optim.RMSprop}[o]
-        return cls(params, lr=self.lr, weight_decay=wd)
+        return make_optimizer(self.optimizer, params, self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
 
 
 PAPER = Attack("paper", "full", "momentum", lr=1e-4, batch_size=200, epochs=20, momentum=0.9, weight_decay=1e-4)

@@ -130,3 +130,13 @@ class DeadUnitTrap:
                 loss = loss + self.hinge(lambda: functional_call(model, params, (x,)))
             loss = loss / (1 + self.cfg.decay_samples)
         return self.cfg.weight * loss
+
+
+def head_preacts(model: nn.Module, head: nn.Module, x: Tensor, params: Optional[dict] = None) -> Tensor:
+    """The pre-activation (N, units) of the ReLU feeding ``head`` for inputs ``x``; ``params``: a {name:
+    tensor} replacement for some parameters (``torch.func.functional_call``). For analysis scripts."""
+    trap = DeadUnitTrap(TrapConfig())
+    trap.head = head
+    trap._locate(model, x)
+    call = (lambda: model(x)) if params is None else (lambda: functional_call(model, params, (x,)))
+    return trap.preacts(call)[1]

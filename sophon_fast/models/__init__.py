@@ -81,8 +81,14 @@ def head_of(model: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def num_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["available", "build", "head_of", "num_parameters"]
+__all__ = ["available", "build", "head_of", "model_device", "num_parameters"]

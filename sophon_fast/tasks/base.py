@@ -68,9 +68,9 @@ class Task:
 
 
 @torch.no_grad()
-def reinit_linear_(weight: Tensor, bias: Optional[Tensor], gen: torch.Generator) -> None:
+def reinit_linear_(weight: Tensor, bias: Optional[Tensor], gen: Optional[torch.Generator]) -> None:
     """xavier_uniform_ ``weight`` and zero ``bias`` in place, drawing from ``gen`` (a generator on the
-    weight's device): the reference ICE script's head re-initialisation."""
+    weight's device; None: the global RNG): the reference ICE script's head re-initialisation."""
     nn.init.xavier_uniform_(weight, generator=gen)
     if bias is not None:
         bias.zero_()

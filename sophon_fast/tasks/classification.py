@@ -8,30 +8,21 @@ from torch import Tensor, nn
 
 from sophon_fast.data import as_tensors
 from sophon_fast.functional import cross_entropy, suppression_loss
+from sophon_fast.models import head_of, model_device
 from sophon_fast.tasks.base import Batch, Task
 
 LOSSES = ("ice", "ice_reference_code", "klu", "neg_entropy")
 
 
 def find_head(model: nn.Module, name: Optional[str] = None) -> nn.Linear:
-    """The classification head: the module ``name`` if given, else ``model.head`` when it is an
-    ``nn.Linear``, else the last ``nn.Linear`` in module order. Raises ValueError when there is none."""
-    if name is not None:
-        mod = dict(model.named_modules()).get(name)
-        if not isinstance(mod, nn.Linear):
-            raise ValueError(f"head {name!r} is not an nn.Linear module of the model")
-        return mod
-    if isinstance(getattr(model, "head", None), nn.Linear):
-        return model.head
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError("the model has no nn.Linear to serve as the classification head; name it with head=")
-    return linears[-1]
-
-
-def model_device(model: nn.Module) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
+    """The classification head: the module ``name`` if given, else :func:`sophon_fast.models.head_of`
+    (``model.head`` when it is an ``nn.Linear``, else the last ``nn.Linear``). Raises ValueError."""
+    if name is None:
+        return head_of(model)
+    mod = dict(model.named_modules()).get(name)
+    if not isinstance(mod, nn.Linear):
+        raise ValueError(f"head {name!r} is not an nn.Linear module of the model")
+    return mod
 
 
 @torch.no_grad()
