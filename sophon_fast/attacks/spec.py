@@ -9,7 +9,9 @@ Methods:
 
 Optimisers (``torch.optim``, constant learning rate, ``weight_decay`` passed to each):
 ``sgd`` (SGD, no momentum), ``momentum`` (SGD with ``momentum``, default 0.9), ``adam``, ``adamw``,
-``adagrad``, ``adadelta``, ``rmsprop`` (their torch defaults otherwise).
+``adagrad``, ``adadelta``, ``rmsprop`` (their torch defaults otherwise); ``sign_momentum`` (Lion's
+update: :class:`Lion`, betas (0.9, 0.99)) and ``signsgd`` (:class:`Lion`, betas (0, 0): ``p -= lr * sign(grad)``),
+both with decoupled weight decay.
 """
 from __future__ import annotations
 
@@ -22,6 +24,35 @@ import torch
 
 METHODS = ("full", "reinit_head", "last_layer")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "adagrad", "adadelta", "rmsprop")
+SIGN_OPTIMIZERS = ("sign_momentum", "signsgd")   # accepted by Attack, not part of the "full" suite
+
+
+class Lion(torch.optim.Optimizer):
+    """Lion (Chen et al., 2023): ``p -= lr * (sign(b1 * m + (1 - b1) * g) + wd * p)``, then
+    ``m = b2 * m + (1 - b2) * g``. Every step moves each weight by exactly ``lr`` (plus decay): the
+    large, sign-like steps that ignore how small a masked gradient is. Betas (0, 0) give sign-SGD."""
+
+    def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0):
+        if not (lr > 0 and all(0.0 <= b < 1.0 for b in betas) and weight_decay >= 0):
+            raise ValueError(f"Lion: invalid lr {lr}, betas {betas} or weight_decay {weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                m = self.state[p].setdefault("exp_avg", torch.zeros_like(p))
+                p.mul_(1.0 - group["lr"] * group["weight_decay"])
+                p.add_(torch.sign(m * b1 + p.grad * (1.0 - b1)), alpha=-group["lr"])
+                m.mul_(b2).add_(p.grad, alpha=1.0 - b2)
+        return loss
 
 
 @dataclass(frozen=True)
@@ -40,8 +71,8 @@ class Attack:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown attack method {self.method!r}; one of {METHODS}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; one of {OPTIMIZERS}")
+        if self.optimizer not in OPTIMIZERS + SIGN_OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; one of {OPTIMIZERS + SIGN_OPTIMIZERS}")
         if not (self.lr > 0 and self.batch_size >= 1 and self.epochs >= 0 and self.weight_decay >= 0):
             raise ValueError(f"invalid attack hyper-parameters: {self}")
         if self.name is None:
@@ -57,6 +88,9 @@ class Attack:
         if o in ("sgd", "momentum"):
             return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum if o == "momentum" else 0.0,
                                    weight_decay=wd)
+        if o in SIGN_OPTIMIZERS:
+            return Lion(params, lr=self.lr, betas=(0.9, 0.99) if o == "sign_momentum" else (0.0, 0.0),
+                        weight_decay=wd)
         cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "adagrad": torch.optim.Adagrad,
                "adadelta": torch.optim.Adadelta, "rmsprop": torch.optim.RMSprop}[o]
         return cls(params, lr=self.lr, weight_decay=wd)
