@@ -8,10 +8,18 @@ if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then
   (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null \
     || echo "[setup] WARNING: could not install dataset-fashion-mnist (the fashion_mnist domain will be unavailable)"
 fi
+for pkg in fortunes fortunes-de; do   # English and German prose for the language-model demo
+  if ! dpkg -s "$pkg" >/dev/null 2>&1; then
+    echo "[setup] installing Debian package $pkg"
+    (apt-get update -qq && apt-get install -y -qq "$pkg") >/dev/null \
+      || echo "[setup] WARNING: could not install $pkg (its text domain will be unavailable)"
+  fi
+done
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check \
   torch==2.13.0 triton==3.7.1 numpy ninja pybind11 setuptools wheel \
-  pytest pytest-benchmark safetensors tqdm matplotlib scikit-learn mlxtend
+  pytest pytest-benchmark safetensors tqdm matplotlib scikit-learn mlxtend \
+  transformers==5.24.0 peft==0.21.2 tokenizers==0.23.3
 stamp=.venv/.sophon_fast_build
 if [ ! -f "$stamp" ] || [ -n "$(find setup.py csrc -newer "$stamp" 2>/dev/null | head -1)" ] \
    || ! .venv/bin/python -c "import sophon_fast._C" 2>/dev/null; then

@@ -51,7 +51,8 @@ def _head_inputs(model: nn.Module, head: nn.Linear, X: torch.Tensor, batch_size:
 
 
 def run(model: nn.Module, train, test, attack: Attack, seed: int = 0, device: Union[str, torch.device] = "cpu",
-        progress: bool = False, return_model: bool = False):
+        progress: bool = False, return_model: bool = False, eval_steps: Optional[Sequence[int]] = None,
+        loss_log: Optional[list] = None):
     """Fine-tune a copy of ``model`` on ``train`` with ``attack``; restricted ``test`` accuracy per epoch.
 
     Returns ``attack.epochs + 1`` accuracies in [0, 1]; index 0 is before any training (after the head
@@ -66,6 +67,11 @@ def run(model: nn.Module, train, test, attack: Attack, seed: int = 0, device: Un
 
     ``last_layer`` attacks compute the frozen body's features once and train the head on them when the
     head is the model's last operation (checked on the data), which is the same computation, faster.
+
+    ``eval_steps`` (strictly increasing optimiser-step counts >= 1, within ``attack.epochs`` epochs):
+    evaluate after each of those steps instead of after each epoch, and stop after the last one; the
+    curve then has ``len(eval_steps) + 1`` entries (index 0 before training). ``loss_log``: a list that
+    receives every step's training loss as a detached 0-d tensor (no host synchronisation).
     """
     device = torch.device(device)
     Xtr, Ytr = (t.to(device) for t in as_tensors(train))
@@ -92,11 +98,13 @@ def run(model: nn.Module, train, test, attack: Attack, seed: int = 0, device: Un
         gen = torch.Generator().manual_seed(seed)
         evaluate = lambda: (m.eval(), _accuracy(forward, Xte, Yte, 1000))[1]   # noqa: E731
         curve = [evaluate()]
+        n, bs = Xtr.shape[0], attack.batch_size
+        pending = _check_eval_steps(eval_steps, attack.epochs * -(-n // bs))
         epochs = range(attack.epochs)
         if progress:
             from tqdm.auto import tqdm
             epochs = tqdm(epochs, desc=attack.name, leave=False)
-        n, bs = Xtr.shape[0], attack.batch_size
+        step = 0
         for _ in epochs:
             set_mode()
             perm = torch.randperm(n, generator=gen).to(device)
@@ -106,10 +114,33 @@ def run(model: nn.Module, train, test, attack: Attack, seed: int = 0, device: Un
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-            curve.append(evaluate())
+                step += 1
+                if loss_log is not None:
+                    loss_log.append(loss.detach())
+                if pending and step == pending[0]:
+                    pending.pop(0)
+                    curve.append(evaluate())
+                    set_mode()
+                    if not pending:
+                        break
+            if eval_steps is None:
+                curve.append(evaluate())
+            elif not pending:
+                break
     for p in m.parameters():
         p.requires_grad_(True)
     return (curve, m) if return_model else curve
+
+
+def _check_eval_steps(eval_steps: Optional[Sequence[int]], total_steps: int) -> list:
+    """``eval_steps`` as a list (empty for None); ValueError unless strictly increasing in [1, total_steps]."""
+    if eval_steps is None:
+        return []
+    steps = [int(s) for s in eval_steps]
+    if not steps or steps[0] < 1 or steps[-1] > total_steps or any(a >= b for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"eval_steps must be strictly increasing in [1, {total_steps}] "
+                         f"(the attack's epochs x batches per epoch), got {list(eval_steps)}")
+    return steps
 
 
 def scratch(model_or_arch: Union[nn.Module, Dict, str], seed: int = 0, **kw) -> nn.Module:

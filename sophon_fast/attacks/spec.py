@@ -9,7 +9,9 @@ Methods:
 
 Optimisers (``torch.optim``, constant learning rate, ``weight_decay`` passed to each):
 ``sgd`` (SGD, no momentum), ``momentum`` (SGD with ``momentum``, default 0.9), ``adam``, ``adamw``,
-``adagrad``, ``adadelta``, ``rmsprop`` (their torch defaults otherwise).
+``adagrad``, ``adadelta``, ``rmsprop`` (their torch defaults otherwise); ``sign_momentum`` (Lion's
+update: :class:`Lion`, betas (0.9, 0.99)) and ``signsgd`` (:class:`Lion`, betas (0, 0): ``p -= lr * sign(grad)``),
+both with decoupled weight decay.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from sophon_fast.optim import OPTIMIZERS, make_optimizer
+from sophon_fast.optim import OPTIMIZERS, SIGN_OPTIMIZERS, Lion, make_optimizer  # noqa: F401  (Lion re-exported)
 
 METHODS = ("full", "reinit_head", "last_layer")
 
@@ -41,8 +43,8 @@ class Attack:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown attack method {self.method!r}; one of {METHODS}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; one of {OPTIMIZERS}")
+        if self.optimizer not in OPTIMIZERS + SIGN_OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; one of {OPTIMIZERS + SIGN_OPTIMIZERS}")
         if not (self.lr > 0 and self.batch_size >= 1 and self.epochs >= 0 and self.weight_decay >= 0):
             raise ValueError(f"invalid attack hyper-parameters: {self}")
         if self.name is None:

@@ -168,7 +168,7 @@ def protect(model: nn.Module, original, restricted, config: Optional[ProtectConf
     cfg = (config.replace(**overrides) if overrides else config).resolved()
     t_start = time.perf_counter()
     task = task if task is not None else make_task(cfg.task)
-    if cfg.loss not in task.losses:
+    if task.losses and cfg.loss not in task.losses:
         raise ValueError(f"protect: loss {cfg.loss!r} is not one of the {task.name} task's {task.losses}")
     if not cfg.in_place:
         model = copy.deepcopy(model)

@@ -35,6 +35,7 @@ class Task:
     name: str = "task"
     metric: str = "metric"           # what ``evaluate`` returns, e.g. "accuracy", "next-token loss"
     higher_is_better: bool = True
+    losses: Tuple[str, ...] = ()     # the suppression losses this task computes (empty: not checked)
 
     def prepare(self, model: nn.Module, data, what: str) -> Batch:
         """Materialise ``data`` (Dataset, DataLoader, or tuple of tensors) as a tuple of tensors on the

@@ -1,0 +1,288 @@
+"""Language-model pieces: text data, adapters, the LM task's losses, tied heads, LM attacks."""
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from sophon_fast.attacks import lm as lm_attacks
+from sophon_fast.data import text
+from sophon_fast.models import lm
+from sophon_fast.tasks.lm import LanguageModelTask
+
+V, T = 97, 12
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return text.train_tokenizer(300, corpora=("python",), chars_per_corpus=40_000)
+
+
+def _gpt2(**kw):
+    return lm.gpt2(V, n_layer=1, n_embd=16, n_head=2, n_positions=T, seed=0, **kw)
+
+
+def _llama(**kw):
+    return lm.llama(V, n_layer=1, hidden=16, n_head=2, n_kv_head=1, max_positions=T, seed=0, **kw)
+
+
+def _batch(n=4, seed=1, pad_rows=2):
+    """(input_ids, labels): random tokens; the last ``pad_rows`` rows end in padding (-100 labels)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, V, (n, T), generator=g)
+    labels = ids.clone()
+    for i in range(pad_rows):
+        cut = T - 3 - 2 * i
+        ids[n - 1 - i, cut:] = 1
+        labels[n - 1 - i, cut:] = -100
+    return ids, labels
+
+
+# ---- data -------------------------------------------------------------------------------------
+def test_tokenizer_is_deterministic_and_cached(tmp_path):
+    a = text.train_tokenizer(300, corpora=("python",), chars_per_corpus=40_000)
+    b = text.train_tokenizer(300, corpora=("python",), chars_per_corpus=40_000, cache_dir=str(tmp_path))
+    assert a.to_str() == b.to_str()
+    assert len(list(tmp_path.iterdir())) == 1
+    c = text.train_tokenizer(300, corpora=("python",), chars_per_corpus=40_000, cache_dir=str(tmp_path))
+    assert c.to_str() == a.to_str() and c.get_vocab_size() == 300
+    assert text.special_ids(a) == (0, 1)
+
+
+def test_tokenizer_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="vocab_size"):
+        text.train_tokenizer(100, corpora=("python",))
+    with pytest.raises(ValueError, match="unknown text corpus"):
+        text.texts("klingon", "train")
+    with pytest.raises(ValueError, match="split"):
+        text.texts("python", "valid")
+
+
+def test_splits_are_disjoint_and_stable():
+    train, test = text.texts("python", "train"), text.texts("python", "test")
+    assert train and test and not set(train) & set(test)
+    assert 0.02 < len(test) / (len(train) + len(test)) < 0.25
+    assert text.texts("python", "test", max_chars=1) == test[:1]
+
+
+def test_blocks_shapes_and_padding_labels(tokenizer):
+    docs = ["def f(x):\n    return x\n", "import os\n", "class A:\n    pass\n"]
+    ids, labels = text.encode_blocks(docs, tokenizer, block_size=8)
+    eos, pad = text.special_ids(tokenizer)
+    stream = [i for d in docs for i in tokenizer.encode(d).ids + [eos]]
+    assert ids.dtype == labels.dtype == torch.int64 and ids.shape == labels.shape
+    assert ids.shape == (math.ceil(len(stream) / 8), 8)
+    flat_ids, flat_labels = ids.reshape(-1), labels.reshape(-1)
+    assert flat_ids[:len(stream)].tolist() == stream
+    assert torch.equal(flat_labels[:len(stream)], flat_ids[:len(stream)])
+    assert (flat_ids[len(stream):] == pad).all() and (flat_labels[len(stream):] == text.IGNORE_INDEX).all()
+    ids2, _ = text.encode_blocks(docs, tokenizer, block_size=4, max_blocks=2)
+    assert ids2.shape == (2, 4)
+    with pytest.raises(ValueError, match="block_size"):
+        text.encode_blocks(docs, tokenizer, block_size=1)
+
+
+@pytest.mark.skipif("english" not in text.available(), reason="Debian package fortunes not installed")
+def test_fortunes_corpus_loads(tokenizer):
+    ids, labels = text.load("english", "test", tokenizer, block_size=16, max_blocks=3)
+    assert ids.shape == (3, 16) and (labels != text.IGNORE_INDEX).all()
+
+
+# ---- adapters ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("build", [_gpt2, _llama, lambda: _llama(tie=True)], ids=["gpt2", "llama", "llama_tied"])
+def test_adapter_hidden_times_head_is_the_logits(build):
+    model = build().double().eval()
+    ids, _ = _batch()
+    adapter = lm.adapter_for(model)
+    weight, bias = adapter.head_params(model)
+    hidden = adapter.hidden_states(model, ids)
+    assert hidden.shape == (4, T, weight.shape[1]) and weight.shape[0] == V
+    expected = model(input_ids=ids).logits
+    torch.testing.assert_close(nn.functional.linear(hidden, weight, bias), expected, rtol=1e-12, atol=1e-12)
+    assert adapter.is_tied(model) == model.config.tie_word_embeddings
+
+
+def test_callable_adapter_for_a_custom_module():
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.out = nn.Embedding(V, 8), nn.Linear(8, V)
+
+        def forward(self, ids):
+            return self.out(torch.tanh(self.emb(ids)))
+
+    model = Tiny().double()
+    adapter = lm.CallableAdapter(lambda m, ids, mask: torch.tanh(m.emb(ids)), lambda m: m.out, lambda m: m.emb)
+    ids, labels = _batch()
+    torch.testing.assert_close(adapter.logits(model, ids), model(ids))
+    assert not adapter.is_tied(model)
+    with pytest.raises(ValueError, match="no language-model adapter"):
+        lm.adapter_for(model)
+    task = LanguageModelTask(adapter=adapter)
+    loss = task.attacker_loss(model, task.prepare(model, (ids, labels), "x"), torch.Generator())
+    assert torch.isfinite(loss)
+
+
+# ---- task losses against the model's own logits (fp64) ------------------------------------------
+def _direct(model, ids, labels, loss):
+    z = model(input_ids=ids).logits[:, :-1].reshape(-1, V)
+    y = labels[:, 1:].reshape(-1)
+    keep = y != -100
+    z, y = z[keep], y[keep]
+    logp = torch.log_softmax(z, -1)
+    p_y = logp.gather(1, y[:, None]).squeeze(1).exp()
+    rows = {"ce": -logp.gather(1, y[:, None]).squeeze(1),
+            "ice": -torch.log1p(-p_y),
+            "ice_reference_code": -torch.log_softmax(-z, -1).gather(1, y[:, None]).squeeze(1),
+            "klu": torch.logsumexp(z, -1) - z.mean(-1) - math.log(V),
+            "neg_entropy": (logp.exp() * logp).sum(-1)}[loss]
+    return rows.mean()
+
+
+@pytest.mark.parametrize("build", [_gpt2, _llama], ids=["gpt2", "llama"])
+@pytest.mark.parametrize("loss", ["ce", "ice", "ice_reference_code", "klu", "neg_entropy"])
+def test_task_losses_match_direct_computation(build, loss):
+    model = build().double()
+    task = LanguageModelTask()
+    batch = task.prepare(model, _batch(), "test")
+    gen = torch.Generator()
+    got = task.attacker_loss(model, batch, gen) if loss == "ce" else task.suppression_loss(model, batch, loss, gen)
+    params = [p for p in model.parameters()]
+    g_got = torch.autograd.grad(got, params)
+    want = _direct(model, *batch, loss)
+    g_want = torch.autograd.grad(want, params)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-11)
+    if loss == "ce":
+        torch.testing.assert_close(task.train_loss(model, batch, gen), want)
+
+
+def test_evaluate_is_token_weighted_loss_and_restores_mode():
+    model = _gpt2().double().train()
+    task = LanguageModelTask(eval_batch_size=3)
+    batch = task.prepare(model, _batch(n=5), "test")
+    value = task.evaluate(model, batch)
+    assert model.training
+    model.eval()
+    assert value == pytest.approx(_direct(model, *batch, "ce").item(), rel=1e-10)
+    assert not LanguageModelTask.higher_is_better
+
+
+def test_prepare_validates():
+    model, task = _gpt2(), LanguageModelTask()
+    ids, labels = _batch()
+    with pytest.raises(ValueError, match="input_ids must lie"):
+        task.prepare(model, (ids + V, labels), "restricted")
+    with pytest.raises(ValueError, match="label .* is outside"):
+        task.prepare(model, (ids, labels.masked_fill(labels == -100, -5)), "restricted")
+    with pytest.raises(ValueError, match="shape"):
+        task.prepare(model, (ids, labels[:, 1:]), "restricted")
+    with pytest.raises(ValueError, match="T >= 2"):
+        task.prepare(model, ids[:, :1], "restricted")
+    with pytest.raises(ValueError, match="ignore_index"):
+        task.prepare(model, (ids, torch.full_like(labels, -100)), "restricted")
+    with pytest.raises(ValueError, match="unknown suppression loss"):
+        task.suppression_loss(model, task.prepare(model, ids, "x"), "dos", torch.Generator())
+    out = task.prepare(model, (ids, labels, torch.ones_like(ids)), "original")
+    assert len(out) == 3 and out[0].dtype == torch.int64
+
+
+def test_attention_mask_matches_model():
+    model = _llama().double()
+    ids, labels = _batch()
+    mask = (labels != -100).long()
+    task = LanguageModelTask()
+    batch = task.prepare(model, (ids, labels, mask), "x")
+    z = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(lm.adapter_for(model).logits(model, ids, mask), z)
+
+
+# ---- tied heads ---------------------------------------------------------------------------------
+def test_tied_head_is_refused_by_default():
+    model, task = _gpt2(), LanguageModelTask()
+    emb = model.get_input_embeddings().weight.detach().clone()
+    assert task.head(model) is None
+    with pytest.raises(ValueError, match="tied to the input embedding"):
+        task.reinit_head(model, torch.Generator().manual_seed(0))
+    assert torch.equal(model.get_input_embeddings().weight, emb)
+
+
+def test_untie_keeps_function_and_reinit_spares_embedding():
+    model = _gpt2().double()
+    task = LanguageModelTask(tied_head="untie")
+    ids, labels = _batch()
+    before = model(input_ids=ids).logits
+    emb = model.get_input_embeddings().weight.detach().clone()
+    batch = task.prepare(model, (ids, labels), "x")
+    assert not lm.adapter_for(model).is_tied(model) and not model.config.tie_word_embeddings
+    torch.testing.assert_close(model(input_ids=batch[0]).logits, before)
+    head = task.head(model)
+    assert head is model.get_output_embeddings()
+    task.reinit_head(model, torch.Generator().manual_seed(0))
+    assert torch.equal(model.get_input_embeddings().weight, emb)
+    assert not torch.equal(head.weight, emb)
+
+
+# ---- attacks ------------------------------------------------------------------------------------
+def test_lr_schedule_warms_up_then_decays():
+    a = lm_attacks.LMAttack(steps=20, warmup=0.2)
+    f = [a.lr_factor(s) for s in range(20)]
+    assert f[0] < f[1] < f[3] and max(f) == pytest.approx(1.0)
+    assert all(x >= y for x, y in zip(f[4:], f[5:])) and f[-1] < 0.05
+    assert a.eval_steps()[0] == 0 and a.eval_steps()[-1] == 20
+
+
+def test_lora_step_changes_only_adapter_weights():
+    model = _gpt2()
+    data = _batch(n=6)
+    attack = lm_attacks.LMAttack(method="lora", rank=4, lr=1e-2, steps=1, batch_size=3, evals=1)
+    _, attacked = lm_attacks.run(model, data, data, attack, return_model=True)
+    original = dict(model.named_parameters())
+    lora = {n: p for n, p in attacked.get_base_model().named_parameters() if "lora_" in n}
+    assert lora and all(p.requires_grad for p in lora.values())
+    assert any(n.endswith("lora_B.default.weight") and p.abs().sum() > 0 for n, p in lora.items())
+    for name, p in attacked.get_base_model().named_parameters():
+        if "lora_" not in name:
+            assert not p.requires_grad
+            assert torch.equal(p, original[name.replace(".base_layer", "")]), name
+    for p in model.parameters():
+        assert p.requires_grad
+
+
+def test_attack_suite_schema_and_curves():
+    protected, unprotected = _gpt2(), _llama()
+    train, test = _batch(n=6, seed=2), _batch(n=3, seed=3)
+    attacks = [lm_attacks.LMAttack(method="full", lr=1e-2, steps=4, batch_size=2, evals=2),
+               lm_attacks.LMAttack(method="lora", rank=2, lr=1e-2, steps=2, batch_size=2, evals=1)]
+    out = json.loads(json.dumps(lm_attacks.evaluate_suite(protected, unprotected, train, test, attacks, seed=3)))
+    assert out["metric"] == lm_attacks.METRIC and out["higher_is_better"] is False
+    assert [a["name"] for a in out["attacks"]] == ["full-adamw-lr0.01", "lora-r2-adamw-lr0.01"]
+    first = out["attacks"][0]
+    assert first["steps"] == [0, 2, 4]
+    for who in ("protected", "unprotected", "scratch"):
+        assert len(first[who]) == 3 and all(math.isfinite(x) for x in first[who])
+    task = LanguageModelTask()
+    assert first["protected"][0] == pytest.approx(task.evaluate(protected, task.prepare(protected, test, "t")))
+    assert first["unprotected"][0] == pytest.approx(task.evaluate(unprotected, task.prepare(unprotected, test, "t")))
+    assert first["protected"][-1] < first["protected"][0]
+    assert first["scratch"][0] != pytest.approx(first["protected"][0])
+
+
+def test_attack_is_deterministic_and_rejects_bad_settings():
+    model, data = _gpt2(), _batch(n=6)
+    attack = lm_attacks.LMAttack(lr=1e-2, steps=3, batch_size=2, evals=3)
+    assert lm_attacks.run(model, data, data, attack, seed=5) == lm_attacks.run(model, data, data, attack, seed=5)
+    with pytest.raises(ValueError, match="method"):
+        lm_attacks.LMAttack(method="prefix")
+    with pytest.raises(ValueError, match="hyper-parameters"):
+        lm_attacks.LMAttack(steps=2, evals=3)
