@@ -7,6 +7,7 @@ freshly initialised copy (``scratch``); ``overhead`` and ``head_start_removed`` 
 from sophon_fast.attacks.metrics import Overhead, epochs_to_reach, head_start_removed, overhead
 from sophon_fast.attacks.run import accuracy, evaluate_suite, run, scratch
 from sophon_fast.attacks.spec import METHODS, OPTIMIZERS, PAPER, SUITES, Attack, suite
+from sophon_fast.attacks import lm  # noqa: F401,E402  (language-model attacks: LMAttack, evaluate_suite)
 
 __all__ = ["METHODS", "OPTIMIZERS", "PAPER", "SUITES", "Attack", "Overhead", "accuracy", "epochs_to_reach",
            "evaluate_suite", "head_start_removed", "overhead", "run", "scratch", "suite"]
