@@ -1,7 +1,13 @@
-// sophon_fast._C: the torch-side front end of the kernels. It checks arguments, allocates outputs and
-// hands raw pointers to the CPU kernels (csrc/cpu/kernels.h) or, when built WITH_CUDA, to the plain C
-// CUDA launchers (csrc/cuda/launchers.h) on the current stream. Python reaches it through
-// sophon_fast/ops/_cext.py; the ops themselves are registered in sophon_fast/ops/*.py.
+// sophon_fast._C: the backend-level ops of the C++ (CPU) and CUDA kernels, registered with the PyTorch
+// dispatcher (the pattern of pytorch/extension-cpp): schemas in TORCH_LIBRARY_FRAGMENT(sophon_fast),
+// implementations in TORCH_LIBRARY_IMPL for CPU and, when built WITH_CUDA, CUDA. The public custom ops
+// (sophon_fast/ops/*.py: fake kernels, autograd, backend selection) call these as their "cpp" and "cuda"
+// backends; their fake kernels are registered in sophon_fast/ops/_cext.py.
+//
+// Argument validation for users lives in ONE place, sophon_fast/ops/_checks.py, which runs before these
+// ops are reached. The checks below only guard memory safety (layouts, dtypes, sizes of the buffers the
+// kernels index) and raise c10::ValueError; target values are never checked here (that would be a
+// data-dependent pass): the kernels turn an out-of-range target into a NaN row without reading it.
 #include <torch/extension.h>
 
 #include <cstdint>
@@ -57,7 +63,7 @@ void check_same_device(const Tensor& a, const Tensor& b, const char* who, const 
 }
 
 // Shared checks of the row-loss entry points; returns the weights.
-LossWeights check_rows(const Tensor& logits, const std::optional<Tensor>& target, const std::vector<double>& weights,
+LossWeights check_rows(const Tensor& logits, const std::optional<Tensor>& target, at::ArrayRef<double> weights,
                        const char* who) {
   TORCH_CHECK_VALUE(logits.dim() == 2, who, ": logits must be 2-D (N, C), got shape ", logits.sizes());
   TORCH_CHECK_VALUE(logits.size(1) >= 1, who, ": logits needs at least one class");
@@ -101,7 +107,7 @@ const int64_t* target_ptr(const std::optional<Tensor>& target) {
 }
 
 std::tuple<Tensor, Tensor> row_losses_fwd(const Tensor& logits, const std::optional<Tensor>& target,
-                                          const std::vector<double>& weights, double scale, int64_t ignore_index) {
+                                          at::ArrayRef<double> weights, double scale, int64_t ignore_index) {
   const char* who = "row_losses";
   const LossWeights w = check_rows(logits, target, weights, who);
   const int64_t n = logits.size(0), c = logits.size(1);
@@ -126,7 +132,7 @@ std::tuple<Tensor, Tensor> row_losses_fwd(const Tensor& logits, const std::optio
 }
 
 Tensor row_losses_bwd(const Tensor& grad_loss, const Tensor& logits, const std::optional<Tensor>& target,
-                      const Tensor& stats, const std::vector<double>& weights, double scale, int64_t ignore_index) {
+                      const Tensor& stats, at::ArrayRef<double> weights, double scale, int64_t ignore_index) {
   const char* who = "row_losses_backward";
   const LossWeights w = check_rows(logits, target, weights, who);
   const int64_t n = logits.size(0), c = logits.size(1);
@@ -161,14 +167,14 @@ Tensor row_losses_bwd(const Tensor& grad_loss, const Tensor& logits, const std::
   return grad;
 }
 
-void inner_step_(Tensor param, Tensor grad, Tensor exp_avg, Tensor exp_avg_sq, int64_t kind, double lr, double beta1,
-                 double beta2, double eps, double weight_decay, int64_t step, bool zero_grad) {
+void inner_step_(const Tensor& param, const Tensor& grad, const Tensor& exp_avg, const Tensor& exp_avg_sq, int64_t kind,
+                 double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step, bool zero_grad) {
   const char* who = "inner_step_";
   TORCH_CHECK_VALUE(kind >= 0 && kind <= 2, who, ": kind must be 0 (sgd), 1 (momentum) or 2 (adam), got ", kind);
   const int code = dtype_code(param, who);
   TORCH_CHECK_VALUE(param.is_contiguous(), who, ": param must be contiguous");
   // Only the buffers this kind uses are checked (and touched).
-  std::vector<std::pair<const char*, Tensor*>> used{{"grad", &grad}};
+  std::vector<std::pair<const char*, const Tensor*>> used{{"grad", &grad}};
   if (kind >= 1) used.push_back({"exp_avg", &exp_avg});
   if (kind == 2) used.push_back({"exp_avg_sq", &exp_avg_sq});
   for (auto& [name, t] : used) {
@@ -205,19 +211,32 @@ bool has_cuda() {
 
 }  // namespace
 
+TORCH_LIBRARY_FRAGMENT(sophon_fast, m) {
+  m.def("_cpp_row_losses_fwd(Tensor logits, Tensor? target, float[] weights, float scale, int ignore_index) "
+        "-> (Tensor, Tensor)");
+  m.def("_cpp_row_losses_bwd(Tensor grad_loss, Tensor logits, Tensor? target, Tensor stats, float[] weights, "
+        "float scale, int ignore_index) -> Tensor");
+  m.def("_cpp_inner_step_(Tensor(a!) param, Tensor(b!) grad, Tensor(c!) exp_avg, Tensor(d!) exp_avg_sq, int kind, "
+        "float lr, float beta1, float beta2, float eps, float weight_decay, int step, bool zero_grad) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(sophon_fast, CPU, m) {
+  m.impl("_cpp_row_losses_fwd", &row_losses_fwd);
+  m.impl("_cpp_row_losses_bwd", &row_losses_bwd);
+  m.impl("_cpp_inner_step_", &inner_step_);
+}
+
+#ifdef WITH_CUDA
+TORCH_LIBRARY_IMPL(sophon_fast, CUDA, m) {
+  m.impl("_cpp_row_losses_fwd", &row_losses_fwd);
+  m.impl("_cpp_row_losses_bwd", &row_losses_bwd);
+  m.impl("_cpp_inner_step_", &inner_step_);
+}
+#endif
+
+// Importing sophon_fast._C loads the library (and so the registrations above); the module itself only
+// says whether this build contains the CUDA kernels.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  namespace py = pybind11;
-  m.doc() = "sophon_fast kernels: fused row-wise losses and the fused inner optimiser step (CPU; CUDA when built)";
-  m.def("row_losses_fwd", &row_losses_fwd, "(logits, target|None, weights[4], scale, ignore_index) -> (loss, stats)",
-        py::arg("logits"), py::arg("target"), py::arg("weights"), py::arg("scale"), py::arg("ignore_index"),
-        py::call_guard<py::gil_scoped_release>());
-  m.def("row_losses_bwd", &row_losses_bwd,
-        "(grad_loss, logits, target|None, stats, weights[4], scale, ignore_index) -> grad (N, C)", py::arg("grad_loss"),
-        py::arg("logits"), py::arg("target"), py::arg("stats"), py::arg("weights"), py::arg("scale"),
-        py::arg("ignore_index"), py::call_guard<py::gil_scoped_release>());
-  m.def("inner_step_", &inner_step_, "in-place fused sgd/momentum/adam step over flat buffers", py::arg("param"),
-        py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("kind"), py::arg("lr"), py::arg("beta1"),
-        py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("step"), py::arg("zero_grad"),
-        py::call_guard<py::gil_scoped_release>());
+  m.doc() = "sophon_fast kernels, registered as torch.ops.sophon_fast._cpp_* (CPU; CUDA when built)";
   m.def("has_cuda", &has_cuda, "whether this build contains the CUDA kernels");
 }

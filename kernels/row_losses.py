@@ -31,6 +31,8 @@ import triton
 import triton.language as tl
 
 from ._common import ACC as _ACC
+from sophon_fast.ops._checks import check_row_inputs
+
 from ._common import rne_bf16, to_out
 
 # Longest row the forward holds whole in one program. Rows up to 65536 work; on sm_90 ptxas keeps
@@ -53,18 +55,21 @@ def _softplus(x):
 
 
 @triton.jit
-def _row_targets(target_ptr, rows, row_ok, ignore_index, HAS_TARGET: tl.constexpr):
-    """(valid, has_y, y) per row: valid rows count in the loss; has_y rows have a target class."""
+def _row_targets(target_ptr, rows, row_ok, n_cols, ignore_index, HAS_TARGET: tl.constexpr):
+    """(valid, has_y, bad, y) per row: valid rows count in the loss; has_y rows have a target class in
+    [0, n_cols); bad rows have a target outside it (never used as an index: NaN loss and gradient)."""
     if HAS_TARGET:
         y = tl.load(target_ptr + rows, mask=row_ok, other=ignore_index)
-        has_y = row_ok & (y != ignore_index)
-        valid = has_y
+        valid = row_ok & (y != ignore_index)
+        bad = valid & ((y < 0) | (y >= n_cols))
+        has_y = valid & ~bad
         y = tl.where(has_y, y, 0)
     else:
         valid = row_ok
         has_y = rows < 0
+        bad = has_y
         y = rows * 0
-    return valid, has_y, y
+    return valid, has_y, bad, y
 
 
 @triton.jit
@@ -76,7 +81,7 @@ def _row_losses_fwd_kernel(logits_ptr, target_ptr, loss_ptr, stats_ptr, n_rows, 
     """Forward: reads each logit once, writes loss[r] and stats[r, 0:3]. Grid: cdiv(n_rows, ROWS)."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
     row_ok = rows < n_rows
-    valid, has_y, y = _row_targets(target_ptr, rows, row_ok, ignore_index, HAS_TARGET)
+    valid, has_y, bad, y = _row_targets(target_ptr, rows, row_ok, n_cols, ignore_index, HAS_TARGET)
     row_ptr = logits_ptr + rows * row_stride
     cols = tl.arange(0, BLOCK_C)
     if ONE_CHUNK:
@@ -141,10 +146,11 @@ def _row_losses_fwd_kernel(logits_ptr, target_ptr, loss_ptr, stats_ptr, n_rows, 
         loss += w_klu * (lse - sum_z / n_c - tl.log(n_c))
     if HAS_NEGENT:
         loss += w_ne * negent
-    tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0), mask=row_ok)
-    tl.store(stats_ptr + rows * 3, lse, mask=row_ok)
-    tl.store(stats_ptr + rows * 3 + 1, lse_x, mask=row_ok)
-    tl.store(stats_ptr + rows * 3 + 2, negent, mask=row_ok)
+    nan = float("nan")
+    tl.store(loss_ptr + rows, tl.where(bad, nan, tl.where(valid, loss, 0.0)), mask=row_ok)
+    tl.store(stats_ptr + rows * 3, tl.where(bad, nan, lse), mask=row_ok)
+    tl.store(stats_ptr + rows * 3 + 1, tl.where(bad, nan, lse_x), mask=row_ok)
+    tl.store(stats_ptr + rows * 3 + 2, tl.where(bad, nan, negent), mask=row_ok)
 
 
 @triton.jit
@@ -156,7 +162,7 @@ def _row_losses_bwd_kernel(grad_loss_ptr, logits_ptr, target_ptr, stats_ptr, gra
     """Backward: reads each logit once and writes each gradient once (contiguous rows of n_cols)."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
     row_ok = rows < n_rows
-    valid, has_y, y = _row_targets(target_ptr, rows, row_ok, ignore_index, HAS_TARGET)
+    valid, has_y, bad, y = _row_targets(target_ptr, rows, row_ok, n_cols, ignore_index, HAS_TARGET)
     row_ptr = logits_ptr + rows * row_stride
     out_ptr = grad_ptr + rows * n_cols
     lse = tl.load(stats_ptr + rows * 3, mask=row_ok, other=0.0).to(ACC)
@@ -188,6 +194,7 @@ def _row_losses_bwd_kernel(grad_loss_ptr, logits_ptr, target_ptr, stats_ptr, gra
             q = tl.exp(tl.where(mask & ~is_y, z - lse_x[:, None], 0.0))   # <= 1 off the target
             g += w_ice * tl.where(is_y, p_y[:, None], -p_y[:, None] * q)
         g = tl.where(valid[:, None], g * gl[:, None], 0.0)
+        g = tl.where(bad[:, None], float("nan"), g)
         tl.store(out_ptr[:, None] + c[None, :], to_out(g, grad_ptr, RNE_BF16), mask=mask)
 
 
@@ -210,20 +217,9 @@ def _num_warps(tile: int) -> int:
 
 
 def _check(logits: torch.Tensor, target: Optional[torch.Tensor], weights: Sequence[float], who: str):
-    if logits.dim() != 2:
-        raise ValueError(f"{who}: logits must be 2-D (N, C), got shape {tuple(logits.shape)}")
-    if logits.dtype not in _ACC:
-        raise ValueError(f"{who}: logits dtype must be fp32/fp16/bf16/fp64, got {logits.dtype}")
-    if len(weights) != 4:
-        raise ValueError(f"{who}: weights must be [w_ce, w_ice, w_klu, w_negent], got {list(weights)}")
-    if target is None:
-        if weights[0] or weights[1]:
-            raise ValueError(f"{who}: the CE and ICE weights need a target")
-        return None
-    if target.shape != (logits.shape[0],) or target.device != logits.device:
-        raise ValueError(f"{who}: target must have shape ({logits.shape[0]},) on {logits.device}, "
-                         f"got {tuple(target.shape)} on {target.device}")
-    return target.to(torch.int64).contiguous()
+    """The shared validation (sophon_fast/ops/_checks.py); returns the target as contiguous int64."""
+    check_row_inputs(logits, target, weights, who)
+    return None if target is None else target.to(torch.int64).contiguous()
 
 
 def _rows(logits: torch.Tensor) -> torch.Tensor:

@@ -1,15 +1,19 @@
 """Backend probes and selection.
 
-A backend is a module-like object with three functions, all implementing the reference in
-``sophon_fast.reference`` exactly:
+A backend is a module-like object whose functions implement the reference in ``sophon_fast.reference``
+exactly; an op a backend lacks is simply absent (the selector skips it and says why):
 
     row_losses_fwd(logits, target, weights, scale, ignore_index) -> (loss (N,), stats (N, 3))
     row_losses_bwd(grad_loss, logits, target, stats, weights, scale, ignore_index) -> grad_logits
     inner_step_(param, grad, exp_avg, exp_avg_sq, kind, lr, beta1, beta2, eps, weight_decay, step, zero_grad)
+    linear_loss(hidden, weight, target, bias, weights, ignore_index, reduction, chunk_size, compute_grad)
+        -> (loss, grad_hidden, grad_weight, grad_bias)
 
 Selection order is data (``PRIORITY``), per device type. ``SOPHON_FAST_BACKEND`` (or
-``set_backend``) forces one; forcing a backend that cannot serve the tensors raises an error naming
-every backend and why it was rejected. An automatic fallback past a preferred backend logs once.
+``set_backend`` / ``use_backend``) forces one; forcing a backend that cannot serve the tensors raises an
+error naming every backend and why it was rejected. An automatic fallback past a preferred backend
+logs once. The choice is made once per (op, device type, dtype) and cached; the cache is dropped when
+the forced backend (``set_backend``, ``use_backend`` or the environment variable) changes.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import importlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 log = logging.getLogger("sophon_fast")
 
@@ -137,39 +141,66 @@ def use_backend(name: Optional[str]):
         _forced = old
 
 
-def _rejections(device_type: str) -> str:
+def _reason(name: str, op: str, device_type: str) -> str:
+    """Why backend ``name`` cannot serve ``op`` on ``device_type`` ("" when it can)."""
+    p = probe(name)
+    if not p.usable.get(device_type):
+        return p.reason.get(device_type, "unsupported device")
+    if getattr(p.impl, op, None) is None:
+        return f"does not implement {op}"
+    return ""
+
+
+def _rejections(op: str, device_type: str) -> str:
     lines = []
     for n in NAMES:
-        p = probe(n)
-        state = "usable" if p.usable.get(device_type) else f"rejected: {p.reason.get(device_type, 'unsupported device')}"
-        lines.append(f"  {n}: {state}")
+        why = _reason(n, op, device_type)
+        lines.append(f"  {n}: {'usable' if not why else f'rejected: {why}'}")
     return "\n".join(lines)
 
 
-def select(device_type: str):
-    """The implementation serving tensors on ``device_type`` ("cpu" or "cuda")."""
+def _choose(op: str, device_type: str) -> str:
     order = PRIORITY.get(device_type, ("reference",))
     forced = forced_backend()
     if forced is not None:
-        p = probe(forced)
-        if not p.usable.get(device_type):
-            raise BackendError(f"backend {forced!r} was forced but cannot serve {device_type} tensors.\n"
-                               f"Backends for {device_type}:\n{_rejections(device_type)}")
-        return p.impl
+        if _reason(forced, op, device_type):
+            raise BackendError(f"backend {forced!r} was forced but cannot serve {op} on {device_type} tensors.\n"
+                               f"Backends for {device_type}:\n{_rejections(op, device_type)}")
+        return forced
     for i, n in enumerate(order):
-        p = probe(n)
-        if p.usable.get(device_type):
-            if i > 0 and (device_type, n) not in _warned:
-                _warned.add((device_type, n))
-                log.info("sophon_fast: %s tensors use the %s backend; skipped:\n%s", device_type, n,
-                         "\n".join(f"  {m}: {probe(m).reason[device_type]}" for m in order[:i]))
-            return p.impl
-    raise BackendError(f"no backend serves {device_type} tensors:\n{_rejections(device_type)}")
+        if not _reason(n, op, device_type):
+            if i > 0 and (device_type, op, n) not in _warned:
+                _warned.add((device_type, op, n))
+                log.info("sophon_fast: %s on %s tensors uses the %s backend; skipped:\n%s", op, device_type, n,
+                         "\n".join(f"  {m}: {_reason(m, op, device_type)}" for m in order[:i]))
+            return n
+    raise BackendError(f"no backend serves {op} on {device_type} tensors:\n{_rejections(op, device_type)}")
 
 
-def selected_name(device_type: str) -> str:
-    impl = select(device_type)
-    return next(n for n in NAMES if probe(n).impl is impl)
+_chosen: Dict[Tuple[str, str, object], Tuple[str, Callable]] = {}
+_chosen_under: Tuple[Optional[str], Optional[str]] = (None, None)
+
+
+def select(op: str, device_type: str, dtype=None) -> Callable:
+    """The function implementing ``op`` for tensors on ``device_type`` ("cpu", "cuda") of ``dtype``,
+    chosen once and cached until the forced backend changes."""
+    global _chosen_under
+    under = (_forced, os.environ.get("SOPHON_FAST_BACKEND"))
+    if under != _chosen_under:
+        _chosen.clear()
+        _chosen_under = under
+    key = (op, device_type, dtype)
+    hit = _chosen.get(key)
+    if hit is None:
+        name = _choose(op, device_type)
+        hit = _chosen[key] = (name, getattr(probe(name).impl, op))
+    return hit[1]
+
+
+def selected_name(device_type: str, op: str = "row_losses_fwd", dtype=None) -> str:
+    """Name of the backend ``select`` picks for ``op`` on ``device_type``."""
+    select(op, device_type, dtype)
+    return _chosen[(op, device_type, dtype)][0]
 
 
 def backend_report(print_report: bool = True) -> dict:

@@ -6,7 +6,11 @@ Common contract:
     target: (N,) integer tensor with values in [0, C) or ``ignore_index`` (rows that contribute
             nothing and are not counted by "mean").
     reduction: "mean" (over counted rows), "sum" or "none" ((N,), zeros on ignored rows).
-    Returns a tensor of the logits' dtype. Raises ValueError on bad input, on every backend.
+    Returns a tensor of the logits' dtype. Raises ValueError on bad input (type, shape, dtype, device,
+    options), on every backend. Target values are asserted without a host sync (``torch._assert_async``:
+    RuntimeError, on CUDA at a later sync); ``set_target_checks(True)`` checks them on the host and
+    raises ValueError instead. The hot path never synchronises, so the losses compile with
+    ``torch.compile(fullgraph=True)`` and can be captured in CUDA graphs.
 """
 from __future__ import annotations
 
@@ -15,43 +19,21 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from sophon_fast.ops._checks import assert_targets_in_range, check_logits, check_reduction, check_target
+from sophon_fast.ops._checks import set_target_checks  # noqa: F401  (re-exported: the debug switch)
 from sophon_fast.ops.row_losses import row_losses
 from sophon_fast.reference.losses import IGNORE_INDEX
 
-_REDUCTIONS = ("mean", "sum", "none")
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
 def _check(logits: Tensor, target: Optional[Tensor], reduction: str, ignore_index: int, who: str) -> None:
-    if not isinstance(logits, Tensor):
-        raise ValueError(f"{who}: logits must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dim() != 2:
-        raise ValueError(f"{who}: logits must be 2-D (N, C), got shape {tuple(logits.shape)}")
-    n, c = logits.shape
-    if n == 0:
+    """Metadata checks (ValueError) and an asynchronous target-range assertion: no host sync, so every
+    loss compiles with ``fullgraph=True`` (see sophon_fast/ops/_checks.py for the debug switch)."""
+    check_logits(logits, who, min_classes=2)
+    if logits.shape[0] == 0:
         raise ValueError(f"{who}: logits has N = 0 rows")
-    if c < 2:
-        raise ValueError(f"{who}: logits needs at least 2 classes, got C = {c}")
-    if logits.dtype not in _FLOATS:
-        raise ValueError(f"{who}: logits dtype must be one of fp32/fp16/bf16/fp64, got {logits.dtype}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"{who}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if target is None:
-        return
-    if not isinstance(target, Tensor) or target.dtype.is_floating_point or target.dtype == torch.bool \
-            or target.is_complex():
-        raise ValueError(f"{who}: target must be an integer tensor, got "
-                         f"{target.dtype if isinstance(target, Tensor) else type(target).__name__}")
-    if target.shape != (n,):
-        raise ValueError(f"{who}: target must have shape ({n},) to match logits {tuple(logits.shape)}, "
-                         f"got {tuple(target.shape)}")
-    if target.device != logits.device:
-        raise ValueError(f"{who}: target is on {target.device} but logits on {logits.device}")
-    bad = ((target < 0) | (target >= c)) & (target != ignore_index)
-    if bool(bad.any()):
-        v = int(target[bad][0])
-        raise ValueError(f"{who}: target value {v} is out of range for C = {c} classes "
-                         f"(allowed: 0..{c - 1} or ignore_index={ignore_index})")
+    check_reduction(reduction, who)
+    check_target(target, logits.shape[0], logits.device, who)
+    if target is not None:
+        assert_targets_in_range(target, logits.shape[1], ignore_index, who)
 
 
 def _reduce(loss: Tensor, target: Optional[Tensor], reduction: str, ignore_index: int, dtype) -> Tensor:

@@ -130,6 +130,23 @@ def test_ignore_index_rows():
     assert (loss[::2] == 0).all() and (grad[::2] == 0).all()
 
 
+@pytest.mark.parametrize("c", [37, 3000, 20000])
+def test_out_of_range_targets_give_nan_rows(c):
+    """A target outside [0, C) (not ignore_index) is never used as an index: NaN loss, stats and grad."""
+    logits, _ = make(5, c, seed=8)
+    y = torch.tensor([0, c, IGNORE, -3, c - 1], device=DEV)
+    good = torch.tensor([True, False, True, False, True], device=DEV)
+    with sophon_fast.use_backend("cuda"):
+        loss, stats = torch.ops.sophon_fast.row_losses(logits, y, list(FUSED), 1.0, IGNORE)
+        grad = torch.ops.sophon_fast.row_losses_backward(torch.ones_like(loss), logits, y, stats, list(FUSED), 1.0,
+                                                         IGNORE)
+    assert loss[~good].isnan().all() and stats[~good].isnan().all() and grad[~good].isnan().all()
+    want, want_stats = R.row_losses_forward(logits, torch.where(good, y, IGNORE), FUSED)
+    want_grad = R.row_losses_backward(torch.ones_like(want), logits, torch.where(good, y, IGNORE), want_stats, FUSED)
+    torch.testing.assert_close(loss[good], want[good])
+    torch.testing.assert_close(grad[good], want_grad[good])
+
+
 from op_cases import OPS, value_and_grad  # noqa: E402
 
 

@@ -202,6 +202,25 @@ def test_opcheck(backend):
                               (p, g, m, v.abs(), KINDS["adam"], 1e-2, 0.9, 0.99, 1e-8, 0.01, 3, True))
 
 
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("func", list(FUNCS))
+def test_fullgraph_compile_of_every_public_loss(func, compile_backend):
+    """No host sync in the hot path: each public loss (with targets) compiles with fullgraph=True."""
+    torch._dynamo.reset()
+    z = _base((6, 11), torch.float32, 4).requires_grad_(True)
+    y = torch.tensor([0, 3, IGNORE, 10, 1, 5])
+
+    def f(z, y):
+        return FUNCS[func](z, y, "mean")
+
+    want = f(z, y)
+    want_grad, = torch.autograd.grad(want, z)
+    got = torch.compile(f, backend=compile_backend, fullgraph=True)(z, y)
+    got_grad, = torch.autograd.grad(got, z)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_grad, want_grad)
+
+
 @pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_compile(backend, compile_backend):
@@ -227,8 +246,6 @@ BAD_INPUTS = {
     "N = 0": lambda: F.kl_uniform(torch.randn(0, 4)),
     "C = 1": lambda: F.cross_entropy(torch.randn(3, 1), torch.zeros(3, dtype=torch.long)),
     "integer logits": lambda: F.kl_uniform(torch.ones(2, 3, dtype=torch.long)),
-    "target out of range": lambda: F.cross_entropy(_z, torch.tensor([0, 4, 1])),
-    "negative target": lambda: F.inverse_cross_entropy(_z, torch.tensor([0, -1, 1])),
     "target wrong shape": lambda: F.cross_entropy(_z, torch.tensor([0, 1])),
     "float target": lambda: F.cross_entropy(_z, torch.tensor([0.0, 1.0, 2.0])),
     "bad reduction": lambda: F.kl_uniform(_z, reduction="avg"),
@@ -246,33 +263,109 @@ def test_bad_input_raises_value_error(backend, case):
         BAD_INPUTS[case]()
 
 
+BAD_TARGETS = {
+    "target out of range": lambda: F.cross_entropy(_z, torch.tensor([0, 4, 1])),
+    "negative target": lambda: F.inverse_cross_entropy(_z, torch.tensor([0, -1, 1])),
+    "fused, ignore_index elsewhere": lambda: F.fused_loss(_z, torch.tensor([0, IGNORE, 3]), ice=1.0, ignore_index=-1),
+}
+
+
+@pytest.fixture
+def checked_targets():
+    F.set_target_checks(True)
+    yield
+    F.set_target_checks(False)
+
+
+@pytest.mark.parametrize("case", list(BAD_TARGETS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_target_raises_value_error_in_checked_mode(backend, case, checked_targets):
+    with sophon_fast.use_backend(backend), pytest.raises(ValueError, match="out of range"):
+        BAD_TARGETS[case]()
+
+
+@pytest.mark.parametrize("case", list(BAD_TARGETS))
+def test_bad_target_fails_the_async_assertion_by_default(case):
+    """Default mode: torch._assert_async (immediate on CPU tensors, at the next sync on CUDA)."""
+    with pytest.raises(RuntimeError, match="out of range"):
+        BAD_TARGETS[case]()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kernels_turn_out_of_range_targets_into_nan_rows(backend):
+    """Below the front end (no range assertion) no backend reads through a bad target: its row is NaN,
+    the other rows are exact."""
+    z = _base((5, 7), torch.float32, 5)
+    y = torch.tensor([0, 7, IGNORE, -3, 6])
+    good = torch.tensor([True, False, True, False, True])
+    w = [0.5, 1.0, 0.25, 2.0]
+    with sophon_fast.use_backend(backend):
+        loss, stats = torch.ops.sophon_fast.row_losses(z, y, w, 1.0, IGNORE)
+        grad = torch.ops.sophon_fast.row_losses_backward(torch.ones(5), z, y, stats, w, 1.0, IGNORE)
+    want, want_stats = R.row_losses_forward(z, torch.where(good, y, IGNORE), w)
+    want_grad = R.row_losses_backward(torch.ones(5), z, torch.where(good, y, IGNORE), want_stats, w)
+    assert loss[~good].isnan().all() and grad[~good].isnan().all() and stats[~good].isnan().all()
+    torch.testing.assert_close(loss[good], want[good])
+    torch.testing.assert_close(grad[good], want_grad[good])
+
+
 def _stats():
-    from sophon_fast import _C
-    return _C.row_losses_fwd(_z, _y, [1.0, 0.0, 0.0, 0.0], 1.0, IGNORE)[1]
+    return torch.ops.sophon_fast._cpp_row_losses_fwd(_z, _y, [1.0, 0.0, 0.0, 0.0], 1.0, IGNORE)[1]
 
 
-# Direct calls into the extension with arguments the Python layer would never pass.
-BAD_BINDING_CALLS = {
-    "target out of range": lambda C: C.row_losses_fwd(_z, torch.tensor([0, 9, 1]), [1.0, 0, 0, 0], 1.0, IGNORE),
-    "int32 target": lambda C: C.row_losses_fwd(_z, _y.int(), [1.0, 0, 0, 0], 1.0, IGNORE),
-    "three weights": lambda C: C.row_losses_fwd(_z, _y, [1.0, 0, 0], 1.0, IGNORE),
-    "ce without target": lambda C: C.row_losses_fwd(_z, None, [1.0, 0, 0, 0], 1.0, IGNORE),
-    "class stride": lambda C: C.row_losses_fwd(torch.randn(4, 3).t(), _y, [1.0, 0, 0, 0], 1.0, IGNORE),
-    "stats shape": lambda C: C.row_losses_bwd(torch.ones(3), _z, _y, _stats()[:, :2].contiguous(), [1.0, 0, 0, 0],
-                                              1.0, IGNORE),
-    "grad_loss dtype": lambda C: C.row_losses_bwd(torch.ones(3, dtype=torch.float64), _z, _y, _stats(),
-                                                  [1.0, 0, 0, 0], 1.0, IGNORE),
-    "step kind": lambda C: C.inner_step_(_z, _z, _z, _z, 7, 0.1, 0.9, 0.99, 1e-8, 0.0, 1, False),
-    "step buffer shape": lambda C: C.inner_step_(_z, _z[:2], _z, _z, 0, 0.1, 0.9, 0.99, 1e-8, 0.0, 1, False),
+# Direct calls into the C++ ops with arguments the Python layer would never pass: memory-safety guards.
+BAD_CPP_CALLS = {
+    "int32 target": lambda C: C._cpp_row_losses_fwd(_z, _y.int(), [1.0, 0, 0, 0], 1.0, IGNORE),
+    "three weights": lambda C: C._cpp_row_losses_fwd(_z, _y, [1.0, 0, 0], 1.0, IGNORE),
+    "ce without target": lambda C: C._cpp_row_losses_fwd(_z, None, [1.0, 0, 0, 0], 1.0, IGNORE),
+    "class stride": lambda C: C._cpp_row_losses_fwd(torch.randn(4, 3).t(), _y, [1.0, 0, 0, 0], 1.0, IGNORE),
+    "stats shape": lambda C: C._cpp_row_losses_bwd(torch.ones(3), _z, _y, _stats()[:, :2].contiguous(),
+                                                   [1.0, 0, 0, 0], 1.0, IGNORE),
+    "grad_loss dtype": lambda C: C._cpp_row_losses_bwd(torch.ones(3, dtype=torch.float64), _z, _y, _stats(),
+                                                       [1.0, 0, 0, 0], 1.0, IGNORE),
+    "step kind": lambda C: C._cpp_inner_step_(_z, _z, _z, _z, 7, 0.1, 0.9, 0.99, 1e-8, 0.0, 1, False),
+    "step buffer shape": lambda C: C._cpp_inner_step_(_z, _z[:2], _z, _z, 0, 0.1, 0.9, 0.99, 1e-8, 0.0, 1, False),
 }
 
 
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="extension not built")
-@pytest.mark.parametrize("case", list(BAD_BINDING_CALLS))
-def test_cpp_binding_rejects_bad_arguments(case):
-    from sophon_fast import _C
+@pytest.mark.parametrize("case", list(BAD_CPP_CALLS))
+def test_cpp_ops_reject_bad_arguments(case):
     with pytest.raises(ValueError):
-        BAD_BINDING_CALLS[case](_C)
+        BAD_CPP_CALLS[case](torch.ops.sophon_fast)
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="extension not built")
+def test_cpp_kernels_are_dispatcher_ops():
+    """TORCH_LIBRARY_IMPL registration: CPU kernels in the dispatcher, fake kernels for tracing."""
+    w = [0.5, 1.0, 0.25, 2.0]
+    torch.library.opcheck(torch.ops.sophon_fast._cpp_row_losses_fwd.default, (_z, _y, w, 1.5, IGNORE),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.sophon_fast._cpp_row_losses_bwd.default,
+                          (torch.ones(3), _z, _y, _stats(), w, 1.5, IGNORE), test_utils=("test_schema", "test_faketensor"))
+    p, g, m, v = (torch.randn(37) for _ in range(4))
+    torch.library.opcheck(torch.ops.sophon_fast._cpp_inner_step_.default,
+                          (p, g, m, v.abs(), KINDS["adam"], 1e-2, 0.9, 0.99, 1e-8, 0.01, 3, True),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_backend_choice_is_cached_per_op_device_dtype(monkeypatch):
+    calls = []
+    choose = _backend._choose
+    monkeypatch.setattr(_backend, "_choose", lambda op, dev: calls.append((op, dev)) or choose(op, dev))
+    monkeypatch.setattr(_backend, "_chosen_under", ("stale", None))   # start from an empty cache
+    z, y = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+    for _ in range(3):
+        F.cross_entropy(z, y)
+        F.cross_entropy(z.double(), y)
+    assert sorted(calls) == [("row_losses_fwd", "cpu")] * 2, calls
+    with sophon_fast.use_backend("reference"):   # forcing a backend drops the cache
+        F.cross_entropy(z, y)
+        assert _backend.selected_name("cpu") == "reference"
+    monkeypatch.setenv("SOPHON_FAST_BACKEND", "reference")   # so does a new environment value
+    calls.clear()
+    F.cross_entropy(z, y)
+    assert calls == [("row_losses_fwd", "cpu")] and _backend.selected_name("cpu") == "reference"
 
 
 def test_forcing_unusable_backend_names_every_backend(monkeypatch):

@@ -162,6 +162,23 @@ def test_ignore_index():
     assert (loss == 0).all() and (grad == 0).all()
 
 
+@pytest.mark.parametrize("shape,resident_max_c", [((5, 10), K.RESIDENT_MAX_C), ((5, 3000), 1024)])
+def test_out_of_range_targets_give_nan_rows(shape, resident_max_c):
+    """A target outside [0, C) (not ignore_index) is never used as an index: NaN loss, stats and grad."""
+    logits, _ = make(*shape, seed=8)
+    c = shape[1]
+    y = torch.tensor([0, c, IGNORE, -3, c - 1], device=DEVICE)
+    good = torch.tensor([True, False, True, False, True], device=DEVICE)
+    loss, stats = K.row_losses_fwd(logits, y, FUSED, 1.0, IGNORE, resident_max_c=resident_max_c)
+    grad = K.row_losses_bwd(torch.ones_like(loss), logits, y, stats, FUSED, 1.0, IGNORE,
+                            resident_max_c=resident_max_c)
+    assert loss[~good].isnan().all() and stats[~good].isnan().all() and grad[~good].isnan().all()
+    want, want_stats = R.row_losses_forward(logits, torch.where(good, y, IGNORE), FUSED)
+    want_grad = R.row_losses_backward(torch.ones_like(want), logits, torch.where(good, y, IGNORE), want_stats, FUSED)
+    torch.testing.assert_close(loss[good], want[good])
+    torch.testing.assert_close(grad[good], want_grad[good])
+
+
 def test_errors():
     logits, y = make(4, 9)
     with pytest.raises(ValueError, match="need a target"):

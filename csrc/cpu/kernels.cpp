@@ -192,21 +192,29 @@ inline Partial chunk_partial(const T* row, int64_t lo, int64_t hi, int64_t y, ac
   }
 }
 
-// Row target: -1 when the row has no target (no target tensor, or ignored). Sets *valid.
-inline int64_t row_target(const int64_t* target, int64_t r, int64_t ignore_index, bool* valid) {
+constexpr int64_t kNoTarget = -1;   // no target tensor, or an ignored row
+constexpr int64_t kBadTarget = -2;  // a target outside [0, c): the row's loss, stats and gradient are NaN
+
+// Row target y in [0, c), kNoTarget or kBadTarget; *valid is false on ignored rows only. Targets are
+// never used as an index before this range check (the front end asserts the range asynchronously).
+inline int64_t row_target(const int64_t* target, int64_t r, int64_t c, int64_t ignore_index, bool* valid) {
   *valid = true;
-  if (target == nullptr) return -1;
+  if (target == nullptr) return kNoTarget;
   const int64_t y = target[r];
   if (y == ignore_index) {
     *valid = false;
-    return -1;
+    return kNoTarget;
   }
-  return y;
+  return (y >= 0 && y < c) ? y : kBadTarget;
 }
 
 template <typename T, typename A>
 void finalize_row(const T* row, Partial p, int64_t y, bool valid, int64_t c, double scale, const LossWeights& w,
                   bool neg, A* loss, A* stats) {
+  if (y == kBadTarget) {
+    *loss = stats[0] = stats[1] = stats[2] = std::numeric_limits<A>::quiet_NaN();
+    return;
+  }
   const double lse_x = p.m + std::log(p.s), log_c = std::log(static_cast<double>(c));
   double lse = lse_x, zy = 0, sp_pos = 0, sp_neg = 0, negent = std::numeric_limits<double>::quiet_NaN();
   if (y >= 0) {
@@ -256,7 +264,7 @@ void fwd_impl(const T* logits, int64_t n, int64_t c, int64_t rs, const int64_t* 
     at::parallel_for(0, n, std::max<int64_t>(1, 32768 / c), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         bool valid;
-        const int64_t y = row_target(target, r, ignore_index, &valid);
+        const int64_t y = row_target(target, r, c, ignore_index, &valid);
         const T* row = logits + r * rs;
         finalize_row<T, A>(row, chunk_partial<T, KLU, NEG>(row, 0, c, y, sc), y, valid, c, scale, w, NEG, loss + r,
                            stats + 3 * r);
@@ -271,7 +279,7 @@ void fwd_impl(const T* logits, int64_t n, int64_t c, int64_t rs, const int64_t* 
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t r = i / k, lo = (i % k) * len;
       bool valid;
-      const int64_t y = row_target(target, r, ignore_index, &valid);
+      const int64_t y = row_target(target, r, c, ignore_index, &valid);
       parts[i] = chunk_partial<T, KLU, NEG>(logits + r * rs, lo, std::min(c, lo + len), y, sc);
     }
   });
@@ -279,7 +287,7 @@ void fwd_impl(const T* logits, int64_t n, int64_t c, int64_t rs, const int64_t* 
     Partial p = parts[r * k];
     for (int64_t j = 1; j < k; ++j) merge(p, parts[r * k + j]);
     bool valid;
-    const int64_t y = row_target(target, r, ignore_index, &valid);
+    const int64_t y = row_target(target, r, c, ignore_index, &valid);
     finalize_row<T, A>(logits + r * rs, p, y, valid, c, scale, w, NEG, loss + r, stats + 3 * r);
   }
 }
@@ -308,8 +316,9 @@ void bwd_chunk(const T* row, T* out, int64_t lo, int64_t hi, int64_t c, int64_t 
   using A = typename io::A;
   using V = typename io::V;
   constexpr int64_t W = io::W;
-  if (!valid || gl == 0) {
-    std::fill(out + lo, out + hi, static_cast<T>(0));
+  if (y == kBadTarget || !valid || gl == 0) {
+    const double fill = y == kBadTarget ? std::numeric_limits<double>::quiet_NaN() : 0.0;
+    std::fill(out + lo, out + hi, static_cast<T>(fill));
     return;
   }
   const double lse = st[0], lse_x = st[1], negent = st[2];
@@ -390,7 +399,7 @@ void bwd_impl(const acc_t<T>* grad_loss, const T* logits, int64_t n, int64_t c, 
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t r = i / k, lo = (i % k) * len;
       bool valid;
-      const int64_t y = row_target(target, r, ignore_index, &valid);
+      const int64_t y = row_target(target, r, c, ignore_index, &valid);
       const double st[3] = {static_cast<double>(stats[3 * r]), static_cast<double>(stats[3 * r + 1]),
                             static_cast<double>(stats[3 * r + 2])};
       const int64_t hi = std::min(c, lo + len);
@@ -490,11 +499,6 @@ void by_dtype(int dtype, const char* who, F&& f) {
 
 void row_losses_fwd(const void* logits, int dtype, int64_t n, int64_t c, int64_t row_stride, const int64_t* target,
                     LossWeights w, double scale, int64_t ignore_index, void* loss, void* stats) {
-  if (target != nullptr) {
-    for (int64_t r = 0; r < n; ++r)
-      TORCH_CHECK_VALUE(target[r] == ignore_index || (target[r] >= 0 && target[r] < c), "row_losses: target[", r,
-                        "] = ", target[r], " is out of range for C = ", c, " (ignore_index = ", ignore_index, ")");
-  }
   by_dtype(dtype, "row_losses", [&](auto tag) {
     fwd_dispatch<decltype(tag)>(logits, n, c, row_stride, target, w, scale, ignore_index, loss, stats);
   });
@@ -503,11 +507,6 @@ void row_losses_fwd(const void* logits, int dtype, int64_t n, int64_t c, int64_t
 void row_losses_bwd(const void* grad_loss, const void* logits, int dtype, int64_t n, int64_t c, int64_t row_stride,
                     const int64_t* target, const void* stats, LossWeights w, double scale, int64_t ignore_index,
                     void* grad) {
-  if (target != nullptr) {
-    for (int64_t r = 0; r < n; ++r)
-      TORCH_CHECK_VALUE(target[r] == ignore_index || (target[r] >= 0 && target[r] < c), "row_losses_backward: target[",
-                        r, "] = ", target[r], " is out of range for C = ", c);
-  }
   by_dtype(dtype, "row_losses_backward", [&](auto tag) {
     bwd_dispatch<decltype(tag)>(grad_loss, logits, n, c, row_stride, target, stats, w, scale, ignore_index, grad);
   });

@@ -15,7 +15,9 @@ struct LossWeights {
 };
 
 // logits: n rows of c classes, row r at logits + r * row_stride elements, unit class stride (any
-// row stride, 0 included). target: n int64 labels or nullptr (every row counts; ce/ice must be 0).
+// row stride, 0 included). target: n int64 labels or nullptr (every row counts; ce/ice must be 0);
+// a label outside [0, c) that is not ignore_index is never read through: that row gets NaN loss,
+// NaN stats and a NaN gradient row.
 // loss: n values; stats: n x 3 row-major [lse, lse_without_target, negent].
 // negent (stats[:, 2]) is only accumulated when w.negent != 0; otherwise it is written as NaN.
 void row_losses_fwd(const void* logits, int dtype, int64_t n, int64_t c, int64_t row_stride,

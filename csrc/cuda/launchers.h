@@ -12,7 +12,8 @@ extern "C" {
 #endif
 
 // logits: n rows of c classes, row r starts at logits + r * row_stride (elements), unit class stride.
-// target: n int64 labels or NULL (no target: every row counts, CE/ICE weights must be 0).
+// target: n int64 labels or NULL (no target: every row counts, CE/ICE weights must be 0). A label
+// outside [0, c) that is not ignore_index is never read through: NaN loss, stats and gradient row.
 // loss: n values; stats: n x 3 values [lse, lse_without_target, negent], row-major.
 int sf_row_losses_fwd_cuda(const void* logits, int dtype, int64_t n, int64_t c, int64_t row_stride,
                            const int64_t* target, float w_ce, float w_ice, float w_klu, float w_negent,

@@ -77,12 +77,14 @@ template <typename A> __device__ __forceinline__ A softplus(A x) {  // log(1 + e
 }
 
 // Row bookkeeping shared by forward and backward.
-struct RowTarget { bool valid, has_y; int64_t y; };
-__device__ __forceinline__ RowTarget row_target(const int64_t* target, int64_t r, int64_t ignore_index) {
-  if (target == nullptr) return RowTarget{true, false, -1};
+// valid: the row counts (not ignored); has_y: it has a target class y in [0, c); bad: its target is
+// outside [0, c) (never used as an index: the row's loss, stats and gradient are NaN).
+struct RowTarget { bool valid, has_y, bad; int64_t y; };
+__device__ __forceinline__ RowTarget row_target(const int64_t* target, int64_t r, int64_t c, int64_t ignore_index) {
+  if (target == nullptr) return RowTarget{true, false, false, -1};
   const int64_t y = target[r];
-  const bool valid = y != ignore_index;
-  return RowTarget{valid, valid, valid ? y : -1};
+  const bool valid = y != ignore_index, in_range = y >= 0 && y < c;
+  return RowTarget{valid, valid && in_range, valid && !in_range, (valid && in_range) ? y : -1};
 }
 
 // Calls f(j, z') for every class j of the row handled by this thread (lane of tpr threads).
@@ -114,7 +116,7 @@ row_losses_fwd_kernel(const T* __restrict__ logits, int64_t n, int64_t c, int64_
   __shared__ State<A> partial[WARPS];
   const int lane = threadIdx.x % TPR, warp = lane / 32;
   for (int64_t r = int64_t(blockIdx.x) * ROWS + threadIdx.x / TPR; r < n; r += int64_t(gridDim.x) * ROWS) {
-    const RowTarget rt = row_target(target, r, ignore_index);
+    const RowTarget rt = row_target(target, r, c, ignore_index);
     const T* row = logits + r * row_stride;
     State<A> st = empty_state<A>();
     const int64_t y = rt.y;
@@ -148,10 +150,11 @@ row_losses_fwd_kernel(const T* __restrict__ logits, int64_t n, int64_t c, int64_
     if (w.ice != A(0)) l += w.ice * softplus(z_y - lse_x);
     if (w.klu != A(0)) l += w.klu * (lse - st.sum_z / A(c) - flog(A(c)));
     if (w.ne != A(0)) l += w.ne * negent;
-    loss[r] = rt.valid ? l : A(0);
-    stats[3 * r] = lse;
-    stats[3 * r + 1] = lse_x;
-    stats[3 * r + 2] = negent;
+    const A nan = A(NAN);
+    loss[r] = rt.bad ? nan : (rt.valid ? l : A(0));
+    stats[3 * r] = rt.bad ? nan : lse;
+    stats[3 * r + 1] = rt.bad ? nan : lse_x;
+    stats[3 * r + 2] = rt.bad ? nan : negent;
   }
 }
 
@@ -166,10 +169,11 @@ row_losses_bwd_kernel(const typename Acc<T>::type* __restrict__ grad_loss, const
   const int lane = threadIdx.x % TPR;
   const bool need_p = w.ce != A(0) || w.klu != A(0) || w.ne != A(0);
   for (int64_t r = int64_t(blockIdx.x) * ROWS + threadIdx.x / TPR; r < n; r += int64_t(gridDim.x) * ROWS) {
-    const RowTarget rt = row_target(target, r, ignore_index);
+    const RowTarget rt = row_target(target, r, c, ignore_index);
     T* out = grad + r * c;
-    if (!rt.valid) {
-      for (int64_t j = lane; j < c; j += TPR) out[j] = from_acc<T>(A(0));
+    if (!rt.valid || rt.bad) {
+      const A fill = rt.bad ? A(NAN) : A(0);
+      for (int64_t j = lane; j < c; j += TPR) out[j] = from_acc<T>(fill);
       continue;
     }
     const T* row = logits + r * row_stride;

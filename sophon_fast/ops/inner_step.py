@@ -23,8 +23,8 @@ def inner_step_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor
         raise ValueError(f"inner_step_: kind must be 0 (sgd), 1 (momentum) or 2 (adam), got {kind}")
     if kind == 2 and step < 1:
         raise ValueError(f"inner_step_: Adam needs step >= 1, got {step}")
-    _backend.select(param.device.type).inner_step_(param, grad, exp_avg, exp_avg_sq, kind, lr, beta1, beta2,
-                                                   eps, weight_decay, step, zero_grad)
+    _backend.select("inner_step_", param.device.type, param.dtype)(param, grad, exp_avg, exp_avg_sq, kind, lr,
+                                                                   beta1, beta2, eps, weight_decay, step, zero_grad)
 
 
 @inner_step_.register_fake

@@ -6,7 +6,9 @@
 
 loss and stats are fp32 (fp64 for fp64 logits); the gradient has the logits' dtype. The forward
 reads the logits once; the backward reads them once more and writes the gradient once. The logits
-are never written. Implementations come from the backend selected for the logits' device.
+are never written. Implementations come from the backend selected for the logits' device and dtype
+(chosen once per device type and dtype, see sophon_fast/_backend.py). Inputs are validated by
+sophon_fast/ops/_checks.py; a target outside [0, C) that is not ignore_index gives a NaN row.
 """
 from typing import List, Optional, Tuple
 
@@ -14,6 +16,7 @@ import torch
 from torch import Tensor
 
 from sophon_fast import _backend
+from sophon_fast.ops._checks import check_row_inputs
 
 
 def _acc_dtype(logits: Tensor) -> torch.dtype:
@@ -23,9 +26,9 @@ def _acc_dtype(logits: Tensor) -> torch.dtype:
 @torch.library.custom_op("sophon_fast::row_losses", mutates_args=())
 def row_losses(logits: Tensor, target: Optional[Tensor], weights: List[float], scale: float,
                ignore_index: int) -> Tuple[Tensor, Tensor]:
-    impl = _backend.select(logits.device.type)
-    loss, stats = impl.row_losses_fwd(logits, target, weights, scale, ignore_index)
-    return loss, stats
+    check_row_inputs(logits, target, weights, "row_losses")
+    return _backend.select("row_losses_fwd", logits.device.type, logits.dtype)(logits, target, weights, scale,
+                                                                               ignore_index)
 
 
 @row_losses.register_fake
@@ -38,8 +41,9 @@ def _(logits, target, weights, scale, ignore_index):
 @torch.library.custom_op("sophon_fast::row_losses_backward", mutates_args=())
 def row_losses_backward(grad_loss: Tensor, logits: Tensor, target: Optional[Tensor], stats: Tensor,
                         weights: List[float], scale: float, ignore_index: int) -> Tensor:
-    impl = _backend.select(logits.device.type)
-    return impl.row_losses_bwd(grad_loss, logits, target, stats, weights, scale, ignore_index)
+    check_row_inputs(logits, target, weights, "row_losses_backward")
+    return _backend.select("row_losses_bwd", logits.device.type, logits.dtype)(grad_loss, logits, target, stats,
+                                                                               weights, scale, ignore_index)
 
 
 @row_losses_backward.register_fake

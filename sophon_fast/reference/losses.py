@@ -28,7 +28,9 @@ Gradients with respect to z' (then multiplied by ``scale`` for z):
 
 Forward saves per-row ``stats = [lse, lse_x, negent]`` (fp32, shape (N, 3)); ``negent`` is only
 defined when w_negent != 0 (backends that skip its accumulation may store anything there, the C++
-one stores NaN, and no backward reads it then). Backward re-reads the
+one stores NaN, and no backward reads it then). A target outside [0, C) that is not ``ignore_index``
+is never used as an index: that row's loss, stats and gradient are NaN (the public functions assert
+the range first; the kernels only have to stay memory-safe). Backward re-reads the
 logits once and writes the gradient once, so forward + backward costs two reads and one write of the
 logits. CE and ICE need a target; KLU and NEGENT do not (``target=None``: every row counts).
 """
@@ -45,19 +47,25 @@ IGNORE_INDEX = -100
 LOSS_NAMES = ("ce", "ice", "klu", "negent")
 
 
+def _targets(target: Optional[torch.Tensor], n: int, c: int, ignore_index: int, device):
+    """(valid, has_y, bad, y): rows that count, rows with a target in [0, c), rows whose target is out
+    of range (NaN rows), and a safe index (0 where there is no usable target)."""
+    if target is None:
+        valid = torch.ones(n, dtype=torch.bool, device=device)
+        none = torch.zeros(n, dtype=torch.bool, device=device)
+        return valid, none, none, torch.zeros(n, dtype=torch.long, device=device)
+    valid = target != ignore_index
+    bad = valid & ((target < 0) | (target >= c))
+    has_y = valid & ~bad
+    return valid, has_y, bad, torch.where(has_y, target, torch.zeros_like(target)).long()
+
+
 def _row_terms(logits: torch.Tensor, target: Optional[torch.Tensor], scale: float, ignore_index: int):
     """Shared by forward and backward: fp32 (or fp64) stats of every row."""
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     z = logits.to(acc) * scale
     n, c = z.shape
-    if target is None:
-        valid = torch.ones(n, dtype=torch.bool, device=z.device)
-        has_y = torch.zeros(n, dtype=torch.bool, device=z.device)
-        y = torch.zeros(n, dtype=torch.long, device=z.device)
-    else:
-        valid = target != ignore_index
-        has_y = valid
-        y = torch.where(valid, target, torch.zeros_like(target)).long()
+    valid, has_y, bad, y = _targets(target, n, c, ignore_index, z.device)
     onehot = F.one_hot(y, c).bool() & has_y[:, None]
     z_x = z.masked_fill(onehot, -math.inf)
     lse_x = torch.logsumexp(z_x, dim=1)
@@ -66,14 +74,14 @@ def _row_terms(logits: torch.Tensor, target: Optional[torch.Tensor], scale: floa
     logp = z - lse[:, None]
     p = logp.exp()
     negent = (p * logp).sum(1)
-    return z, y, valid, has_y, onehot, z_y, lse, lse_x, p, negent
+    return z, y, valid, has_y, bad, onehot, z_y, lse, lse_x, p, negent
 
 
 def row_losses_forward(logits: torch.Tensor, target: Optional[torch.Tensor], weights: Sequence[float],
                        scale: float = 1.0, ignore_index: int = IGNORE_INDEX):
     """(N, C) logits -> (loss (N,) fp32, stats (N, 3) fp32). See the module docstring."""
     w_ce, w_ice, w_klu, w_ne = weights
-    z, y, valid, has_y, onehot, z_y, lse, lse_x, p, negent = _row_terms(logits, target, scale, ignore_index)
+    z, y, valid, has_y, bad, onehot, z_y, lse, lse_x, p, negent = _row_terms(logits, target, scale, ignore_index)
     c = z.shape[1]
     loss = torch.zeros_like(lse)
     if w_ce:
@@ -87,6 +95,9 @@ def row_losses_forward(logits: torch.Tensor, target: Optional[torch.Tensor], wei
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     stats = torch.stack([lse, lse_x, negent], 1).to(out_dtype)
+    nan = torch.full_like(loss, math.nan)
+    loss = torch.where(bad, nan, loss)
+    stats = torch.where(bad[:, None], nan[:, None], stats)
     return loss.to(out_dtype), stats
 
 
@@ -98,14 +109,7 @@ def row_losses_backward(grad_loss: torch.Tensor, logits: torch.Tensor, target: O
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     z = logits.to(acc) * scale
     n, c = z.shape
-    if target is None:
-        valid = torch.ones(n, dtype=torch.bool, device=z.device)
-        has_y = valid.logical_not()
-        y = torch.zeros(n, dtype=torch.long, device=z.device)
-    else:
-        valid = target != ignore_index
-        has_y = valid
-        y = torch.where(valid, target, torch.zeros_like(target)).long()
+    valid, has_y, bad, y = _targets(target, n, c, ignore_index, z.device)
     onehot = (F.one_hot(y, c).bool() & has_y[:, None]).to(acc)
     lse, lse_x, negent = (stats[:, i].to(acc) for i in range(3))
     p = (z - lse[:, None]).exp()
@@ -123,6 +127,7 @@ def row_losses_backward(grad_loss: torch.Tensor, logits: torch.Tensor, target: O
         g = g + w_ne * p * (z - lse[:, None] - negent[:, None])
     # where, not a product: ignored rows get exactly 0 even when grad_loss is inf (mean over 0 rows)
     g = g * torch.where(valid, grad_loss.to(acc), torch.zeros_like(lse))[:, None] * scale
+    g = torch.where(bad[:, None], torch.full_like(g, math.nan), g)
     return g.to(logits.dtype)
 
 

@@ -1,0 +1,97 @@
+"""The one place that validates loss inputs (public functions, custom ops and the Triton launchers).
+
+Metadata checks (type, rank, shape, dtype, device, reduction) raise ``ValueError`` and cost no device
+work. Target *values* are data: checking them on the host would synchronise with the device and break
+``torch.compile(fullgraph=True)`` and CUDA-graph capture, so by default they are asserted
+asynchronously with ``torch._assert_async`` (a ``RuntimeError``; on CUDA reported at a later sync).
+The debug switch ``set_target_checks(True)`` (or ``SOPHON_FAST_CHECK_TARGETS=1`` at import) turns on a
+synchronous host check that raises ``ValueError`` naming the first bad value; it is skipped while
+``torch.compile`` traces. Every kernel is memory-safe for out-of-range targets anyway: such a row gets
+a NaN loss and gradient, never an out-of-bounds read.
+
+The C++ ops (csrc/binding.cpp) only guard the layouts their kernels index; they are reached through
+the custom ops, after these checks.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+
+_check_targets_on_host = os.environ.get("SOPHON_FAST_CHECK_TARGETS", "0") not in ("", "0")
+
+
+def set_target_checks(enabled: bool) -> None:
+    """Debug switch: True makes every loss check its target values on the host (a device sync) and
+    raise ValueError naming the first bad one; False (default) asserts them asynchronously."""
+    global _check_targets_on_host
+    _check_targets_on_host = bool(enabled)
+
+
+def target_checks_on_host() -> bool:
+    return _check_targets_on_host
+
+
+def check_logits(logits: Tensor, who: str, min_classes: int = 1) -> None:
+    """logits: a 2-D floating tensor (fp32/fp16/bf16/fp64) with at least ``min_classes`` columns."""
+    if not isinstance(logits, Tensor):
+        raise ValueError(f"{who}: logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() != 2:
+        raise ValueError(f"{who}: logits must be 2-D (N, C), got shape {tuple(logits.shape)}")
+    if logits.shape[1] < min_classes:
+        raise ValueError(f"{who}: logits needs at least {min_classes} classes, got C = {logits.shape[1]}")
+    if logits.dtype not in FLOATS:
+        raise ValueError(f"{who}: logits dtype must be one of fp32/fp16/bf16/fp64, got {logits.dtype}")
+
+
+def check_target(target: Optional[Tensor], n: int, device: torch.device, who: str) -> None:
+    """target: None or an integer tensor of shape (n,) on ``device``."""
+    if target is None:
+        return
+    if not isinstance(target, Tensor) or target.dtype.is_floating_point or target.dtype == torch.bool \
+            or target.is_complex():
+        raise ValueError(f"{who}: target must be an integer tensor, got "
+                         f"{target.dtype if isinstance(target, Tensor) else type(target).__name__}")
+    if target.shape != (n,):
+        raise ValueError(f"{who}: target must have shape ({n},), got {tuple(target.shape)}")
+    if target.device != device:
+        raise ValueError(f"{who}: target is on {target.device} but the inputs on {device}")
+
+
+def check_weights(weights: Sequence[float], has_target: bool, who: str) -> None:
+    """weights: [w_ce, w_ice, w_klu, w_negent]; CE and ICE need a target."""
+    if len(weights) != 4:
+        raise ValueError(f"{who}: weights must be [w_ce, w_ice, w_klu, w_negent], got {list(weights)}")
+    if not has_target and (weights[0] or weights[1]):
+        raise ValueError(f"{who}: ce and ice need a target")
+
+
+def check_reduction(reduction: str, who: str, allowed: Sequence[str] = REDUCTIONS) -> None:
+    if reduction not in allowed:
+        raise ValueError(f"{who}: reduction must be one of {tuple(allowed)}, got {reduction!r}")
+
+
+def check_row_inputs(logits: Tensor, target: Optional[Tensor], weights: Sequence[float], who: str) -> None:
+    """Op-level contract of the row-loss core (sophon_fast::row_losses and every backend of it)."""
+    check_logits(logits, who)
+    check_target(target, logits.shape[0], logits.device, who)
+    check_weights(weights, target is not None, who)
+
+
+def assert_targets_in_range(target: Tensor, num_classes: int, ignore_index: int, who: str) -> None:
+    """Every target is in [0, num_classes) or equals ``ignore_index``: asynchronously by default, on
+    the host (ValueError) under the debug switch. No host synchronisation unless the switch is on."""
+    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    if _check_targets_on_host and not torch.compiler.is_compiling():
+        if bool(bad.any()):
+            v = int(target[bad][0])
+            raise ValueError(f"{who}: target value {v} is out of range for C = {num_classes} classes "
+                             f"(allowed: 0..{num_classes - 1} or ignore_index={ignore_index})")
+        return
+    torch._assert_async(~bad.any(), f"{who}: a target is out of range for C = {num_classes} classes "
+                                    f"(and is not ignore_index={ignore_index})")
