@@ -19,7 +19,8 @@ done
 .venv/bin/python -m pip install -q --disable-pip-version-check \
   torch==2.13.0 triton==3.7.1 numpy ninja pybind11 setuptools wheel \
   pytest pytest-benchmark safetensors tqdm matplotlib scikit-learn mlxtend \
-  transformers==5.24.0 peft==0.21.2 tokenizers==0.23.3
+  transformers==5.24.0 peft==0.21.2 tokenizers==0.23.3 \
+  diffusers==0.42.1
 stamp=.venv/.sophon_fast_build
 if [ ! -f "$stamp" ] || [ -n "$(find setup.py csrc -newer "$stamp" 2>/dev/null | head -1)" ] \
    || ! .venv/bin/python -c "import sophon_fast._C" 2>/dev/null; then

@@ -8,6 +8,7 @@ from sophon_fast.attacks.metrics import Overhead, epochs_to_reach, head_start_re
 from sophon_fast.attacks.run import accuracy, evaluate_suite, run, scratch
 from sophon_fast.attacks.spec import METHODS, OPTIMIZERS, PAPER, SUITES, Attack, suite
 from sophon_fast.attacks import lm  # noqa: F401,E402  (language-model attacks: LMAttack, evaluate_suite)
+from sophon_fast.attacks import diffusion  # noqa: F401,E402  (denoiser attacks: DiffusionAttack, evaluate_suite)
 
 __all__ = ["METHODS", "OPTIMIZERS", "PAPER", "SUITES", "Attack", "Overhead", "accuracy", "epochs_to_reach",
            "evaluate_suite", "head_start_removed", "overhead", "run", "scratch", "suite"]

@@ -14,6 +14,9 @@ and the scratch baseline of :mod:`sophon_fast.attacks` can rebuild it.
 | mlp            | 784-256-128-head                                     | no        | 0.24M               |
 | resnet_narrow  | ResNet-20 (3 stages x 3 basic blocks, widths 16-64)  | yes       | 0.27M               |
 | resnet18_width | ResNet-18 (2-2-2-2 basic blocks, widths 64-512)      | yes       | 11.2M               |
+| ddpm_unet_small| DDPM UNet (diffusers UNet2DModel), widths 16-32      | no (GN)   | 0.16M (no head)     |
+
+``ddpm_unet_small`` (sophon_fast.models.diffusion) is a denoiser ``model(x_t, t) -> eps``, not a classifier.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import torch
 from torch import nn
 
 from sophon_fast.models.convnets import cnn, cnn_bn, cnn_small, mlp, vgg
+from sophon_fast.models.diffusion import ddpm_unet_small
 from sophon_fast.models.resnet import resnet18_width, resnet_narrow
 
 _BUILDERS: Dict[str, Callable[..., nn.Module]] = {
@@ -34,6 +38,7 @@ _BUILDERS: Dict[str, Callable[..., nn.Module]] = {
     "vgg": vgg,
     "mlp": mlp,
     "resnet18_width": resnet18_width,
+    "ddpm_unet_small": ddpm_unet_small,
 }
 
 
