@@ -19,9 +19,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from sophon_fast.ops._checks import assert_targets_in_range, check_logits, check_reduction, check_target
+from sophon_fast.ops._checks import (assert_targets_in_range, check_linear_inputs, check_logits, check_reduction,
+                                     check_target)
 from sophon_fast.ops._checks import set_target_checks  # noqa: F401  (re-exported: the debug switch)
+from sophon_fast.ops.linear_loss import linear_loss
 from sophon_fast.ops.row_losses import row_losses
+from sophon_fast.reference.linear_loss import LOSS_WEIGHTS as LINEAR_LOSSES
 from sophon_fast.reference.losses import IGNORE_INDEX
 
 def _check(logits: Tensor, target: Optional[Tensor], reduction: str, ignore_index: int, who: str) -> None:
@@ -107,3 +110,32 @@ def suppression_loss(name: str, logits: Tensor, target: Tensor) -> Tensor:
     except KeyError:
         raise ValueError(f"unknown suppression loss {name!r}; choose from {sorted(SUPPRESSION_LOSSES)}") from None
     return fn(logits, target)
+
+
+def linear_suppression_loss(hidden: Tensor, weight: Tensor, target: Tensor, *, loss: str = "ice",
+                            bias: Optional[Tensor] = None, ignore_index: int = IGNORE_INDEX, reduction: str = "mean",
+                            chunk_size: Optional[int] = None) -> Tensor:
+    """The loss of ``logits = hidden @ weight.T (+ bias)`` without ever holding the full logits.
+
+    hidden: (N, H); weight: (V, H) (the LM head, possibly tied to an input embedding: gradients add up);
+    bias: (V,) or None; all of one floating dtype (fp32/fp16/bf16/fp64) and device. target: (N,) integer,
+    values in [0, V) or ``ignore_index`` (rows that contribute nothing and are not counted by "mean",
+    for every loss, including "klu" and "neg_entropy", which do not otherwise use the target).
+    loss: "ice" (paper variant), "klu", "ce" or "neg_entropy". reduction: "mean" or "sum" (the gradients
+    are formed during the forward, which needs a scalar loss; there is no "none").
+    chunk_size: tokens per chunk (default: one (T, V) logits buffer of at most 64 MiB).
+    Returns a 0-d tensor of the inputs' dtype, differentiable for hidden, weight and bias. Extra memory:
+    two (chunk_size, V) buffers plus fp32 gradient accumulators, never (N, V). Raises ValueError on bad
+    input; target values are asserted like the other losses (no host sync).
+    """
+    who = "linear_suppression_loss"
+    check_linear_inputs(hidden, weight, target, bias, chunk_size, who)
+    check_reduction(reduction, who, allowed=("mean", "sum"))
+    if loss not in LINEAR_LOSSES:
+        raise ValueError(f"{who}: loss must be one of {sorted(LINEAR_LOSSES)}, got {loss!r}")
+    assert_targets_in_range(target, weight.shape[0], ignore_index, who)
+    compute_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    out, _, _, _ = linear_loss(hidden, weight, target.long().contiguous(), bias, list(LINEAR_LOSSES[loss]),
+                               int(ignore_index), reduction, int(chunk_size or 0), compute_grad)
+    return out

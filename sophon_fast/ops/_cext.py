@@ -5,11 +5,13 @@ and CPU/CUDA kernels in csrc/binding.cpp, ``TORCH_LIBRARY_IMPL``); their fake ke
 here, so they trace under ``torch.compile`` and pass ``opcheck``. CPU and CUDA share these entry points:
 the dispatcher routes on the tensors' device.
 """
+import functools
 from types import SimpleNamespace
 
 import torch
 
 from sophon_fast import _C  # noqa: F401  (loads the library: registers the _cpp_* ops)
+from sophon_fast.ops.linear_loss import chunked_linear_loss
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -54,5 +56,9 @@ def inner_step_(param, grad, exp_avg, exp_avg_sq, kind, lr, beta1, beta2, eps, w
                                            bool(zero_grad))
 
 
-CPU = SimpleNamespace(row_losses_fwd=row_losses_fwd, row_losses_bwd=row_losses_bwd, inner_step_=inner_step_)
-CUDA = SimpleNamespace(row_losses_fwd=row_losses_fwd, row_losses_bwd=row_losses_bwd, inner_step_=inner_step_)
+linear_loss = functools.partial(chunked_linear_loss, row_fwd=row_losses_fwd, row_bwd=row_losses_bwd)
+
+CPU = SimpleNamespace(row_losses_fwd=row_losses_fwd, row_losses_bwd=row_losses_bwd, inner_step_=inner_step_,
+                      linear_loss=linear_loss)
+CUDA = SimpleNamespace(row_losses_fwd=row_losses_fwd, row_losses_bwd=row_losses_bwd, inner_step_=inner_step_,
+                       linear_loss=linear_loss)

@@ -95,3 +95,37 @@ def assert_targets_in_range(target: Tensor, num_classes: int, ignore_index: int,
         return
     torch._assert_async(~bad.any(), f"{who}: a target is out of range for C = {num_classes} classes "
                                     f"(and is not ignore_index={ignore_index})")
+
+
+def check_linear_inputs(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
+                        chunk_size: Optional[int], who: str) -> None:
+    """Contract of the fused linear + loss: hidden (N, H), weight (V, H), bias (V,) or None, all of one
+    floating dtype and device; target (N,) integer; N >= 1, V >= 2; chunk_size None or >= 1."""
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(t, Tensor) or t.dim() != 2:
+            raise ValueError(f"{who}: {name} must be a 2-D tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    if hidden.dtype not in FLOATS:
+        raise ValueError(f"{who}: hidden dtype must be one of fp32/fp16/bf16/fp64, got {hidden.dtype}")
+    n, h = hidden.shape
+    v = weight.shape[0]
+    if n == 0:
+        raise ValueError(f"{who}: hidden has N = 0 rows")
+    if weight.shape[1] != h:
+        raise ValueError(f"{who}: weight must have shape (V, {h}) to match hidden {tuple(hidden.shape)}, "
+                         f"got {tuple(weight.shape)}")
+    if v < 2:
+        raise ValueError(f"{who}: weight needs at least 2 rows (classes), got V = {v}")
+    others = (("weight", weight),) + ((("bias", bias),) if bias is not None else ())
+    for name, t in others:
+        if t.dtype != hidden.dtype or t.device != hidden.device:
+            raise ValueError(f"{who}: {name} is {t.dtype} on {t.device} but hidden is {hidden.dtype} on "
+                             f"{hidden.device}")
+    if bias is not None and bias.shape != (v,):
+        raise ValueError(f"{who}: bias must have shape ({v},), got {tuple(bias.shape)}")
+    if target is None:
+        raise ValueError(f"{who}: target is required (ignore_index marks rows that do not count)")
+    check_target(target, n, hidden.device, who)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"{who}: chunk_size must be None or a positive int, got {chunk_size!r}")

@@ -1,0 +1,189 @@
+"""The fused linear + suppression loss (sophon_fast.functional.linear_suppression_loss, custom op
+sophon_fast::linear_loss) on every backend usable on CPU (Triton: tests/test_triton_kernels.py).
+
+Gold: the textbook composite (sophon_fast/reference/linear_loss.py, materialised logits, autograd) in
+fp64. Rule (tests/tolerances.py): a backend's error is at most twice the reference backend's own error
+in that dtype, plus a floor.
+"""
+import functools
+
+import pytest
+import torch
+
+import sophon_fast
+from sophon_fast import _backend
+from sophon_fast import functional as F
+from sophon_fast.reference.linear_loss import linear_suppression_loss as textbook
+from sophon_fast.reference.losses import IGNORE_INDEX as IGNORE
+from tolerances import assert_parity
+
+BACKENDS = [b for b in ("cpp", "reference") if _backend.probe(b).usable["cpu"]]
+LOSSES = ("ice", "klu", "ce", "neg_entropy")
+DTYPES = (torch.float64, torch.float32, torch.bfloat16)
+
+
+def _inputs(n, h, v, seed=0, bias=True, ignore_every=4):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g, dtype=torch.float64)
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64) / h ** 0.5 * 2
+    b = torch.randn(v, generator=g, dtype=torch.float64) if bias else None
+    y = torch.randint(0, v, (n,), generator=g)
+    if ignore_every:
+        y[1::ignore_every] = IGNORE
+    return hidden, weight, b, y
+
+
+def _run(fn, hidden, weight, bias, y, dtype):
+    """(loss, grad_hidden, grad_weight, grad_bias) of fn in ``dtype``."""
+    leaves = [t.to(dtype).requires_grad_(True) for t in (hidden, weight) + ((bias,) if bias is not None else ())]
+    out = fn(leaves[0], leaves[1], leaves[2] if bias is not None else None, y)
+    grads = torch.autograd.grad(out, leaves)
+    return (out.detach(),) + tuple(grads)
+
+
+def _fused(backend, loss, reduction, chunk_size):
+    def fn(hidden, weight, bias, y):
+        with sophon_fast.use_backend(backend):
+            return F.linear_suppression_loss(hidden, weight, y, loss=loss, bias=bias, reduction=reduction,
+                                             chunk_size=chunk_size)
+    return fn
+
+
+@functools.lru_cache(maxsize=8)
+def _gold(loss, reduction, bias, seed):
+    hidden, weight, b, y = _inputs(37, 19, 53, seed, bias)
+    gold = _run(lambda h, w, bb, t: textbook(h, w, t, loss, bb, reduction=reduction), hidden, weight, b, y,
+                torch.float64)
+    return (hidden, weight, b, y), gold
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("reduction,bias,chunk_size", [("mean", True, 8), ("sum", False, None), ("mean", False, 1)])
+def test_parity_with_materialised_fp64(backend, dtype, loss, reduction, bias, chunk_size):
+    """Odd sizes (37 tokens, hidden 19, vocab 53), every 4th row ignored, chunks that do not divide N."""
+    (hidden, weight, b, y), gold = _gold(loss, reduction, bias, 0)
+    baseline = _run(_fused("reference", loss, reduction, None), hidden, weight, b, y, dtype)
+    got = _run(_fused(backend, loss, reduction, chunk_size), hidden, weight, b, y, dtype)
+    names = ("loss", "grad_hidden", "grad_weight", "grad_bias")
+    for name, out, base, want in zip(names, got, baseline, gold):
+        assert out.dtype == dtype
+        assert_parity(out, base, want, dtype, f"{backend} {loss} {reduction} {dtype} {name}",
+                      "value" if name == "loss" else "grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chunk_size_does_not_change_the_result(backend):
+    hidden, weight, b, y = _inputs(23, 8, 30, seed=3)
+    runs = [_run(_fused(backend, "ice", "mean", c), hidden, weight, b, y, torch.float64) for c in (1, 5, 23, None)]
+    for other in runs[1:]:
+        for a, c in zip(runs[0], other):
+            torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_tied_weight_gradients_add_up(backend, dtype):
+    """The LM head is the input embedding: d/dE = (through the embedding) + (through the head)."""
+    g = torch.Generator().manual_seed(5)
+    v, h, n = 41, 12, 29
+    emb = (torch.randn(v, h, generator=g, dtype=torch.float64) * 0.5).to(dtype).requires_grad_(True)
+    mix = (torch.randn(h, h, generator=g, dtype=torch.float64) / h ** 0.5).to(dtype).requires_grad_(True)
+    tokens = torch.randint(0, v, (n,), generator=g)
+    y = torch.roll(tokens, -1)
+    y[-3:] = IGNORE
+
+    def model(loss_fn):
+        hidden = torch.tanh(emb[tokens] @ mix)
+        return loss_fn(hidden, emb, y)
+
+    want = model(lambda hd, w, t: textbook(hd, w, t, "ice"))
+    want_grads = torch.autograd.grad(want, (emb, mix))
+    with sophon_fast.use_backend(backend):
+        got = model(lambda hd, w, t: F.linear_suppression_loss(hd, w, t, loss="ice", chunk_size=6))
+    got_grads = torch.autograd.grad(got, (emb, mix))
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, want, **tol)
+    for a, c in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, c, **tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    hidden, weight, b, y = (t.float() if t is not None and t.is_floating_point() else t
+                            for t in _inputs(9, 6, 11, seed=1))
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    with sophon_fast.use_backend(backend):
+        for bias, compute_grad in ((b, True), (None, True), (None, False)):
+            h, w = (hidden, weight) if compute_grad else (hidden.detach(), weight.detach())
+            torch.library.opcheck(torch.ops.sophon_fast.linear_loss.default,
+                                  (h, w, y, bias, [0.0, 1.0, 0.0, 0.0], IGNORE, "mean", 4, compute_grad))
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend, compile_backend):
+    torch._dynamo.reset()
+    hidden, weight, b, y = _inputs(13, 7, 17, seed=2)
+    hidden, weight, b = (t.float().requires_grad_(True) for t in (hidden, weight, b))
+
+    def f(hidden, weight, b, y):
+        return F.linear_suppression_loss(torch.relu(hidden), weight, y, loss="klu", bias=b, chunk_size=5) * 2.0
+
+    with sophon_fast.use_backend(backend):
+        want = f(hidden, weight, b, y)
+        want_grads = torch.autograd.grad(want, (hidden, weight, b))
+        got = torch.compile(f, backend=compile_backend, fullgraph=True)(hidden, weight, b, y)
+        got_grads = torch.autograd.grad(got, (hidden, weight, b))
+    torch.testing.assert_close(got, want)
+    for a, c in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, c)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_grad_and_all_rows_ignored(backend):
+    hidden, weight, b, y = _inputs(6, 5, 9, seed=4)
+    with sophon_fast.use_backend(backend):
+        with torch.no_grad():
+            out = F.linear_suppression_loss(hidden, weight, y, loss="ce", bias=b)
+        torch.testing.assert_close(out, textbook(hidden, weight, y, "ce", b))
+        w = weight.clone().requires_grad_(True)
+        out = F.linear_suppression_loss(hidden, w, torch.full_like(y, IGNORE), loss="ice")
+        grad, = torch.autograd.grad(out, w)
+    assert out.isnan() and (grad == 0).all()   # mean over zero rows is NaN, as in F.cross_entropy
+
+
+_h, _w, _b, _y = _inputs(4, 3, 5, seed=6)
+BAD = {
+    "1-D hidden": lambda: F.linear_suppression_loss(_h[0], _w, _y),
+    "hidden size mismatch": lambda: F.linear_suppression_loss(_h, _w[:, :2], _y),
+    "one class": lambda: F.linear_suppression_loss(_h, _w[:1], _y.clamp(0, 0)),
+    "dtype mismatch": lambda: F.linear_suppression_loss(_h, _w.float(), _y),
+    "bias shape": lambda: F.linear_suppression_loss(_h, _w, _y, bias=_b[:3]),
+    "float target": lambda: F.linear_suppression_loss(_h, _w, _y.double()),
+    "target shape": lambda: F.linear_suppression_loss(_h, _w, _y[:2]),
+    "unknown loss": lambda: F.linear_suppression_loss(_h, _w, _y, loss="entropy"),
+    "reduction none": lambda: F.linear_suppression_loss(_h, _w, _y, reduction="none"),
+    "chunk_size 0": lambda: F.linear_suppression_loss(_h, _w, _y, chunk_size=0),
+    "integer hidden": lambda: F.linear_suppression_loss(_h.long(), _w.long(), _y),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_raises_value_error(case):
+    with pytest.raises(ValueError):
+        BAD[case]()
+
+
+def test_bad_target_value():
+    y = torch.tensor([0, 5, 1, IGNORE])
+    with pytest.raises(RuntimeError, match="out of range"):
+        F.linear_suppression_loss(_h, _w, y)
+    F.set_target_checks(True)
+    try:
+        with pytest.raises(ValueError, match="out of range"):
+            F.linear_suppression_loss(_h, _w, y)
+    finally:
+        F.set_target_checks(False)
