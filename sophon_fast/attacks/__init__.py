@@ -4,6 +4,7 @@
 ``evaluate_suite`` runs a list of attacks on the protected model, the unprotected model and a
 freshly initialised copy (``scratch``); ``overhead`` and ``head_start_removed`` summarise curves.
 """
+from sophon_fast.attacks.adaptive import AdaptiveAttack, AdaptiveConfig, evaluate_adaptive
 from sophon_fast.attacks.metrics import Overhead, epochs_to_reach, head_start_removed, overhead
 from sophon_fast.attacks.run import accuracy, evaluate_suite, run, scratch
 from sophon_fast.attacks.spec import METHODS, OPTIMIZERS, PAPER, SUITES, Attack, suite
@@ -12,3 +13,4 @@ from sophon_fast.attacks import diffusion  # noqa: F401,E402  (denoiser attacks:
 
 __all__ = ["METHODS", "OPTIMIZERS", "PAPER", "SUITES", "Attack", "Overhead", "accuracy", "epochs_to_reach",
            "evaluate_suite", "head_start_removed", "overhead", "run", "scratch", "suite"]
+__all__ += ["AdaptiveAttack", "AdaptiveConfig", "evaluate_adaptive"]
