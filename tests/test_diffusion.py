@@ -54,7 +54,8 @@ def test_schedule_tables_match_closed_forms():
     var = 1 / (1 / (1 - ac_prev[1:]) + alphas[1:] / betas[1:])
     torch.testing.assert_close(s.posterior_variance[1:], var, rtol=1e-5, atol=0)
     assert s.posterior_variance[0].item() == 0.0
-    torch.testing.assert_close(s.posterior_mean_coef1[1:], var * ac_prev[1:].sqrt() / (1 - ac_prev[1:]), rtol=1e-5, atol=0)
+    coef1 = var * ac_prev[1:].sqrt() / (1 - ac_prev[1:])
+    torch.testing.assert_close(s.posterior_mean_coef1[1:], coef1, rtol=1e-5, atol=0)
     torch.testing.assert_close(s.posterior_mean_coef2[1:], var * alphas[1:].sqrt() / betas[1:], rtol=1e-5, atol=0)
 
 
@@ -281,3 +282,51 @@ def test_attack_suite_schema_on_a_tiny_budget(tmp_path):
     assert again["uniform"] == row["scratch"] and again["t1"] == row["scratch_t1"]
     alone = dattacks.evaluate_suite(protected, None, (x_train,), (x_test,), attacks, schedule=schedule, samples=0)
     assert alone["attacks"][0]["unprotected"] is None and alone["attacks"][0]["protected"] == row["protected"]
+
+
+# ---------------------------------------------------------------- protect + demo report
+
+
+def _tiny_protect(mode, timestep):
+    import sophon_fast as sf
+    from sophon_fast.engine import ProtectConfig, Strategy
+
+    gen = torch.Generator().manual_seed(0)
+    original, restricted = (torch.rand(40, 1, 28, 28, generator=gen) * 2 - 1 for _ in range(2))
+    cfg = ProtectConfig(task="diffusion", loss="dos", mode=mode, iterations=2, inner_steps=2, ntr_steps=1,
+                        ntr_batch_size=8, strategies=[Strategy("adam", lr=1e-3, batch_size=12, query_size=4)],
+                        evaluation={"every": 2, "size": 10, "max_drop": None}, progress=False)
+    return sf.protect(_tiny_unet(), (original,), (restricted,), cfg, task=DiffusionTask(timestep),
+                      original_test=(original[:10],))
+
+
+@pytest.mark.parametrize("timestep", ["fixed1", "uniform"])
+def test_protect_runs_the_diffusion_task_and_fast_matches_reference(timestep):
+    fast, ref = _tiny_protect("fast", timestep), _tiny_protect("reference", timestep)
+    assert len(fast.history) == 2 and math.isfinite(fast.original_metric)
+    start = _tiny_unet()
+    assert not all(torch.equal(p, q) for p, q in zip(start.parameters(), fast.model.parameters()))
+    for p, q in zip(fast.model.parameters(), ref.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def test_demo_config_and_report(tmp_path):
+    from sophon_fast import diffusion_demo as dd
+
+    quick, full = dd.demo_config(True), dd.demo_config(False)
+    assert quick.task == "diffusion" and quick.loss == "dos"
+    assert quick.iterations * quick.inner_steps < full.iterations * full.inner_steps
+    unprotected, protected = _tiny_unet(1), _tiny_unet(2)
+    x = torch.rand(8, 1, 28, 28) * 2 - 1
+    data = dd.DemoData(unprotected, x, x[:4], x, x[:4], NoiseSchedule(20), pretrain={"steps": 0})
+    attacks = dattacks.evaluate_suite(protected, unprotected, x, x[:4], [dattacks.DiffusionAttack(
+        batch_size=4, steps=1, eval_every=1)], schedule=data.schedule, samples=2, sample_dir=str(tmp_path))
+    report = dd.build_report(data, protected, attacks, quick.to_dict(), {"total": 1.0}, quick=True)
+    assert set(report) >= {"domains", "metric", "higher_is_better", "original", "attacks", "targets"}
+    assert set(report["original"]) >= {"unprotected", "protected"} and report["higher_is_better"] is False
+    row = report["attacks"][0]
+    assert row["head_start"] == [s - u for s, u in zip(row["scratch"], row["unprotected"])]
+    paths = dd.write_report(report, str(tmp_path))
+    assert json.loads(open(paths["json"]).read())["metric"] == "eps_mse"
+    md = open(paths["md"]).read()
+    assert f"]({row['samples']})" in md and (tmp_path / row["samples"]).exists()

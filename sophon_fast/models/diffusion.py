@@ -75,7 +75,8 @@ class NoiseSchedule(nn.Module):
             raise ValueError(f"q_sample: x0 {tuple(x0.shape)} and noise {tuple(noise.shape)} differ in shape")
         if t.shape != x0.shape[:1]:
             raise ValueError(f"q_sample: t must have shape ({x0.shape[0]},), got {tuple(t.shape)}")
-        return self._at(self.sqrt_alphas_cumprod, t, x0) * x0 + self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        return (self._at(self.sqrt_alphas_cumprod, t, x0) * x0
+                + self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
 
     def predict_x0(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """The x0 that ``q_sample`` maps to ``x_t`` with noise ``eps``: (x_t - sqrt(1-ac) eps) / sqrt(ac)."""
