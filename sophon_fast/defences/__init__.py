@@ -15,9 +15,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, Type
 
+from sophon_fast.defences.probe_adversary import ProbeAdversary, ProbeAdversaryConfig
 from sophon_fast.defences.trap import TrapConfig
 
-REGISTRY: Dict[str, Type] = {"trap": TrapConfig}
+REGISTRY: Dict[str, Type] = {"trap": TrapConfig, "probe_adversary": ProbeAdversaryConfig}
 
 
 def register(cls):
@@ -40,4 +41,5 @@ def defence_from_dict(d: dict):
     return REGISTRY[kind](**d)
 
 
-__all__ = ["REGISTRY", "TrapConfig", "defence_from_dict", "defence_to_dict", "register"]
+__all__ = ["REGISTRY", "ProbeAdversary", "ProbeAdversaryConfig", "TrapConfig", "defence_from_dict", "defence_to_dict",
+           "register"]
