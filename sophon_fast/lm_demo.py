@@ -38,7 +38,7 @@ class DemoSizes:
     n_layer: int = 2
     n_embd: int = 128
     n_head: int = 4
-    pretrain_steps: int = 1000
+    pretrain_steps: int = 1500
     pretrain_batch: int = 8
     pretrain_lr: float = 2e-3
     train_blocks: int = 4000          # per domain
@@ -51,7 +51,7 @@ class DemoSizes:
 def sizes(quick: bool) -> DemoSizes:
     """The demo's sizes: ``quick`` fits prepare + protect + attacks in 10 minutes, full in 45."""
     if quick:
-        return DemoSizes(pretrain_steps=600, train_blocks=2000, test_blocks=32, attack_steps=100, attack_evals=4)
+        return DemoSizes(pretrain_steps=400, train_blocks=2000, test_blocks=32, attack_steps=50, attack_evals=5)
     return DemoSizes()
 
 

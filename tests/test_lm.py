@@ -155,8 +155,8 @@ def _direct(model, ids, labels, loss):
 def test_task_losses_match_direct_computation(build, loss, path, monkeypatch):
     if path == "materialised":
         monkeypatch.delattr(functional, "linear_suppression_loss", raising=False)
-    elif not hasattr(functional, "linear_suppression_loss"):
-        pytest.skip("sophon_fast.functional.linear_suppression_loss is not built yet")
+    elif loss not in getattr(functional, "LINEAR_LOSSES", ()):
+        pytest.skip(f"sophon_fast.functional.linear_suppression_loss does not compute {loss!r}")
     model = build().double()
     task = LanguageModelTask()
     batch = task.prepare(model, _batch(), "test")
@@ -225,13 +225,15 @@ def test_tied_head_is_refused_by_default():
 
 def test_untie_keeps_function_and_reinit_spares_embedding():
     model = _gpt2().double()
-    task = LanguageModelTask(tied_head="untie")
+    task = LanguageModelTask()
     ids, labels = _batch()
     before = model(input_ids=ids).logits
     emb = model.get_input_embeddings().weight.detach().clone()
-    batch = task.prepare(model, (ids, labels), "x")
+    n = lm.num_parameters(model)
+    assert lm.untie_head(model) and not lm.untie_head(model)
     assert not lm.adapter_for(model).is_tied(model) and not model.config.tie_word_embeddings
-    torch.testing.assert_close(model(input_ids=batch[0]).logits, before)
+    assert lm.num_parameters(model) == n + V * 16
+    torch.testing.assert_close(model(input_ids=ids).logits, before)
     head = task.head(model)
     assert head is model.get_output_embeddings()
     task.reinit_head(model, torch.Generator().manual_seed(0))
@@ -292,3 +294,33 @@ def test_attack_is_deterministic_and_rejects_bad_settings():
         lm_attacks.LMAttack(method="prefix")
     with pytest.raises(ValueError, match="hyper-parameters"):
         lm_attacks.LMAttack(steps=2, evals=3)
+
+
+# ---- protect on a tiny GPT-2 ------------------------------------------------------------------
+def _protect(model, mode="fast", loss="ice", reinit_head=False, iterations=2):
+    import sophon_fast as sf
+    from sophon_fast.engine.config import Strategy
+
+    cfg = sf.ProtectConfig(task="lm", loss=loss, mode=mode, iterations=iterations, inner_steps=3,
+                           strategies=[Strategy("sgd", lr=1e-2, batch_size=6, query_size=2, reinit_head=reinit_head)],
+                           ntr_batch_size=4, evaluation={"every": 1, "size": None, "max_drop": None}, progress=False)
+    return sf.protect(model, _batch(n=16, seed=4), _batch(n=16, seed=5), cfg, task=LanguageModelTask(),
+                      original_test=_batch(n=4, seed=6))
+
+
+@pytest.mark.parametrize("loss", ["ice", "klu", "neg_entropy"])
+def test_protect_fast_matches_reference_fp64(loss):
+    fast, ref = (_protect(_gpt2().double(), mode, loss) for mode in ("fast", "reference"))
+    assert len(fast.history) == len(ref.history) == 2
+    for a, b in zip(fast.model.parameters(), ref.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert any(not torch.equal(a, b) for a, b in zip(fast.model.parameters(), _gpt2().double().parameters()))
+
+
+def test_protect_tied_head_reinit_is_refused_and_untie_allows_it():
+    with pytest.raises(ValueError, match="head"):
+        _protect(_gpt2(), reinit_head=True, iterations=1)
+    model = _gpt2()
+    lm.untie_head(model)
+    out = _protect(model, reinit_head=True, iterations=1).model
+    assert not lm.adapter_for(out).is_tied(out)

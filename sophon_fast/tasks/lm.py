@@ -7,23 +7,27 @@ ids, int64 (N, T) labels in the Hugging Face convention (``labels[:, t]`` is the
 shifted pairs ``hidden[:, :-1]`` / ``labels[:, 1:]`` to (N * (T - 1), H) / (N * (T - 1),) rows and
 averages over the counted rows (``labels != ignore_index``) of the whole batch.
 
-    attacker_loss     next-token cross-entropy (the simulated attacker's fine-tuning on restricted text;
-                      ``torch.nn.functional.cross_entropy`` on the materialised logits)
+    attacker_loss     next-token cross-entropy (the simulated attacker's fine-tuning on restricted text)
     suppression_loss  "ice" / "ice_reference_code" / "klu" / "neg_entropy" per counted token over the
-                      vocabulary: ``sophon_fast.functional.linear_suppression_loss`` on (hidden, head
-                      weight) when that fused op exists (logits never materialised), else the
-                      materialised logits through ``sophon_fast.functional.fused_loss`` with the
-                      weights of ``functional.SUPPRESSION_LOSSES``, which also skips ignored rows for
-                      the label-free losses
+                      vocabulary
     train_loss        next-token cross-entropy on original text (NTR)
     evaluate          mean next-token loss per counted token (lower is better)
 
+The training losses go through ``sophon_fast.functional.linear_suppression_loss`` on (hidden, head
+weight, bias) when that fused op exists and computes the loss ("ce", "ice", "klu", "neg_entropy": the
+(rows, V) logits are never held at once), else through the materialised logits and
+``sophon_fast.functional.fused_loss`` with the weights of ``functional.SUPPRESSION_LOSSES`` (which
+also skips ignored rows for the label-free losses); "ice_reference_code" always takes the second path.
+
 Tied heads (GPT-2 ties its head to the token embedding): re-initialising such a head would also
-re-initialise the embedding. ``tied_head="refuse"`` (default): :meth:`head` returns None for a tied
-model (so the engine sees "no head") and :meth:`reinit_head` raises ``ValueError`` saying why;
-``tied_head="untie"``: :meth:`prepare` gives the head its own Parameter first
-(:func:`sophon_fast.models.lm.untie_head`: same function, the head and the embedding then train and
-re-initialise separately; the model gains V * H parameters).
+re-initialise the embedding, so the task refuses: :meth:`head` returns None for a tied model (the
+engine then has no head to re-initialise, and a strategy with ``reinit_head`` stops with a
+ValueError; protection without head re-initialisation works as usual) and :meth:`reinit_head`
+raises ``ValueError`` saying why. To re-initialise the head alone, untie it BEFORE ``protect``
+(the engine chooses the parameters it protects before it asks the task anything):
+``sophon_fast.models.lm.untie_head(model)`` gives the head its own Parameter, a copy of the embedding
+(same function; the head and the embedding then train and re-initialise separately, and the model
+gains V * H parameters).
 """
 from __future__ import annotations
 
@@ -34,17 +38,17 @@ import torch
 from torch import Tensor, nn
 
 from sophon_fast import functional
-from sophon_fast.models.lm import CausalLMAdapter, adapter_for, untie_head
+from sophon_fast.models.lm import CausalLMAdapter, adapter_for
 from sophon_fast.tasks.base import Batch, Task
 
-# suppression loss name -> fused_loss weights (the mapping of functional.SUPPRESSION_LOSSES)
+# loss name -> fused_loss weights (the mapping of functional.SUPPRESSION_LOSSES, plus CE)
 _FUSED_WEIGHTS = {
+    "ce": {"ce": 1.0},
     "ice": {"ice": 1.0},
     "ice_reference_code": {"ce": 1.0, "scale": -1.0},
     "klu": {"klu": 1.0},
     "neg_entropy": {"negent": 1.0},
 }
-TIED_HEAD_POLICIES = ("refuse", "untie")
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -57,22 +61,19 @@ class LanguageModelTask(Task):
 
     adapter: a :class:`~sophon_fast.models.lm.CausalLMAdapter` (None: chosen per model by
     :func:`~sophon_fast.models.lm.adapter_for`). ignore_index: the label value that does not count.
-    tied_head: "refuse" or "untie" (module docstring). eval_batch_size: rows per forward in
-    :meth:`evaluate`.
+    eval_batch_size: rows per forward in :meth:`evaluate`.
     """
 
     name = "lm"
     metric = "next-token loss"
     higher_is_better = False
+    losses = ("ice", "ice_reference_code", "klu", "neg_entropy")
 
     def __init__(self, adapter: Optional[CausalLMAdapter] = None, ignore_index: int = -100,
-                 tied_head: str = "refuse", eval_batch_size: int = 32):
-        if tied_head not in TIED_HEAD_POLICIES:
-            raise ValueError(f"tied_head must be one of {TIED_HEAD_POLICIES}, got {tied_head!r}")
+                 eval_batch_size: int = 32):
         if eval_batch_size < 1:
             raise ValueError(f"eval_batch_size must be >= 1, got {eval_batch_size}")
-        self.adapter, self.ignore_index = adapter, int(ignore_index)
-        self.tied_head, self.eval_batch_size = tied_head, eval_batch_size
+        self.adapter, self.ignore_index, self.eval_batch_size = adapter, int(ignore_index), eval_batch_size
 
     def _adapter(self, model: nn.Module) -> CausalLMAdapter:
         return adapter_for(model, self.adapter)
@@ -84,11 +85,8 @@ class LanguageModelTask(Task):
         ``data``: a tuple/list of 2 or 3 tensors as in the module docstring, or one int tensor of ids
         (labels = ids). Raises ``ValueError`` naming ``what`` for non-integer or non-2-D ids, shape
         mismatches, T < 2, ids outside [0, V) or labels outside [0, V) other than ``ignore_index``.
-        With ``tied_head="untie"`` a tied head is untied here.
         """
         adapter = self._adapter(model)
-        if self.tied_head == "untie":
-            untie_head(model, adapter)
         if isinstance(data, Tensor):
             data = (data, data)
         if not (isinstance(data, (tuple, list)) and len(data) in (2, 3) and all(isinstance(t, Tensor) for t in data)):
@@ -129,31 +127,30 @@ class LanguageModelTask(Task):
         weight, bias = adapter.head_params(model)
         return hidden.reshape(-1, hidden.shape[-1]), labels[:, 1:].reshape(-1), weight, bias
 
-    def _cross_entropy(self, model: nn.Module, batch: Batch) -> Tensor:
-        hidden, target, weight, bias = self._rows(model, batch)
-        return nn.functional.cross_entropy(nn.functional.linear(hidden, weight, bias), target,
-                                           ignore_index=self.ignore_index)
-
-    def attacker_loss(self, model: nn.Module, batch: Batch, gen: torch.Generator) -> Tensor:
-        """Mean next-token cross-entropy over the counted tokens (scalar, the hidden states' dtype)."""
-        return self._cross_entropy(model, batch)
-
-    def train_loss(self, model: nn.Module, batch: Batch, gen: torch.Generator) -> Tensor:
-        """Mean next-token cross-entropy over the counted tokens of original text."""
-        return self._cross_entropy(model, batch)
-
-    def suppression_loss(self, model: nn.Module, batch: Batch, loss: str, gen: torch.Generator) -> Tensor:
-        """Mean of the suppression ``loss`` over the counted next-token rows (ignored rows excluded
-        for every loss, also the label-free "klu" and "neg_entropy"). Raises ``ValueError`` for an
-        unknown ``loss``."""
-        if loss not in _FUSED_WEIGHTS:
-            raise ValueError(f"LanguageModelTask: unknown suppression loss {loss!r}; one of {sorted(_FUSED_WEIGHTS)}")
+    def _loss(self, model: nn.Module, batch: Batch, loss: str) -> Tensor:
+        """Mean ``loss`` over the counted next-token rows of ``batch`` (module docstring: which path)."""
         hidden, target, weight, bias = self._rows(model, batch)
         fused_linear = getattr(functional, "linear_suppression_loss", None)
-        if fused_linear is not None:
+        if fused_linear is not None and loss in getattr(functional, "LINEAR_LOSSES", ()):
             return fused_linear(hidden, weight, target, loss=loss, bias=bias, ignore_index=self.ignore_index)
         logits = nn.functional.linear(hidden, weight, bias)
         return functional.fused_loss(logits, target, ignore_index=self.ignore_index, **_FUSED_WEIGHTS[loss])
+
+    def attacker_loss(self, model: nn.Module, batch: Batch, gen: torch.Generator) -> Tensor:
+        """Mean next-token cross-entropy over the counted tokens (scalar, the hidden states' dtype)."""
+        return self._loss(model, batch, "ce")
+
+    def train_loss(self, model: nn.Module, batch: Batch, gen: torch.Generator) -> Tensor:
+        """Mean next-token cross-entropy over the counted tokens of original text."""
+        return self._loss(model, batch, "ce")
+
+    def suppression_loss(self, model: nn.Module, batch: Batch, loss: str, gen: torch.Generator) -> Tensor:
+        """Mean of the suppression ``loss`` over the counted next-token rows (ignored rows excluded
+        for every loss, also the label-free "klu" and "neg_entropy"). Raises ``ValueError`` for a
+        ``loss`` outside ``losses``."""
+        if loss not in self.losses:
+            raise ValueError(f"LanguageModelTask: unknown suppression loss {loss!r}; one of {list(self.losses)}")
+        return self._loss(model, batch, loss)
 
     # ---- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -188,6 +185,6 @@ class LanguageModelTask(Task):
         ``ValueError`` for a tied head instead of re-initialising the embedding with it."""
         if self._adapter(model).is_tied(model):
             raise ValueError("LanguageModelTask: the output head is tied to the input embedding, so re-initialising "
-                             "it would re-initialise the embedding too; use LanguageModelTask(tied_head='untie') "
-                             "(or sophon_fast.models.lm.untie_head(model)) first, or strategies without reinit_head")
+                             "it would re-initialise the embedding too; call sophon_fast.models.lm.untie_head(model) "
+                             "before protect, or use strategies without reinit_head")
         super().reinit_head(model, gen)
