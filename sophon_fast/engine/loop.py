@@ -58,8 +58,8 @@ class ProtectResult:
         return self.original_metric
 
 
-def _progress(cfg: ProtectConfig, start: int):
-    show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+def _progress(cfg: ProtectConfig, start: int, main: bool):
+    show = main and (cfg.progress if cfg.progress is not None else sys.stderr.isatty())
     if not show:
         return None
     try:
@@ -85,28 +85,35 @@ def plan_trajectories(run: RunState, it: int) -> List[tuple]:
 
 
 def simulate_and_accumulate(run: RunState, plan: Sequence[tuple], rec: dict) -> torch.Tensor:
-    """Every planned trajectory and every defence's loss into the meta-gradient; the query losses (K per
-    trajectory, concatenated). Each step's loss weighs n_query / sum of n_query over all steps (uniform)."""
-    cfg, mode = run.cfg, run.mode
+    """Every planned trajectory this rank runs, and every defence's loss, into the meta-gradient; returns this
+    rank's query losses (K per trajectory, concatenated). Each step's loss weighs n_query / (sum of n_query
+    over all steps of all trajectories): the reference's uniform average."""
+    cfg, mode, world = run.cfg, run.mode, run.world
     mode.begin_iteration()
     steps = [s.steps or cfg.inner_steps for s, _ in plan]
     norm = float(sum(s.query_size * k for (s, _), k in zip(plan, steps)))
-    losses = [mode.trajectory(s, stream, cfg.loss, [s.query_size / norm] * k, run.gen)
-              for (s, stream), k in zip(plan, steps)]
-    if run.defences:
+    losses = []
+    for i, ((s, stream), k) in enumerate(zip(plan, steps)):
+        if world.mine(i):
+            losses.append(mode.trajectory(s, stream, cfg.loss, [s.query_size / norm] * k, run.gen))
+        else:
+            mode.skip_trajectory(s, stream, k, run.gen)
+    if run.defences:   # every rank computes the same term; 1/world of it each adds up to one
         strat, stream = plan[0]
         restricted = stream.next(strat.batch_size)
         needs_o = any(getattr(d, "needs_original", False) for d in run.defences)
         original = run.o_stream.next(cfg.ntr_batch_size) if needs_o else None
         rec["defence_loss"] = mode.meta_backward(
-            lambda m: sum(d.loss(m, restricted, original, run.gen) for d in run.defences))
-    return torch.cat(losses)
+            lambda m: sum(d.loss(m, restricted, original, run.gen) for d in run.defences) / world.size) * world.size
+    return torch.cat(losses) if losses else torch.zeros(0, device=run.gen.device)
 
 
 def fts_step(run: RunState, fts: torch.Tensor, rec: dict) -> bool:
-    """Clip the meta-gradient to ``clip_norm`` and take the FTS step, unless it is non-finite."""
+    """Combine the ranks' meta-gradients, clip to ``clip_norm`` and take the FTS step, unless non-finite."""
+    run.world.all_reduce_(run.mode.meta_tensors(), "the meta-gradient")
     gnorm = run.mode.meta_grad_norm(run.cfg.clip_norm)
-    rec["fts_loss"], rec["grad_norm"] = float(fts.mean()), float(gnorm)     # one host read per iteration
+    total, count = run.world.sum_scalars([float(fts.sum()), fts.numel()], fts.device, "the FTS loss")
+    rec["fts_loss"], rec["grad_norm"] = total / count, float(gnorm)        # host reads: once per iteration
     if "defence_loss" in rec:
         rec["defence_loss"] = float(rec["defence_loss"])
     if not (math.isfinite(rec["fts_loss"]) and math.isfinite(rec["grad_norm"])):
@@ -116,16 +123,21 @@ def fts_step(run: RunState, fts: torch.Tensor, rec: dict) -> bool:
 
 
 def ntr_steps(run: RunState, rec: dict) -> bool:
-    """``ntr_steps`` training steps on original batches; a non-finite loss or gradient stops before its step."""
-    cfg, mode, losses = run.cfg, run.mode, []
+    """``ntr_steps`` training steps on original batches (each rank takes its rows of every batch); a
+    non-finite loss or gradient stops before its step."""
+    cfg, mode, world, losses = run.cfg, run.mode, run.world, []
     for _ in range(cfg.ntr_steps):
-        loss = run.task.train_loss(mode.model, run.o_stream.next(cfg.ntr_batch_size), run.gen)
+        batch = run.o_stream.next(cfg.ntr_batch_size)
+        rows = world.shard(cfg.ntr_batch_size)
+        share = (rows.stop - rows.start) / cfg.ntr_batch_size
+        loss = run.task.train_loss(mode.model, tuple(t[rows] for t in batch), run.gen) * share
         mode.plain_backward(loss)
-        gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in mode.params
-                                                      if p.grad is not None]))
-        value, ok = float(loss.detach()), math.isfinite(float(gnorm))
+        grads = mode.plain_tensors()
+        world.all_reduce_(grads, "the NTR gradient")
+        gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        value, norm = world.sum_scalars([float(loss.detach()), 0.0], gnorm.device, "the NTR loss")[0], float(gnorm)
         losses.append(value)
-        if not (math.isfinite(value) and ok):
+        if not (math.isfinite(value) and math.isfinite(norm)):
             rec["ntr_loss"] = value
             return False
         mode.step(run.ntr_opt, "plain")
@@ -154,6 +166,9 @@ def evaluate_or_roll_back(run: RunState, it: int, rec: dict) -> bool:
 def protect(model: nn.Module, original, restricted, config: Optional[ProtectConfig] = None, *, task=None,
             original_test=None, **overrides) -> ProtectResult:
     """Make ``model`` non-fine-tunable on ``restricted`` while it keeps its skill on ``original``.
+
+    Inside an initialised torch.distributed process group, the iteration's trajectories are spread over the
+    ranks and NTR batches are split between them (sophon_fast.distributed); every rank returns the same model.
 
     model: for the default classification task, a module returning (N, C) logits. original / restricted:
     what the task's ``prepare`` accepts (classification: Dataset, DataLoader or (X, Y) tuple); ``restricted``
@@ -207,7 +222,7 @@ def _iterate(run: RunState) -> None:
     for d in run.defences:
         d.attach(run.mode.model, run.task)
     run.mode.model.train()
-    bar = _progress(cfg, run.iteration)
+    bar = _progress(cfg, run.iteration, run.world.is_main)
     try:
         for it in range(run.iteration, cfg.iterations if not run.stop_reason else run.iteration):
             rec = {"iteration": it}

@@ -6,7 +6,9 @@ Both implement one interface used by the outer loop (sophon_fast/engine/loop.py)
     begin_iteration()        remember theta and the buffers (BatchNorm statistics), zero the meta-gradient
     trajectory(...)          simulate one attacker trajectory, add sum_k w_k grad L_k(theta'_k) to the
                              meta-gradient, restore theta and the buffers; returns the L_k (no host sync)
+    skip_trajectory(...)     make a trajectory's random draws without running it (another rank runs it)
     meta_backward(loss_fn)   add the gradient of loss_fn(model) at theta to the meta-gradient
+    meta_tensors() / plain_tensors()   the gradient buffers a distributed run all-reduces
     meta_grad_norm(clip)     the meta-gradient's norm, clipped in place to ``clip`` (None: not clipped)
     step(opt, which)         one outer optimiser step on the "meta" or "plain" gradient
     plain_backward(loss)     zero the plain gradient and back-propagate ``loss`` into it (NTR)
@@ -124,6 +126,15 @@ class _Mode:
         for _ in weights:
             yield split(stream.next(strategy.batch_size), strategy.query_size)
 
+    def skip_trajectory(self, strategy, stream, steps: int, gen) -> None:
+        """Make the random draws of ``trajectory`` (head re-initialisation, K batches) without running it:
+        another rank runs it, and the streams and generator stay in step on every rank."""
+        if strategy.reinit_head:
+            w, b = self._head_tensors({id(p): p for p in self.params})
+            reinit_linear_(torch.empty_like(w), None, gen)
+        for _ in range(steps):
+            stream.skip(strategy.batch_size)
+
 
 class ReferenceMode(_Mode):
     """The reference code's computation (learn2learn-style first-order MAML), kept readable."""
@@ -177,11 +188,17 @@ class ReferenceMode(_Mode):
         self.bufs.put()
         return loss.detach()
 
-    def meta_grad_norm(self, clip: Optional[float]) -> Tensor:
+    def meta_tensors(self) -> List[Tensor]:
+        """The meta-gradient's storage (what a distributed run all-reduces)."""
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        return _norm_and_clip([p.grad for p in self.params], clip)
+        return [p.grad for p in self.params]
+
+    plain_tensors = meta_tensors
+
+    def meta_grad_norm(self, clip: Optional[float]) -> Tensor:
+        return _norm_and_clip(self.meta_tensors(), clip)
 
     def plain_backward(self, loss: Tensor) -> None:
         for p in self.params:
@@ -315,6 +332,12 @@ class FastMode(_Mode):
         loss = self._query_backward(loss_fn, 1.0)
         self.bufs.put()
         return loss
+
+    def meta_tensors(self) -> List[Tensor]:
+        return [self.meta]
+
+    def plain_tensors(self) -> List[Tensor]:
+        return [self.grad]
 
     def meta_grad_norm(self, clip: Optional[float]) -> Tensor:
         return _norm_and_clip([self.meta], clip)

@@ -11,6 +11,7 @@ from typing import Any, List, Optional
 import torch
 
 from sophon_fast._atomic import atomic_path
+from sophon_fast.distributed import World
 from sophon_fast.engine.config import ProtectConfig
 from sophon_fast.engine.streams import BatchStream
 from sophon_fast.optim import make_optimizer
@@ -75,6 +76,7 @@ class RunState:
     fts_opt: torch.optim.Optimizer
     ntr_opt: torch.optim.Optimizer
     defences: list
+    world: World = field(default_factory=World)
     last_good: Any = None
     start_metric: Optional[float] = None
     history: List[dict] = field(default_factory=list)
@@ -130,7 +132,7 @@ class RunState:
 
     def maybe_checkpoint(self, it: int) -> None:
         every = self.cfg.checkpoint.every
-        if self.path and ((it + 1) % every == 0 or it + 1 == self.cfg.iterations or self.stop_reason):
+        if self.world.is_main and self.path and ((it + 1) % every == 0 or it + 1 == self.cfg.iterations or self.stop_reason):
             self.save(self.path)
 
     def state_dict(self) -> dict:

@@ -21,6 +21,14 @@ class BatchStream:
         return torch.randperm(self.n, generator=self.gen, device=self.gen.device)
 
     def next(self, n: int) -> Tuple[Tensor, ...]:
+        idx = self._indices(n).to(self.tensors[0].device)
+        return tuple(t[idx] for t in self.tensors)
+
+    def skip(self, n: int) -> None:
+        """Advance exactly as ``next(n)`` does, without gathering the batch."""
+        self._indices(n)
+
+    def _indices(self, n: int) -> Tensor:
         parts, need = [], n
         while need:
             if self.pos == self.n:
@@ -29,9 +37,7 @@ class BatchStream:
             parts.append(self.perm[self.pos:self.pos + take])
             self.pos += take
             need -= take
-        idx = parts[0] if len(parts) == 1 else torch.cat(parts)
-        idx = idx.to(self.tensors[0].device)
-        return tuple(t[idx] for t in self.tensors)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def state_dict(self) -> dict:
         return {"perm": self.perm.clone(), "pos": self.pos}

@@ -1,0 +1,111 @@
+"""protect on torch.distributed (gloo, 2 processes started here): the weights of a 1-process run of the same
+trajectories, resume, and a clear error when a rank dies."""
+import datetime
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import sophon_fast as sf
+from sophon_fast.defences import TrapConfig
+from sophon_fast.distributed import DistributedError
+
+WORLD = 2
+
+
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 5)).double()
+
+
+def data(seed, n=120):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 20, generator=g, dtype=torch.float64), torch.randint(0, 5, (n,), generator=g)
+
+
+def config(**kw):
+    strats = [sf.Strategy("sgd", lr=1e-2, batch_size=24, query_size=8, reinit_head=True),
+              sf.Strategy("adam", lr=1e-3, batch_size=20, query_size=5, steps=2)]
+    base = dict(loss="ice", iterations=3, inner_steps=3, strategies=strats, trajectories=2, ntr_steps=2,
+                ntr_batch_size=16, progress=False, defences=[TrapConfig(weight=0.3, margin=0.5)])
+    return sf.ProtectConfig(**{**base, **kw})
+
+
+def flat(m):
+    return torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+
+
+def _worker(rank, tmp, cfg_dict, restricted_seeds, die_at):
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=30))
+    torch.set_num_threads(1)
+    net = model()
+    if die_at is not None and rank == 1:
+        calls = [0]
+
+        def hook(mod, args):
+            calls[0] += 1
+            if calls[0] == die_at:
+                os._exit(3)
+        net.register_forward_pre_hook(hook)
+    try:
+        res = sf.protect(net, data(1), [data(s) for s in restricted_seeds], sf.ProtectConfig.from_dict(cfg_dict))
+        torch.save(flat(res.model), f"{tmp}/rank{rank}.pt")
+    except DistributedError as e:
+        with open(f"{tmp}/error{rank}.txt", "w") as f:
+            f.write(str(e))
+    finally:
+        if die_at is None:
+            dist.destroy_process_group()
+
+
+def run_ranks(tmp, cfg, restricted_seeds=(2,), die_at=None, timeout=120):
+    """Start WORLD spawned ranks and wait for all of them; returns the seconds they took."""
+    os.makedirs(tmp, exist_ok=True)
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(r, str(tmp), cfg.to_dict(), list(restricted_seeds), die_at))
+             for r in range(WORLD)]
+    t0 = time.monotonic()
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(max(1.0, timeout - (time.monotonic() - t0)))
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+    assert not hung, "the ranks hung"
+    return time.monotonic() - t0
+
+
+@pytest.mark.parametrize("mode", ["fast", "reference"])
+def test_two_ranks_give_the_weights_of_one_process(tmp_path, mode):
+    """2 trajectories per iteration (one per rank), 2 restricted domains, a defence and NTR split over ranks."""
+    cfg = config(mode=mode)
+    run_ranks(tmp_path, cfg, restricted_seeds=(2, 3))
+    one = flat(sf.protect(model(), data(1), [data(2), data(3)], cfg).model)
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert torch.equal(r0, r1)
+    assert not torch.equal(one, flat(model()))
+    assert float((r0 - one).norm() / one.norm()) <= 1e-9
+
+
+def test_resume_under_two_ranks_equals_the_uninterrupted_run(tmp_path):
+    full = config(iterations=4)
+    run_ranks(tmp_path / "a", full)
+    ck = sf.Checkpointing(str(tmp_path / "ck"), every=1, resume=True)
+    run_ranks(tmp_path / "b", config(iterations=2, checkpoint=ck))        # stopped after 2 iterations
+    run_ranks(tmp_path / "c", config(iterations=4, checkpoint=ck))        # resumed by both ranks
+    want = torch.load(tmp_path / "a" / "rank0.pt")
+    for r in range(WORLD):
+        assert torch.equal(torch.load(tmp_path / "c" / f"rank{r}.pt"), want)
+
+
+def test_a_dead_rank_is_a_clear_error_not_a_hang(tmp_path):
+    seconds = run_ranks(tmp_path, config(iterations=20), die_at=40, timeout=90)   # rank 1 exits mid-run
+    msg = (tmp_path / "error0.txt").read_text()
+    assert "another rank probably died" in msg and "rank 0 of 2" in msg
+    assert seconds < 90
