@@ -17,7 +17,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -192,13 +192,13 @@ def sample_grid(models_by_name: Dict[str, nn.Module], schedule: NoiseSchedule, n
 
 
 def evaluate_suite(protected: nn.Module, unprotected: Optional[nn.Module], train, test,
-                   attacks: Union[bool, Sequence[DiffusionAttack]] = False, seed: int = 0,
+                   attacks: Optional[Sequence[DiffusionAttack]] = None, seed: int = 0,
                    schedule: Optional[NoiseSchedule] = None, samples: int = 8, sample_dir: Optional[str] = None,
                    sample_attacks: Optional[int] = None, scratch_model: Optional[nn.Module] = None,
                    say: Optional[Callable[[str], None]] = None) -> dict:
     """Run every attack on ``protected``, ``unprotected`` (skipped when None) and a scratch model.
 
-    ``attacks``: a list of :class:`DiffusionAttack`, or a bool for :func:`suite` (True: the quick suite).
+    ``attacks``: a list of :class:`DiffusionAttack` (None: the default :func:`suite`).
     The scratch model is ``scratch(protected, seed)`` (the same architecture, freshly initialised)
     unless given. All runs of an attack share ``seed``. With ``sample_dir`` and ``samples`` > 0, a PNG
     grid of ``samples`` samples from each attacked model is saved there for the first ``sample_attacks``
@@ -212,8 +212,8 @@ def evaluate_suite(protected: nn.Module, unprotected: Optional[nn.Module], train
 
     ``unprotected`` and ``unprotected_t1`` are None when no unprotected model is given.
     """
-    if isinstance(attacks, bool):
-        attacks = suite(attacks)
+    if attacks is None:
+        attacks = suite()
     schedule = schedule if schedule is not None else NoiseSchedule()
     base = scratch_model if scratch_model is not None else scratch(protected, seed)
     shape = tuple(images_of(test).shape[1:])
