@@ -6,6 +6,9 @@
     sophon-fast report   DIR_OR_JSON                         re-render report.md / curves.png
     sophon-fast backends                                     which kernel backends are usable
     sophon-fast bench                                        a one-minute speed check of this machine
+
+``torchrun --nproc_per_node=N -m sophon_fast protect ...`` spreads the trajectories over N ranks (gloo on CPU,
+NCCL with one GPU per rank); only rank 0 writes the model and checkpoints.
 """
 from __future__ import annotations
 
@@ -55,7 +58,10 @@ def load_config(spec: Optional[str]):
 
 
 def _cmd_protect(a) -> int:
+    import torch
+
     from sophon_fast import data
+    from sophon_fast.distributed import World, init_from_env
     from sophon_fast.engine import Checkpointing, protect
     from sophon_fast.io import load_model, save_model
     model = load_model(a.model)
@@ -63,13 +69,16 @@ def _cmd_protect(a) -> int:
                                ("inner_steps", a.inner_steps), ("seed", a.seed)) if v is not None}
     if a.checkpoint_dir is not None:
         flags["checkpoint"] = Checkpointing(a.checkpoint_dir, resume=True)
+    if init_from_env() and torch.cuda.is_available():     # under torchrun: one GPU per rank
+        flags["device"] = f"cuda:{torch.cuda.current_device()}"
     cfg = load_config(a.config).replace(progress=not a.no_progress, **flags)
     res = protect(model, data.load(a.original, "train"), [data.load(r, "train") for r in a.restricted], cfg,
                   original_test=data.load(a.original, "test"))
-    save_model(res.model, a.out, metadata={"original": a.original, "restricted": a.restricted,
-                                           "protect_config": res.config.to_dict()})
-    print(f"protected model written to {a.out}; original accuracy {res.original_metric}; "
-          f"{res.stop_reason or 'completed'}")
+    if World().is_main:
+        save_model(res.model, a.out, metadata={"original": a.original, "restricted": a.restricted,
+                                               "protect_config": res.config.to_dict()})
+        print(f"protected model written to {a.out}; original accuracy {res.original_metric}; "
+              f"{res.stop_reason or 'completed'}")
     return 0
 
 
