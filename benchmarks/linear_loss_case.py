@@ -3,7 +3,8 @@ process's baseline, so cases never share a heap):
 
     python benchmarks/linear_loss_case.py --tokens 4096 --vocab 128256 --hidden 512 --loss ice --impl fused
 
-prints one JSON line: ``seconds`` (median of ``--reps`` timed forward + backward calls, after one
+prints one JSON line: ``seconds`` (median CPU time, ``time.process_time``, of ``--reps`` forward +
+backward calls: on a shared machine it leaves out the time spent waiting for a core; after one
 untimed warm-up at the same shape: compilation, lazy imports, first-touch allocations), ``peak_mb``
 (RSS high-water above the RSS before the timed calls, engine_case.PeakMemory: the warm-up's peak is
 never counted) and the fused op's chunk size.
@@ -70,9 +71,9 @@ def run_case(tokens: int, vocab: int, hidden: int, loss: str, impl: str, reps: i
     peak.start()
     times = []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         run(h, w, y)
-        times.append(time.perf_counter() - t0)
+        times.append(time.process_time() - t0)
     return {"tokens": tokens, "vocab": vocab, "hidden": hidden, "loss": loss, "impl": impl,
             "threads": torch.get_num_threads(), "seconds": statistics.median(times), "times": times,
             "peak_mb": peak.stop(), "peak_kind": peak.kind, "logits_mb": tokens * vocab * 4 / 2 ** 20,

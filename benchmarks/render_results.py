@@ -280,11 +280,35 @@ def scaling_section(run) -> str:
             "\n\ncnn and resnet18_width rows are the K = 10 cases of section 3 (one measurement each).\n")
 
 
+def linear_loss_section(run) -> str:
+    """Fused linear + loss: time and peak memory of eager / compiled materialised losses and the fused op."""
+    gs = groups(run, layer="linear_loss")
+    if not gs:
+        return ""
+    rows = []
+    for g, p in gs.items():
+        peak = {n: p[n]["extra_info"].get("peak_mb") if n in p else None for n in ("eager", "compile", "fused")}
+        f = p.get("fused", {}).get("extra_info", {})
+        mb = [("—" if peak[n] is None else f"{peak[n]:.0f}") for n in ("eager", "compile", "fused")]
+        rows.append([g.replace(" fwd+bwd fp32", ""), f.get("logits_mb", "—"),
+                     *(ms(med(p.get(n))) for n in ("eager", "compile", "fused")),
+                     ratio(med(p.get("compile")), med(p.get("fused"))), *mb,
+                     ratio(peak["eager"], peak["fused"], "{:.1f}x") if peak["fused"] else "—",
+                     f"{f.get('backend', '—')}, {f.get('chunk_size', '—')}"])
+    return ("## Fused linear + loss: forward + backward\n\n" + caption(run) + "\n\n" + table(
+        ["case", "logits MB", "eager ms", "compile ms", "fused ms", "fused speed-up vs compile", "eager peak MB",
+         "compile peak MB", "fused peak MB", "eager / fused memory", "fused backend, chunk"], rows) +
+        "\n\nPeak MB: RSS high-water above the baseline, each case in its own process (warm-up excluded). "
+        "Target (docs/performance.md): at 4096 x 128256 x 512 the fused op needs <= 1/10 of the materialised "
+        "path's extra memory and is no slower than torch.compile of it. The `ce` rows are a Liger-style fused "
+        "linear cross-entropy (the same op with loss=\"ce\").\n")
+
+
 def render_section(title: str, rs) -> str:
     parts = [f"# {title}\n"]
     for r in rs:
         for section in (targets_section, losses_section, inner_step_section, engine_section,
-                        shared_forward_section, e2e_section, scaling_section):
+                        shared_forward_section, e2e_section, scaling_section, linear_loss_section):
             text = section(r)
             if text:
                 parts.append(text)
@@ -299,9 +323,18 @@ HEADER = ("# Benchmark results\n\n"
           ".venv/bin/python benchmarks/render_results.py`; GPU: `bash benchmarks/run_gpu.sh`. On a shared CPU the "
           "CPU-time timer (process_time, one torch thread) leaves out the time spent waiting for a core (cache and "
           "memory-bandwidth contention remain); each benchmark's 1-minute load average is in its JSON extra_info.\n")
+LINEAR = "Fused linear + loss"
 EMPTY = {"CPU": "# CPU\n\nNo CPU run rendered yet.\n",
+         LINEAR: f"# {LINEAR}\n\nNo run of benchmarks/bench_linear_loss.py rendered yet.\n",
          "GPU": "# GPU\n\nNo GPU run has been made: `bash benchmarks/run_gpu.sh` on a CUDA machine writes "
                 "benchmarks/results/gpu.json and renders its tables here.\n"}
+
+
+def _linear_only(run) -> bool:
+    """A run of benchmarks/bench_linear_loss.py alone: rendered in its own block, so it never replaces
+    the CPU/GPU tables of the whole suite."""
+    return bool(run["benchmarks"]) and all(b.get("extra_info", {}).get("layer") == "linear_loss"
+                                           for b in run["benchmarks"])
 
 
 def _markers(title):
@@ -311,8 +344,9 @@ def _markers(title):
 def render(runs, previous: str = "") -> str:
     """The whole file. A machine kind (CPU / GPU) with no JSON given keeps its section from
     ``previous`` (the file as it was), so a GPU-only run never drops the CPU tables."""
-    kinds = {"CPU": [r for r in runs if not r["machine_info"].get("cuda_device")],
-             "GPU": [r for r in runs if r["machine_info"].get("cuda_device")]}
+    kinds = {"CPU": [r for r in runs if not r["machine_info"].get("cuda_device") and not _linear_only(r)],
+             "GPU": [r for r in runs if r["machine_info"].get("cuda_device") and not _linear_only(r)],
+             LINEAR: [r for r in runs if _linear_only(r)]}
     parts = [HEADER]
     for title, rs in kinds.items():
         begin, end = _markers(title)

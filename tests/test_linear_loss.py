@@ -6,6 +6,7 @@ fp64. Rule (tests/tolerances.py): a backend's error is at most twice the referen
 in that dtype, plus a floor.
 """
 import functools
+import importlib
 
 import pytest
 import torch
@@ -187,3 +188,21 @@ def test_bad_target_value():
             F.linear_suppression_loss(_h, _w, y)
     finally:
         F.set_target_checks(False)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_vocabulary_blocks_with_online_lse(backend, dtype, loss, monkeypatch):
+    """A budget so small that even MIN_ROWS tokens' logits exceed it: the vocabulary (53) is split into
+    blocks of 7 with an online log-sum-exp; out-of-block targets, ignored rows and a bias included."""
+    LL = importlib.import_module("sophon_fast.ops.linear_loss")
+    monkeypatch.setattr(LL, "CHUNK_BYTES", LL.MIN_ROWS * 7 * torch.empty((), dtype=dtype).element_size())
+    assert LL.auto_chunk(37, 53, dtype) == LL.MIN_ROWS and LL.vocab_block(LL.MIN_ROWS, 53, dtype) == 7
+    (hidden, weight, b, y), gold = _gold(loss, "mean", True, 0)
+    baseline = _run(_fused("reference", loss, "mean", None), hidden, weight, b, y, dtype)
+    got = _run(_fused(backend, loss, "mean", None), hidden, weight, b, y, dtype)
+    for name, out, base, want in zip(("loss", "grad_hidden", "grad_weight", "grad_bias"), got, baseline, gold):
+        assert_parity(out, base, want, dtype, f"vocab blocks {backend} {loss} {dtype} {name}",
+                      "value" if name == "loss" else "grad")
+

@@ -16,10 +16,14 @@ style) and the logits are never recomputed: per chunk of T tokens
 
 so the extra memory is two (T, V) buffers plus the fp32 accumulators of grad_weight and grad_bias, and
 the traffic per chunk is three GEMMs plus one read (forward), one read and one write (backward) of the
-chunk's logits. The backward of the op scales the saved gradients by the incoming cotangent. Gradients
-are empty (0,) tensors when ``compute_grad`` is False (no input needs them) or, for the bias, when there
-is none. Backends: "reference" materialises the logits; "cpp", "triton" and "cuda" run the chunk loop
-above on their own row-loss kernels and torch's GEMMs.
+chunk's logits. With the automatic chunk size, a vocabulary so large that MIN_ROWS tokens' logits exceed
+CHUNK_BYTES is split into blocks with an online log-sum-exp (sophon_fast/ops/_vocab_blocks.py; it
+recomputes each block's logits once for the gradient).
+
+Gradients are empty (0,) tensors when ``compute_grad`` is False (no input needs them) or, for the bias,
+when there is none. The op's backward scales the saved gradients by the incoming cotangent (out of place:
+AOT autograd refuses a backward that mutates saved outputs, so (V, H) is held twice there). Backends: "reference" materialises the logits; "cpp", "triton" and "cuda" run the chunk
+loop above on their own row-loss kernels and torch's GEMMs.
 """
 from __future__ import annotations
 
@@ -29,14 +33,27 @@ import torch
 from torch import Tensor
 
 from sophon_fast import _backend
+from sophon_fast.ops._vocab_blocks import vocab_blocked_chunk
 
 CHUNK_BYTES = 64 << 20   # automatic chunk: one (T, V) logits buffer of at most this many bytes
+MIN_ROWS = 16            # fewer tokens per chunk than this: split the vocabulary instead (online lse)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def auto_chunk(n: int, v: int, dtype: torch.dtype) -> int:
-    """Tokens per chunk so that one (T, V) buffer of ``dtype`` stays within CHUNK_BYTES (at least 1)."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return max(1, min(n, CHUNK_BYTES // (v * itemsize)))
+    """Tokens per chunk so that one (T, V) buffer of ``dtype`` stays within CHUNK_BYTES; at least
+    MIN_ROWS (the vocabulary is then split into blocks, see ``vocab_block``)."""
+    return max(1, min(n, max(MIN_ROWS, CHUNK_BYTES // (v * _itemsize(dtype)))))
+
+
+def vocab_block(t: int, v: int, dtype: torch.dtype) -> int:
+    """Vocabulary block width for chunks of ``t`` tokens: V itself while a (t, V) buffer fits in
+    CHUNK_BYTES, else the widest block that does (the online log-sum-exp path)."""
+    fit = CHUNK_BYTES // (t * _itemsize(dtype))
+    return v if fit >= v else max(1, fit)
 
 
 def chunked_linear_loss(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], weights: List[float],
@@ -56,10 +73,16 @@ def chunked_linear_loss(hidden: Tensor, weight: Tensor, target: Tensor, bias: Op
     # fp32 accumulators (the output itself when the inputs are fp32/fp64)
     grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if compute_grad else empty()
     grad_b = torch.zeros((v,), dtype=acc, device=weight.device) if compute_grad and bias is not None else empty()
-    buf = hidden.new_empty((min(t, n), v))
+    block = vocab_block(t, v, hidden.dtype) if chunk_size == 0 else v
+    buf = hidden.new_empty((min(t, n), v)) if block == v else None
     w_t = weight.t()
     for start in range(0, n, t):
         h_c, y_c = hidden[start:start + t], target[start:start + t]
+        if buf is None:
+            total += vocab_blocked_chunk(h_c, weight, bias, y_c, weights, ignore_index, block,
+                                         per_row[:h_c.shape[0]], compute_grad, grad_h[start:start + t], grad_w,
+                                         grad_b)
+            continue
         logits = buf[:h_c.shape[0]]
         if bias is None:
             torch.mm(h_c, w_t, out=logits)
