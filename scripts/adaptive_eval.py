@@ -3,6 +3,7 @@
     .venv/bin/python scripts/adaptive_eval.py NAME --protected runs/exp/X/model_s0.safetensors \
         --unprotected runs/exp/cache/fashion_mnist_cnn_small_p3_s0.safetensors [--pair fashion_mnist:mnist] \
         [--seeds 0] [--attacks reinit_block-adam,full-adam] [--no-probes] [--no-finetune] [--threads 1]
+        [--eval-steps 1 2 5 10 20 40] [--baselines runs/adaptive/EARLIER.json]
     .venv/bin/python scripts/adaptive_eval.py NAME --merge runs/adaptive/A.json runs/adaptive/B.json
 
 Writes runs/adaptive/NAME.json (every curve and per-step loss) and prints a markdown summary (the
@@ -104,6 +105,8 @@ def main():
     ap.add_argument("--no-probes", action="store_true")
     ap.add_argument("--no-finetune", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--baselines", default=None,
+                    help="an earlier NAME.json with the same unprotected model: reuse its unprotected/scratch runs")
     ap.add_argument("--merge", nargs="+", default=None, help="combine finished NAME.json reports instead of running")
     a = ap.parse_args()
     os.makedirs(ROOT, exist_ok=True)
@@ -129,7 +132,8 @@ def main():
         prot, unprot = load_model(a.protected), load_model(a.unprotected)
         report = evaluate_adaptive(prot, unprot, sfdata.load(restr, "train"), sfdata.load(restr, "test"),
                                    sfdata.load(orig, "train"), cfg, a.seeds, probes=not a.no_probes,
-                                   say=lambda s: print(s, flush=True))
+                                   say=lambda s: print(s, flush=True),
+                                   baselines=json.load(open(a.baselines)) if a.baselines else None)
         report["meta"] = {"protected": a.protected, "unprotected": a.unprotected, "pair": a.pair}
     with open(f"{ROOT}/{a.name}.json", "w") as f:
         json.dump(report, f)

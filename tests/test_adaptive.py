@@ -166,6 +166,14 @@ def test_evaluate_adaptive_end_to_end():
     assert [(r["block"], len(r["curves"]["scratch"])) for r in rep["probes"]] == [("features.5", 2), (HEAD_INPUT, 2)]
     assert len(rep["targets"]) == 4
     assert dataclasses.asdict(cfg) == rep["config"]
+    # baselines: the unprotected / scratch runs of an earlier report are reused, not rerun
+    rep["finetune"][0]["curves"]["scratch"] = [-1.0] * 4
+    rep["probes"][1]["curves"]["unprotected"] = [-2.0] * 2
+    again = evaluate_adaptive(prot, unprot, _data(32, 0), _data(16, 1), _data(32, 2), cfg, baselines=rep)
+    assert again["finetune"][0]["curves"]["scratch"] == [-1.0] * 4
+    assert again["finetune"][1]["curves"]["scratch"] == rep["finetune"][1]["curves"]["scratch"]
+    assert again["probes"][1]["curves"]["unprotected"] == [-2.0] * 2
+    assert again["probes"][0]["curves"] == rep["probes"][0]["curves"]
 
 
 def _labelled(n=96, seed=0, d=20, classes=4, dtype=torch.float64):

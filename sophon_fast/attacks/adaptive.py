@@ -207,15 +207,20 @@ def excess(p: Sequence[float], u: Sequence[float], s: Sequence[float], config: A
 
 def finetune_row(bodies: Dict[str, nn.Module], train: Tuple[Tensor, Tensor], test: Tuple[Tensor, Tensor],
                  attack: AdaptiveAttack, lr: float, seed: int, config: AdaptiveConfig,
-                 original: Optional[Tuple[Tensor, Tensor]] = None) -> dict:
+                 original: Optional[Tuple[Tensor, Tensor]] = None, reuse: Optional[dict] = None) -> dict:
     """One (attack, lr, seed) on each of ``bodies`` (names in :data:`BODIES`): curves at steps
-    ``[0] + eval_steps``, per-step training losses, the excess over scratch and the signatures."""
+    ``[0] + eval_steps``, per-step training losses, the excess over scratch and the signatures.
+    ``reuse``: ``{body: (curve, losses)}`` already measured for this (attack, lr, seed); not rerun."""
     per_epoch = -(-train[0].shape[0] // attack.batch_size)
     spec = Attack(name=f"{attack.name}-lr{lr:g}", method="full", optimizer=attack.optimizer, lr=lr,
                   batch_size=attack.batch_size, epochs=-(-config.eval_steps[-1] // per_epoch),
                   weight_decay=attack.weight_decay)
-    curves, losses = {}, {}
+    reuse = reuse or {}
+    curves = {k: list(v[0]) for k, v in reuse.items()}
+    losses = {k: list(v[1]) for k, v in reuse.items()}
     for name, body in bodies.items():
+        if name in reuse:
+            continue
         log: List[Tensor] = []
         m = prepare(body, attack, seed, original)
         curves[name] = run(m, train, test, spec, seed, _model_device(m), eval_steps=config.eval_steps, loss_log=log)
@@ -228,37 +233,47 @@ def finetune_row(bodies: Dict[str, nn.Module], train: Tuple[Tensor, Tensor], tes
 
 
 def probe_rows(bodies: Dict[str, nn.Module], train: Tuple[Tensor, Tensor], test: Tuple[Tensor, Tensor],
-               seed: int, config: AdaptiveConfig) -> List[dict]:
+               seed: int, config: AdaptiveConfig, reuse: Optional[dict] = None) -> List[dict]:
     """Linear / MLP probes on each block's frozen, z-scored features, for every body, at every probe lr:
-    one row per (block, kind, lr) with the three test-accuracy curves (one point per epoch)."""
+    one row per (block, kind, lr) with the three test-accuracy curves (one point per epoch). ``reuse``:
+    ``{(block, kind, lr): {body: curve}}`` already measured; a body whose every probe is there is not rerun."""
     first = next(iter(bodies.values()))
     blocks = list(config.blocks) if config.blocks is not None else feature_blocks(first)
-    feats = {}
+    reuse = reuse or {}
+    keys = [(b, k, lr) for b in blocks for k in config.probe_kinds for lr in config.probe_lrs]
+    feats, dims = {}, {}
     for name, body in bodies.items():
+        if all(name in reuse.get(key, {}) for key in keys):
+            continue
         ftr, fte = block_features(body, train[0], blocks), block_features(body, test[0], blocks)
         feats[name] = {b: standardize(ftr[b], fte[b]) for b in blocks}
+        dims = {b: ftr[b].shape[1] for b in blocks}
     rows = []
     for b in blocks:
         for kind in config.probe_kinds:
             for lr in config.probe_lrs:
                 spec = Attack(name="probe", optimizer=config.probe_optimizer, lr=lr,
                               batch_size=config.probe_batch_size, epochs=config.probe_epochs, weight_decay=0.0)
-                curves = {name: probe_curve((f[b][0], train[1]), (f[b][1], test[1]), kind, spec, seed,
-                                            config.probe_hidden) for name, f in feats.items()}
-                rows.append({"block": b, "kind": kind, "lr": lr, "seed": seed, "dim": feats[BODIES[0]][b][0].shape[1],
-                             "curves": curves})
+                curves = {name: list(reuse[(b, kind, lr)][name]) for name in bodies if name not in feats}
+                curves.update({name: probe_curve((f[b][0], train[1]), (f[b][1], test[1]), kind, spec, seed,
+                                                 config.probe_hidden) for name, f in feats.items()})
+                rows.append({"block": b, "kind": kind, "lr": lr, "seed": seed, "dim": dims.get(b),
+                             "curves": {name: curves[name] for name in bodies}})
     return rows
 
 
 def evaluate_adaptive(protected: nn.Module, unprotected: nn.Module, train, test, original=None,
                       config: Optional[AdaptiveConfig] = None, seeds: Sequence[int] = (0,), probes: bool = True,
-                      say: Optional[Callable[[str], None]] = None) -> dict:
+                      say: Optional[Callable[[str], None]] = None, baselines: Optional[dict] = None) -> dict:
     """Run the adaptive suite on ``protected``, ``unprotected`` and ``scratch(protected, seed)``.
 
     ``train``/``test``: restricted-domain Dataset / DataLoader / (X, Y); ``original``: original-domain
     training data (needed by ``benign_first`` attacks). Every run happens on the protected model's
     device. Returns ``{"finetune": [finetune_row...], "probes": [probe_rows...], "targets": check_targets,
-    "config": ...}``; ``say`` receives one line per finished run.
+    "config": ...}``; ``say`` receives one line per finished run. ``baselines``: an earlier report made
+    with the same unprotected model, data and steps (e.g. for another protected model of the same
+    architecture): its unprotected and scratch curves are reused wherever (attack, lr, seed) or (block,
+    kind, lr, seed) and the evaluation points match.
     """
     config = config or AdaptiveConfig()
     config.validate()
@@ -269,18 +284,26 @@ def evaluate_adaptive(protected: nn.Module, unprotected: nn.Module, train, test,
         raise ValueError("evaluate_adaptive: benign_first attacks need original-domain data")
     report = {"finetune": [], "probes": [], "seeds": list(seeds),
               "config": dataclasses.asdict(config)}
+    base = baselines or {"finetune": [], "probes": []}
+    steps = [0, *config.eval_steps]
+    old_ft = {(r["attack"], r["lr"], r["seed"]): r for r in base["finetune"] if r["steps"] == steps}
+    old_pr = {(r["block"], r["kind"], r["lr"], r["seed"]): r["curves"] for r in base["probes"]
+              if len(r["curves"]["scratch"]) == config.probe_epochs + 1}
     for seed in seeds:
         bodies = {"protected": protected, "unprotected": unprotected, "scratch": scratch(protected, seed)}
         for attack in config.attacks:
             for lr in attack.lrs:
-                row = finetune_row(bodies, train, test, attack, lr, seed, config, orig)
+                old = old_ft.get((attack.name, lr, seed))
+                reuse = {b: (old["curves"][b], old["losses"][b]) for b in BODIES[1:]} if old else None
+                row = finetune_row(bodies, train, test, attack, lr, seed, config, orig, reuse)
                 report["finetune"].append(row)
                 if say:
                     c = row["curves"]
                     say(f"{attack.name:<22} lr {lr:<7g} s{seed}  prot {_path(c['protected'])}  unprot "
                         f"{_path(c['unprotected'])}  scratch {_path(c['scratch'])}  excess {_pts(row['excess'])}")
         if probes:
-            for row in probe_rows(bodies, train, test, seed, config):
+            reuse = {k[:3]: {b: v[b] for b in BODIES[1:]} for k, v in old_pr.items() if k[3] == seed}
+            for row in probe_rows(bodies, train, test, seed, config, reuse):
                 report["probes"].append(row)
                 if say:
                     say(f"probe {row['kind']:<6} {row['block']:<12} lr {row['lr']:<7g} s{seed}  " + "  ".join(
