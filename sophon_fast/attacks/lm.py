@@ -103,7 +103,7 @@ def run(model: nn.Module, train, test, attack: LMAttack, seed: int = 0, task: Op
     :mod:`sophon_fast.tasks.lm`), moved to the model's device. ``model`` is not modified. Returns the
     list of losses (floats, one per evaluation step); with ``return_model``, ``(losses, attacked)``
     where ``attacked`` is the trained copy (a ``peft`` model for LoRA). Deterministic given ``seed``
-    (batches from a seeded generator; the global RNG is untouched).
+    (batches from a seeded generator on the data's device; the global RNG is untouched).
     """
     task = task or LanguageModelTask()
     m = copy.deepcopy(model)
@@ -114,16 +114,16 @@ def run(model: nn.Module, train, test, attack: LMAttack, seed: int = 0, task: Op
     params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=attack.lr, weight_decay=attack.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, attack.lr_factor)
-    gen = torch.Generator().manual_seed(seed)
     device, n = train[0].device, train[0].shape[0]
-    perm, pos = torch.randperm(n, generator=gen), 0
+    gen = torch.Generator(device=device).manual_seed(seed)
+    perm, pos = torch.randperm(n, generator=gen, device=device), 0
     points = set(attack.eval_steps())
     losses = [task.evaluate(target, test)]
     target.train()
     for step in range(1, attack.steps + 1):
         if pos + attack.batch_size > n:
-            perm, pos = torch.randperm(n, generator=gen), 0
-        idx = perm[pos:pos + attack.batch_size].to(device)
+            perm, pos = torch.randperm(n, generator=gen, device=device), 0
+        idx = perm[pos:pos + attack.batch_size]
         pos += attack.batch_size
         loss = task.attacker_loss(target, tuple(t[idx] for t in train), gen)
         opt.zero_grad(set_to_none=True)
