@@ -44,7 +44,8 @@ def markdown(report):
     if report["finetune"]:
         out += [f"Fine-tuning attacks ({steps[-1]} steps, evaluated at steps {steps}); protected / unprotected / "
                 "scratch restricted test accuracy (%) at steps " + ", ".join(map(str, show)) + "; excess = largest "
-                f"protected − scratch where unprotected ≥ scratch + {100 * cfg['eligible_gap']:g}; signatures of the "
+                f"protected − scratch where unprotected ≥ scratch + {100 * cfg['eligible_gap']:g}; signatures of "
+                "the "
                 "protected run: D = accuracy ends below its start, L = training loss rises at the start, F = ends "
                 f"{100 * cfg['far_below']:g}+ points below scratch.", "",
                 "| attack | lr | seed | " + " | ".join(f"step {s}" for s in show) + " | excess | signatures |",
@@ -60,7 +61,8 @@ def markdown(report):
     if report["probes"]:
         out += ["Probes on frozen, z-scored block features (best test accuracy % over rates "
                 f"{cfg['probe_lrs']} and {cfg['probe_epochs']} epochs, {cfg['probe_optimizer']}):", "",
-                "| block | dim | probe | protected | unprotected | random body |", "| --- | --- | --- | --- | --- | --- |"]
+                "| block | dim | probe | protected | unprotected | random body |",
+                "| --- | --- | --- | --- | --- | --- |"]
         seen = {}
         for r in report["probes"]:
             key = (r["block"], r["kind"])
@@ -73,8 +75,8 @@ def markdown(report):
         out.append("")
     met = [t for t in report["targets"] if t["met"] is not None]
     out += [f"Targets (worst case over rates and seeds): {sum(t['met'] for t in met)} of {len(met)} met"
-            + (f", {len(report['targets']) - len(met)} without a head start to remove" if len(met) < len(report["targets"])
-               else "") + ".", ""]
+            + (f", {len(report['targets']) - len(met)} without a head start to remove"
+               if len(met) < len(report["targets"]) else "") + ".", ""]
     for t in report["targets"]:
         state = "n/a" if t["met"] is None else ("met" if t["met"] else "**missed**")
         out.append(f"- {state}: {t['target']}: {t['detail']}")

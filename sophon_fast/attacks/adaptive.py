@@ -29,9 +29,10 @@ import torch
 from torch import Tensor, nn
 
 from sophon_fast.attacks.probes import PROBE_KINDS, block_features, feature_blocks, probe_curve, standardize
-from sophon_fast.attacks.run import _model_device, run, scratch
+from sophon_fast.attacks.run import run, scratch
 from sophon_fast.attacks.spec import OPTIMIZERS, SIGN_OPTIMIZERS, Attack
 from sophon_fast.data import as_tensors
+from sophon_fast.models import model_device
 
 PREPS = ("none", "reinit_block", "zero_bias", "noise", "benign_first")
 _BLOCK_ENDS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
@@ -156,7 +157,7 @@ def prepare(model: nn.Module, attack: AdaptiveAttack, seed: int,
     tensors of the original domain, required for ``benign_first``.
     """
     m = copy.deepcopy(model)
-    device = _model_device(m)
+    device = model_device(m)
     if attack.prep == "reinit_block":
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
@@ -199,7 +200,8 @@ def signatures(curve: Sequence[float], losses: Sequence[float], scratch_curve: S
             "far_below_scratch": curve[-1] < scratch_curve[-1] - config.far_below}
 
 
-def excess(p: Sequence[float], u: Sequence[float], s: Sequence[float], config: AdaptiveConfig) -> Tuple[Optional[float], int]:
+def excess(p: Sequence[float], u: Sequence[float], s: Sequence[float],
+           config: AdaptiveConfig) -> Tuple[Optional[float], int]:
     """``(max(p - s) over points where u - s >= eligible_gap, number of such points)``; None when none."""
     pts = [pp - ss for pp, uu, ss in zip(p, u, s) if uu - ss >= config.eligible_gap]
     return (max(pts) if pts else None), len(pts)
@@ -223,7 +225,7 @@ def finetune_row(bodies: Dict[str, nn.Module], train: Tuple[Tensor, Tensor], tes
             continue
         log: List[Tensor] = []
         m = prepare(body, attack, seed, original)
-        curves[name] = run(m, train, test, spec, seed, _model_device(m), eval_steps=config.eval_steps, loss_log=log)
+        curves[name] = run(m, train, test, spec, seed, model_device(m), eval_steps=config.eval_steps, loss_log=log)
         losses[name] = torch.stack(log).tolist()
     ex, n = excess(curves["protected"], curves["unprotected"], curves["scratch"], config)
     return {"attack": attack.name, "prep": attack.prep, "optimizer": attack.optimizer, "lr": lr, "seed": seed,
@@ -277,7 +279,7 @@ def evaluate_adaptive(protected: nn.Module, unprotected: nn.Module, train, test,
     """
     config = config or AdaptiveConfig()
     config.validate()
-    device = _model_device(protected)
+    device = model_device(protected)
     train, test = (tuple(t.to(device) for t in as_tensors(d)) for d in (train, test))
     orig = tuple(t.to(device) for t in as_tensors(original)) if original is not None else None
     if orig is None and any(a.prep == "benign_first" for a in config.attacks):
@@ -347,7 +349,8 @@ def check_targets(report: dict, config: AdaptiveConfig) -> List[dict]:
                   + ", ".join(f"{k} {v}/{len(rows)}" for k, v in sig.items()))
         out.append({"target": f"{name}: protected <= scratch + {100 * config.max_excess:g} where unprotected >= "
                               f"scratch + {100 * config.eligible_gap:g}",
-                    "met": None if value is None else value <= config.max_excess + 1e-9, "value": value, "detail": detail})
+                    "met": None if value is None else value <= config.max_excess + 1e-9, "value": value,
+                    "detail": detail})
     by_probe: Dict[Tuple[str, str], List[dict]] = {}
     for r in report["probes"]:
         by_probe.setdefault((r["block"], r["kind"]), []).append(r)
