@@ -32,7 +32,7 @@ from sophon_fast.tasks.diffusion import eps_mse
 DOMAINS = {"original": "fashion_mnist", "restricted": "mnist", "arch": "ddpm_unet_small"}
 # quick / full: pre-training steps (batch 64, Adam), test images scored (None: all), samples per grid.
 SIZES = {True: {"pretrain_steps": 400, "original_test": 500, "restricted_test": 300, "samples": 8},
-         False: {"pretrain_steps": 3000, "original_test": 2000, "restricted_test": None, "samples": 16}}
+         False: {"pretrain_steps": 1500, "original_test": 1000, "restricted_test": 500, "samples": 8}}
 
 
 @dataclass
@@ -99,13 +99,13 @@ def demo_config(quick: bool, seed: int = 0, progress: bool = False, checkpoint_d
     DoS suppression over simulated attackers taking turns (momentum SGD lr 1e-2 and Adam lr 1e-3, the
     demo's attacks; support 32 + query 8 images, K inner steps), FTS Adam lr 1e-4 (alpha 1), NTR Adam lr
     2e-4 (beta 2) on batches of 64, rollback when the original eps-MSE worsens by more than 10%.
-    quick: 60 iterations of K = 5; full: 300 iterations of K = 10.
+    quick: 60 iterations of K = 5; full: 200 iterations of K = 10.
     """
     from sophon_fast.engine import Checkpointing, Evaluation, ProtectConfig, Strategy
 
     strategies = [Strategy("momentum", lr=1e-2, batch_size=40, query_size=8),
                   Strategy("adam", lr=1e-3, batch_size=40, query_size=8)]
-    return ProtectConfig(task="diffusion", loss="dos", iterations=60 if quick else 300, inner_steps=5 if quick else 10,
+    return ProtectConfig(task="diffusion", loss="dos", iterations=60 if quick else 200, inner_steps=5 if quick else 10,
                          strategies=strategies, alpha=1.0, beta=2.0, ntr_steps=3, ntr_batch_size=64,
                          evaluation=Evaluation(every=10, size=SIZES[bool(quick)]["original_test"], max_drop=0.10),
                          checkpoint=Checkpointing(dir=checkpoint_dir, every=10, resume=checkpoint_dir is not None),
