@@ -18,4 +18,4 @@ def bench_distributed_trajectories(benchmark, bench_disabled, tmp_path, world):
         out.update(dc.run(world, str(tmp_path), K=K, iterations=iterations))
     benchmark.group = "distributed: trajectories/s (cnn_small, K=10, 2 trajectories per iteration)"
     benchmark.pedantic(go, rounds=1, iterations=1)
-    benchmark.extra_info.update({"world": world, "K": K, **out})
+    benchmark.extra_info.update({"layer": "distributed", "provider": f"{world} rank(s)", "world": world, "K": K, **out})

@@ -34,11 +34,13 @@ import torch
 import torch.nn.functional as F
 
 from sophon_fast import models
-from sophon_fast.engine import Checkpointing, Evaluation, protect
+from sophon_fast.engine import Checkpointing, Evaluation, Strategy, protect
 from sophon_fast.quickbench import median_time, sync
 
 BATCH, QUERY, NTR_BATCH = 150, 20, 150
 DEMO = "demo"
+LM = "gpt2_32k"           # a 2-layer, 128-wide GPT-2 with a 32,768-token vocabulary (4.3M of its 4.7M parameters in
+                          # the tied embedding/head), blocks of 128 tokens: the language-model case
 IMPLS = ("passes", "reference", "fast", "reference-setup", "fast-setup")   # an engine group (see time_outer)
 MMAP_THRESHOLD = 64 * 1024                 # bytes; for run_in_child's allocator (see there)
 # The suite's engine cases run here: SOPHON_BENCH_DEVICE, else the GPU when there is one.
@@ -66,6 +68,23 @@ def demo_config(mode: str, iterations: int, device: str = "cpu"):
     from sophon_fast.demo import demo_config as cfg
     return cfg(quick=False, iterations=iterations, progress=False).replace(
         mode=mode, device=device, evaluation=Evaluation(max_drop=None), checkpoint=Checkpointing())
+
+
+def lm_case(device: str = "cpu", n: int = 64, T: int = 128, V: int = 32768):
+    """(GPT-2, (input_ids, labels)) of the LM case: random tokens (memory does not depend on their values)."""
+    from sophon_fast.models import lm
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, V, (n, T), generator=g).to(device)
+    return lm.gpt2(V, 2, 128, 4, T, seed=0).to(device), (ids, ids.clone())
+
+
+def run_lm(model, data, K: int, mode: str, iterations: int, device: str = "cpu"):
+    """protect() of the LM case: ICE over the vocabulary, an Adam attacker on 6 support + 2 query blocks."""
+    from sophon_fast.tasks.lm import LanguageModelTask
+    strat = Strategy("adam", lr=1e-3, batch_size=8, query_size=2, reinit_head=False)
+    return protect(model, data, data, task=LanguageModelTask(), mode=mode, loss="ice", iterations=iterations,
+                   inner_steps=K, strategies=[strat], ntr_batch_size=8, progress=False,
+                   evaluation=Evaluation(max_drop=None), device=device)
 
 
 def run_protect(model, data, K: int, mode: str, iterations: int, device: str = "cpu"):
@@ -165,7 +184,13 @@ def run_case(arch: str, mode: str, K: int = 50, iterations: int = 3, device: str
     out = {"arch": arch, "mode": mode, "K": K, "iterations": iterations, "device": device,
            "threads": torch.get_num_threads()}
     peak = PeakMemory(device)
-    if arch == DEMO:
+    if arch == LM:
+        model, data = lm_case(device)
+        run_lm(model, data, 1, mode, 1, device)          # warm-up
+        peak.start()
+        res = run_lm(model, data, K, mode, iterations, device)
+        memory_only = True
+    elif arch == DEMO:
         case = demo_case(device)
         run_demo(case, mode, 1, device)                  # warm-up: kernels, lazy imports, allocator
         peak.start()
