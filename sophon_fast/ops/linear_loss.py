@@ -128,12 +128,15 @@ def _setup_context(ctx, inputs, output):
     ctx.compute_grad = inputs[8]
     ctx.save_for_backward(grad_h, grad_w, grad_b)
     ctx.mark_non_differentiable(grad_h, grad_w, grad_b)
+    ctx.set_materialize_grads(False)   # no (V, H) zeros for the gradient outputs' own (unused) cotangents
 
 
 def _backward(ctx, grad_loss, *_):
     if not ctx.compute_grad:
         raise RuntimeError("sophon_fast::linear_loss was called with compute_grad=False; call it through "
                            "sophon_fast.functional.linear_suppression_loss, which sets it from requires_grad")
+    if grad_loss is None:   # the loss itself did not reach the output (grads are not materialised)
+        return (None,) * 9
     grad_h, grad_w, grad_b = ctx.saved_tensors
     return (grad_h * grad_loss, grad_w * grad_loss, None, grad_b * grad_loss if ctx.has_bias else None,
             None, None, None, None, None)
