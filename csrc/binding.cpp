@@ -201,6 +201,33 @@ void inner_step_(const Tensor& param, const Tensor& grad, const Tensor& exp_avg,
   }
 }
 
+Tensor row_sq_mean(const Tensor& x, const std::optional<Tensor>& y) {
+  const char* who = "row_sq_mean";
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.is_contiguous(), who, ": x must be a contiguous 2-D tensor, got ", x.sizes());
+  const int code = dtype_code(x, who);
+  if (y.has_value()) {
+    check_same_device(x, *y, who, "y");
+    TORCH_CHECK_VALUE(y->sizes() == x.sizes() && y->scalar_type() == x.scalar_type() && y->is_contiguous(), who,
+                      ": y must be a contiguous tensor matching x (", x.sizes(), ", ", x.scalar_type(), ")");
+  }
+  const int64_t n = x.size(0), d = x.size(1);
+  Tensor out = at::empty({n}, x.options().dtype(acc_type(x)));
+  if (n == 0) return out;
+  TORCH_CHECK_VALUE(d >= 1, who, ": rows must have at least one element");
+  const void* yp = y.has_value() ? y->data_ptr() : nullptr;
+  if (on_cuda(x, who)) {
+#ifdef WITH_CUDA
+    c10::cuda::CUDAGuard guard(x.device());
+    const int err = sf_row_sq_mean_cuda(x.data_ptr(), yp, code, n, d, out.data_ptr(),
+                                        at::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(err == 0, who, ": CUDA launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
+#endif
+  } else {
+    sophon_fast::cpu::row_sq_mean(x.data_ptr(), yp, code, n, d, out.data_ptr());
+  }
+  return out;
+}
+
 bool has_cuda() {
 #ifdef WITH_CUDA
   return true;
@@ -218,12 +245,14 @@ TORCH_LIBRARY_FRAGMENT(sophon_fast, m) {
         "float scale, int ignore_index) -> Tensor");
   m.def("_cpp_inner_step_(Tensor(a!) param, Tensor(b!) grad, Tensor(c!) exp_avg, Tensor(d!) exp_avg_sq, int kind, "
         "float lr, float beta1, float beta2, float eps, float weight_decay, int step, bool zero_grad) -> ()");
+  m.def("_cpp_row_sq_mean(Tensor x, Tensor? y) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sophon_fast, CPU, m) {
   m.impl("_cpp_row_losses_fwd", &row_losses_fwd);
   m.impl("_cpp_row_losses_bwd", &row_losses_bwd);
   m.impl("_cpp_inner_step_", &inner_step_);
+  m.impl("_cpp_row_sq_mean", &row_sq_mean);
 }
 
 #ifdef WITH_CUDA
@@ -231,6 +260,7 @@ TORCH_LIBRARY_IMPL(sophon_fast, CUDA, m) {
   m.impl("_cpp_row_losses_fwd", &row_losses_fwd);
   m.impl("_cpp_row_losses_bwd", &row_losses_bwd);
   m.impl("_cpp_inner_step_", &inner_step_);
+  m.impl("_cpp_row_sq_mean", &row_sq_mean);
 }
 #endif
 

@@ -8,6 +8,7 @@ Backend interface (exactly the semantics of ``sophon_fast.reference``):
     linear_loss(hidden, weight, target, bias, weights, ignore_index, reduction, chunk_size, compute_grad)
         -> (loss, grad_hidden, grad_weight, grad_bias): the chunk loop of sophon_fast/ops/linear_loss.py
         over these row-loss kernels
+    row_sq_mean(x, y) -> (B,) mean of squares per row (the diffusion DoS / negated MSE losses)
 
 Importing needs triton only, no GPU; on CPU tensors the kernels run under ``TRITON_INTERPRET=1``.
 """
@@ -17,5 +18,6 @@ from sophon_fast.ops.linear_loss import chunked_linear_loss
 
 from .inner_step import inner_step_  # noqa: F401
 from .row_losses import CHUNK_C, RESIDENT_MAX_C, row_losses_bwd, row_losses_fwd  # noqa: F401
+from .sq_mean import row_sq_mean  # noqa: F401
 
 linear_loss = functools.partial(chunked_linear_loss, row_fwd=row_losses_fwd, row_bwd=row_losses_bwd)

@@ -19,11 +19,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from sophon_fast.ops._checks import (assert_targets_in_range, check_linear_inputs, check_logits, check_reduction,
-                                     check_target)
+from sophon_fast.ops._checks import (assert_targets_in_range, check_linear_inputs, check_logits,
+                                     check_per_sample_inputs, check_reduction, check_target)
 from sophon_fast.ops._checks import set_target_checks  # noqa: F401  (re-exported: the debug switch)
 from sophon_fast.ops.linear_loss import linear_loss
 from sophon_fast.ops.row_losses import row_losses
+from sophon_fast.ops.sq_mean import row_sq_mean
 from sophon_fast.reference.linear_loss import LOSS_WEIGHTS as LINEAR_LOSSES
 from sophon_fast.reference.losses import IGNORE_INDEX
 
@@ -139,3 +140,35 @@ def linear_suppression_loss(hidden: Tensor, weight: Tensor, target: Tensor, *, l
     out, _, _, _ = linear_loss(hidden, weight, target.long().contiguous(), bias, list(LINEAR_LOSSES[loss]),
                                int(ignore_index), reduction, int(chunk_size or 0), compute_grad)
     return out
+
+
+def _per_sample(per_sample: Tensor, reduction: str, dtype) -> Tensor:
+    if reduction == "none":
+        return per_sample.to(dtype)
+    return (per_sample.sum() if reduction == "sum" else per_sample.mean()).to(dtype)
+
+
+def denial_of_service(pred: Tensor, *, reduction: str = "mean") -> Tensor:
+    """Denial-of-service loss for diffusion models: the mean of ``pred ** 2``.
+
+    pred: (B, ...) floating tensor (fp32/fp16/bf16/fp64), B >= 1, any layout. Per sample, the mean of
+    pred^2 over every dim but the first; reduction "mean" (over samples, = over all elements), "sum"
+    (over samples) or "none" ((B,)). One fused read of pred (``sophon_fast::row_sq_mean``); returns the
+    pred's dtype. Raises ValueError on bad input.
+    """
+    check_per_sample_inputs(pred, None, reduction, "denial_of_service")
+    return _per_sample(row_sq_mean(pred.reshape(pred.shape[0], -1), None), reduction, pred.dtype)
+
+
+def negated_mse(pred: Tensor, target: Tensor, *, reduction: str = "mean") -> Tensor:
+    """Negated mean squared error, ``-MSE(pred, target)`` (the noise-prediction loss turned around).
+
+    pred, target: (B, ...) floating tensors of one shape, dtype and device. Per sample, -mean of
+    (pred - target)^2 over every dim but the first; reduction "mean", "sum" or "none" ((B,)), as in
+    ``denial_of_service``. Returns the pred's dtype. Raises ValueError on bad input.
+    """
+    if target is None:
+        raise ValueError("negated_mse: target is required")
+    check_per_sample_inputs(pred, target, reduction, "negated_mse")
+    b = pred.shape[0]
+    return -_per_sample(row_sq_mean(pred.reshape(b, -1), target.reshape(b, -1)), reduction, pred.dtype)

@@ -192,3 +192,17 @@ def test_inner_step(kind, dtype, numel, offset):
                 assert_parity(f, r, g, f"inner step kind={kind} {dtype} numel={numel} offset={offset} {name}")
         for f, u in zip(fast, untouched):   # restore in place: keeps the (mis)alignment under test
             f.copy_(u)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [1, 37, 5000])
+def test_row_sq_mean_cuda(dtype, d):
+    from sophon_fast.reference.sq_mean import row_sq_mean as spec
+
+    g = torch.Generator().manual_seed(14)
+    x, y = (torch.randn(6, d, generator=g, dtype=torch.float64).to(dtype).to(DEV) for _ in range(2))
+    for target in (None, y):
+        with sophon_fast.use_backend("cuda"):
+            got = torch.ops.sophon_fast.row_sq_mean(x, target)
+        gold = spec(x.double(), None if target is None else target.double())
+        assert_parity(got, spec(x, target), gold, f"row_sq_mean cuda d={d} {dtype}")

@@ -50,7 +50,7 @@ def test_nvcc_compiles(source, tmp_path):
 
 def test_cuda_sources_present():
     names = {p.name for p in CU_FILES}
-    assert {"row_losses.cu", "inner_step.cu"} <= names, f"expected the CUDA launchers' sources, found {names}"
+    assert {"row_losses.cu", "inner_step.cu", "sq_mean.cu"} <= names, f"expected the CUDA launchers' sources, found {names}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -69,9 +69,11 @@ class _Recorder:
 def _launches(monkeypatch):
     from sophon_fast.kernels import inner_step as IS
     from sophon_fast.kernels import row_losses as RL
+    from sophon_fast.kernels import sq_mean as SM
 
     calls = []
-    for mod, name in ((RL, "_row_losses_fwd_kernel"), (RL, "_row_losses_bwd_kernel"), (IS, "_inner_step_kernel")):
+    for mod, name in ((RL, "_row_losses_fwd_kernel"), (RL, "_row_losses_bwd_kernel"), (IS, "_inner_step_kernel"),
+                      (SM, "_row_sq_mean_kernel")):
         monkeypatch.setattr(mod, name, _Recorder(getattr(mod, name), calls))
     y = torch.zeros(4, dtype=torch.long)
     fused = [0.5, 1.0, 0.25, 2.0]
@@ -95,6 +97,10 @@ def _launches(monkeypatch):
         for kind in (0, 1, 2):
             bufs = [torch.zeros(5000, dtype=dtype) for _ in range(4)]
             IS.inner_step_(*bufs, kind, 1e-3, 0.9, 0.999, 1e-8, 0.01, 1, True)
+    for dtype, d in ((torch.float32, 37), (torch.bfloat16, 5000), (torch.float64, 300)):
+        x = torch.zeros(3, d, dtype=dtype)
+        SM.row_sq_mean(x, None)
+        SM.row_sq_mean(x, x.clone())
     return calls
 
 
@@ -107,7 +113,7 @@ def test_triton_kernels_compile(monkeypatch):
     from triton.runtime.jit import mangle_type
 
     calls = _launches(monkeypatch)
-    assert len(calls) == 2 * 8 + 9
+    assert len(calls) == 2 * 8 + 9 + 6
     failures = []
     for fn, args, kwargs in calls:
         params = [p for p in fn.params if not p.is_constexpr]

@@ -448,3 +448,76 @@ def test_tolerance_floor_covers_every_dtype():
     assert set(FLOOR) >= {torch.float32, torch.float16, torch.bfloat16, torch.float64}
     assert all(set(f) == {"value", "grad"} for f in FLOOR.values())
     assert max_err(torch.tensor([1.0, float("nan")]), torch.tensor([1.0, 2.0])) == float("inf")
+
+
+# ------------------------------------------------------------------------------------------------
+# Diffusion losses: denial_of_service and negated_mse (sophon_fast::row_sq_mean)
+# ------------------------------------------------------------------------------------------------
+from sophon_fast.reference import sq_mean as SQ  # noqa: E402
+
+DIFFUSION = {
+    "dos": (lambda p, t, r: F.denial_of_service(p, reduction=r), lambda p, t, r: SQ.denial_of_service(p, r)),
+    "negated_mse": (lambda p, t, r: F.negated_mse(p, t, reduction=r), lambda p, t, r: SQ.negated_mse(p, t, r)),
+}
+SQ_BACKENDS = [b for b in ("cpp", "reference") if _backend.probe(b).usable["cpu"]]
+
+
+@pytest.mark.parametrize("backend", SQ_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 4, 5, 7), (2, 3, 33, 65)], ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("name", list(DIFFUSION))
+def test_diffusion_losses_parity(name, reduction, shape, dtype, backend):
+    """Value and gradients (pred, and target for negated_mse) against the textbook in fp64."""
+    g = torch.Generator().manual_seed(9)
+    pred, target = (torch.randn(*shape, generator=g, dtype=torch.float64) for _ in range(2))
+    cot = torch.randn(shape[0], generator=g, dtype=torch.float64) if reduction == "none" else torch.tensor(1.0)
+    fast, textbook = DIFFUSION[name]
+
+    def run(fn, dt, be=None):
+        p, t = pred.to(dt).requires_grad_(True), target.to(dt).requires_grad_(True)
+        with sophon_fast.use_backend(be or "reference"):
+            out = fn(p, t, reduction)
+        gp, gt = torch.autograd.grad(out, (p, t), cot.to(dt), allow_unused=True)
+        return out.detach(), gp, torch.zeros_like(p) if gt is None else gt
+
+    gold = run(textbook, torch.float64)
+    baseline = run(textbook, dtype)
+    got = run(fast, dtype, backend)
+    for what, out, base, want in zip(("value", "grad pred", "grad target"), got, baseline, gold):
+        assert out.dtype == dtype, what
+        assert_parity(out, base, want, dtype, f"{backend} {name} {reduction} {shape} {dtype} {what}",
+                      "value" if what == "value" else "grad")
+
+
+@pytest.mark.parametrize("backend", SQ_BACKENDS)
+def test_diffusion_losses_opcheck_and_compile(backend):
+    x, y = torch.randn(4, 9, requires_grad=True), torch.randn(4, 9, requires_grad=True)
+    with sophon_fast.use_backend(backend):
+        for target in (None, y):
+            torch.library.opcheck(torch.ops.sophon_fast.row_sq_mean.default, (x, target))
+        torch._dynamo.reset()
+
+        def f(p, t):
+            return F.denial_of_service(p.view(4, 3, 3)) + F.negated_mse(p, t, reduction="sum")
+
+        want = f(x, y)
+        got = torch.compile(f, backend="aot_eager", fullgraph=True)(x, y)
+    torch.testing.assert_close(got, want)
+
+
+DIFFUSION_BAD = {
+    "0-d pred": lambda: F.denial_of_service(torch.tensor(1.0)),
+    "empty batch": lambda: F.denial_of_service(torch.randn(0, 3)),
+    "integer pred": lambda: F.denial_of_service(torch.ones(2, 3, dtype=torch.long)),
+    "bad reduction": lambda: F.denial_of_service(torch.randn(2, 3), reduction="avg"),
+    "target shape": lambda: F.negated_mse(torch.randn(2, 3), torch.randn(2, 4)),
+    "target dtype": lambda: F.negated_mse(torch.randn(2, 3), torch.randn(2, 3, dtype=torch.float64)),
+    "no target": lambda: F.negated_mse(torch.randn(2, 3), None),
+}
+
+
+@pytest.mark.parametrize("case", list(DIFFUSION_BAD))
+def test_diffusion_losses_bad_input(case):
+    with pytest.raises(ValueError):
+        DIFFUSION_BAD[case]()

@@ -314,3 +314,37 @@ def test_linear_suppression_loss_triton_backend(loss, dtype):
         assert out.dtype == dtype
         tolerances.assert_parity(out, base_out, want, dtype, f"triton linear {loss} {dtype} {name}",
                                  "value" if name == "loss" else "grad", fp32_scalars=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-row mean of squares (diffusion DoS / negated MSE)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (5, 37), (3, 2500)], ids=str)
+@pytest.mark.parametrize("with_y", [False, True])
+def test_row_sq_mean(shape, dtype, with_y):
+    from sophon_fast.reference.sq_mean import row_sq_mean as spec
+
+    g = torch.Generator().manual_seed(12)
+    x, y = (torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype).to(DEVICE) for _ in range(2))
+    y = y if with_y else None
+    got = K.row_sq_mean(x, y)
+    assert_parity(got, spec(x, y), spec(x.double(), None if y is None else y.double()),
+                  f"row_sq_mean {shape} {dtype} y={with_y}")
+
+
+def test_diffusion_losses_triton_backend():
+    from sophon_fast.reference import sq_mean as SQ
+
+    g = torch.Generator().manual_seed(13)
+    pred, target = (torch.randn(3, 4, 9, generator=g).to(DEVICE) for _ in range(2))
+    for fast, textbook in ((lambda p, t: sophon_fast.functional.denial_of_service(p), SQ.denial_of_service),
+                           (lambda p, t: sophon_fast.functional.negated_mse(p, t), SQ.negated_mse)):
+        p = pred.clone().requires_grad_(True)
+        with sophon_fast.use_backend("triton"):
+            out = fast(p, target)
+        grad, = torch.autograd.grad(out, p)
+        q = pred.clone().requires_grad_(True)
+        want = textbook(q, target) if textbook is SQ.negated_mse else textbook(q)
+        torch.testing.assert_close(out, want)
+        torch.testing.assert_close(grad, torch.autograd.grad(want, q)[0])

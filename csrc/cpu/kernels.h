@@ -35,5 +35,9 @@ void inner_step(void* param, void* grad, void* exp_avg, void* exp_avg_sq, int dt
                 int kind, double lr, double beta1, double beta2, double eps, double weight_decay,
                 int64_t step, bool zero_grad);
 
+// out[r] = mean_j (x[r, j] - y[r, j])^2 over contiguous n x d rows (y null: mean of x^2); out is fp32
+// (fp64 for fp64 x), accumulated in fp64 (csrc/cpu/sq_mean.cpp).
+void row_sq_mean(const void* x, const void* y, int dtype, int64_t n, int64_t d, void* out);
+
 }  // namespace cpu
 }  // namespace sophon_fast

@@ -30,6 +30,10 @@ int sf_inner_step_cuda(void* param, void* grad, void* exp_avg, void* exp_avg_sq,
                        int kind, float lr, float beta1, float beta2, float eps, float weight_decay,
                        int64_t step, int zero_grad, void* stream);
 
+// out[r] = mean_j (x[r, j] - y[r, j])^2 over contiguous n x d rows (y NULL: mean of x^2); out fp32
+// (fp64 for fp64 x). One block per row (grid-strided), csrc/cuda/sq_mean.cu.
+int sf_row_sq_mean_cuda(const void* x, const void* y, int dtype, int64_t n, int64_t d, void* out, void* stream);
+
 #ifdef __cplusplus
 }
 #endif

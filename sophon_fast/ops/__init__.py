@@ -2,3 +2,4 @@
 from sophon_fast.ops.inner_step import inner_step_  # noqa: F401
 from sophon_fast.ops.row_losses import row_losses, row_losses_backward  # noqa: F401
 from sophon_fast.ops.linear_loss import linear_loss  # noqa: F401
+from sophon_fast.ops.sq_mean import row_sq_mean  # noqa: F401

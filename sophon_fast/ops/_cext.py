@@ -34,6 +34,11 @@ def _(param, grad, exp_avg, exp_avg_sq, kind, lr, beta1, beta2, eps, weight_deca
     return None
 
 
+@torch.library.register_fake("sophon_fast::_cpp_row_sq_mean")
+def _(x, y):
+    return x.new_empty((x.shape[0],), dtype=_acc(x.dtype))
+
+
 def _rows(x):
     # Kernels take any row stride but need unit stride along classes.
     return x if x.stride(-1) == 1 else x.contiguous()
@@ -56,9 +61,13 @@ def inner_step_(param, grad, exp_avg, exp_avg_sq, kind, lr, beta1, beta2, eps, w
                                            bool(zero_grad))
 
 
+def row_sq_mean(x, y):
+    return torch.ops.sophon_fast._cpp_row_sq_mean(x.contiguous(), None if y is None else y.contiguous())
+
+
 linear_loss = functools.partial(chunked_linear_loss, row_fwd=row_losses_fwd, row_bwd=row_losses_bwd)
 
 CPU = SimpleNamespace(row_losses_fwd=row_losses_fwd, row_losses_bwd=row_losses_bwd, inner_step_=inner_step_,
-                      linear_loss=linear_loss)
+                      linear_loss=linear_loss, row_sq_mean=row_sq_mean)
 CUDA = SimpleNamespace(row_losses_fwd=row_losses_fwd, row_losses_bwd=row_losses_bwd, inner_step_=inner_step_,
-                       linear_loss=linear_loss)
+                       linear_loss=linear_loss, row_sq_mean=row_sq_mean)

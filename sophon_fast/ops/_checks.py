@@ -129,3 +129,33 @@ def check_linear_inputs(hidden: Tensor, weight: Tensor, target: Tensor, bias: Op
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"{who}: chunk_size must be None or a positive int, got {chunk_size!r}")
+
+
+def check_sq_mean_inputs(x: Tensor, y: Optional[Tensor], who: str) -> None:
+    """x: a 2-D floating tensor (B, D), D >= 1; y: None or a tensor of x's shape, dtype and device."""
+    if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] < 1:
+        raise ValueError(f"{who}: input must be a 2-D tensor (B, D) with D >= 1, got "
+                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    if x.dtype not in FLOATS:
+        raise ValueError(f"{who}: dtype must be one of fp32/fp16/bf16/fp64, got {x.dtype}")
+    if y is not None and (not isinstance(y, Tensor) or y.shape != x.shape or y.dtype != x.dtype
+                          or y.device != x.device):
+        raise ValueError(f"{who}: target must match the prediction ({tuple(x.shape)}, {x.dtype}, {x.device}), got "
+                         f"{(tuple(y.shape), y.dtype, y.device) if isinstance(y, Tensor) else type(y).__name__}")
+
+
+def check_per_sample_inputs(pred: Tensor, target: Optional[Tensor], reduction: str, who: str) -> None:
+    """pred: a floating tensor with at least 1 dim and B >= 1 samples along dim 0 (each sample may be
+    any shape, at least one element); target: None or pred's shape, dtype and device."""
+    if not isinstance(pred, Tensor) or pred.dim() < 1 or pred.shape[0] == 0:
+        raise ValueError(f"{who}: pred must be a tensor with a non-empty batch dim, got "
+                         f"{tuple(pred.shape) if isinstance(pred, Tensor) else type(pred).__name__}")
+    if pred.numel() == 0:
+        raise ValueError(f"{who}: pred has samples with no elements, shape {tuple(pred.shape)}")
+    if pred.dtype not in FLOATS:
+        raise ValueError(f"{who}: pred dtype must be one of fp32/fp16/bf16/fp64, got {pred.dtype}")
+    check_reduction(reduction, who)
+    if target is not None and (not isinstance(target, Tensor) or target.shape != pred.shape
+                               or target.dtype != pred.dtype or target.device != pred.device):
+        raise ValueError(f"{who}: target must match pred ({tuple(pred.shape)}, {pred.dtype}, {pred.device}), got "
+                         f"{(tuple(target.shape), target.dtype, target.device) if isinstance(target, Tensor) else type(target).__name__}")
