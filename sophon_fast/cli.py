@@ -1,6 +1,6 @@
 """The ``sophon-fast`` command (also ``python -m sophon_fast``).
 
-    sophon-fast demo     [--quick] [--out runs/demo]        pre-train, protect, attack, report
+    sophon-fast demo     [--task image|lm|diffusion] [--quick] [--out DIR]   pre-train, protect, attack, report
     sophon-fast protect  MODEL --original NAME --restricted NAME --out PATH [--config FILE.json|demo] [--loss ...]
     sophon-fast attack   MODEL --restricted NAME [--suite default] [--unprotected MODEL] [--out DIR]
     sophon-fast report   DIR_OR_JSON                         re-render report.md / curves.png
@@ -27,7 +27,14 @@ def _threads(n: Optional[int]) -> None:
 
 
 def _cmd_demo(a) -> int:
+    if a.task != "image":
+        from sophon_fast import task_demos
+        run = task_demos.run_lm_demo if a.task == "lm" else task_demos.run_diffusion_demo
+        run(out=a.out or f"runs/demo-{a.task}", quick=a.quick, seed=a.seed, progress=not a.no_progress,
+            iterations=a.iterations)
+        return 0
     from sophon_fast.demo import run_demo
+    a.out = a.out or "runs/demo"
     run_demo(out=a.out, quick=a.quick, seed=a.seed, original=a.original, restricted=a.restricted, arch=a.arch,
              iterations=a.iterations, attacks=a.suite, attack_epochs=a.attack_epochs, subset=a.subset,
              pretrain_epochs=a.pretrain_epochs, progress=not a.no_progress)
@@ -134,7 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     d = sub.add_parser("demo", help="pre-train, protect, attack and report on embedded offline data")
-    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--task", default="image", choices=["image", "lm", "diffusion"],
+                   help="image: classifiers (Fashion-MNIST -> MNIST); lm: GPT-2 (English -> Python); "
+                        "diffusion: a DDPM UNet (Fashion-MNIST -> MNIST)")
+    d.add_argument("--out", default=None, help="default runs/demo (image), runs/demo-lm, runs/demo-diffusion")
     d.add_argument("--quick", action="store_true", help="smaller budget (<= 10 minutes on 2 cores)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--original", default=None)

@@ -104,7 +104,8 @@ class Checkpointing:
 class ProtectConfig:
     """Everything in the reference loop (None = loss-dependent default, see ``LOSS_DEFAULTS``).
 
-    task: "classification" | "lm" | "diffusion" (or pass a Task object to ``protect(task=...)``).
+    task: "classification" | "lm" | "diffusion" (or pass a Task object to ``protect(task=...)``); timestep: the
+    diffusion task's timesteps, "fixed1" (the reference code's t = 1 everywhere) or "uniform" (None: "fixed1").
     loss: the suppression loss ("ice", "ice_reference_code", "klu", "neg_entropy"; "dos", "mse_neg" for
     diffusion). strategies: the simulated attackers, taking turns ("cycle") or drawn ("random") per
     trajectory; None: one reference SGD strategy. trajectories: simulated trajectories per iteration (each
@@ -115,6 +116,7 @@ class ProtectConfig:
     """
     task: str = "classification"
     loss: str = "ice"
+    timestep: Optional[str] = None         # diffusion only: "fixed1" (the reference code's t = 1) | "uniform"
     mode: str = "fast"
     iterations: int = 1000
     inner_steps: int = 50
@@ -157,7 +159,8 @@ class ProtectConfig:
         if isinstance(self.checkpoint, dict):
             self.checkpoint = Checkpointing(**self.checkpoint)
         self.defences = [defence_from_dict(d) if isinstance(d, dict) else d for d in self.defences]
-        checks = [("iterations", self.iterations >= 0), ("inner_steps", self.inner_steps >= 1),
+        checks = [("timestep", self.timestep is None or (self.task == "diffusion" and self.timestep in ("fixed1", "uniform"))),
+                  ("iterations", self.iterations >= 0), ("inner_steps", self.inner_steps >= 1),
                   ("trajectories", self.trajectories >= 1), ("ntr_steps", self.ntr_steps is None or self.ntr_steps >= 0),
                   ("ntr_batch_size", self.ntr_batch_size >= 1), ("max_nonfinite", self.max_nonfinite >= 0),
                   ("base_lr", self.base_lr > 0), ("alpha", self.alpha is None or self.alpha > 0),

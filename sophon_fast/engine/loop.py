@@ -182,7 +182,7 @@ def protect(model: nn.Module, original, restricted, config: Optional[ProtectConf
     config = config or ProtectConfig()
     cfg = (config.replace(**overrides) if overrides else config).resolved()
     t_start = time.perf_counter()
-    task = task if task is not None else make_task(cfg.task)
+    task = task if task is not None else make_task(cfg.task, **({"timestep": cfg.timestep} if cfg.timestep else {}))
     if task.losses and cfg.loss not in task.losses:
         raise ValueError(f"protect: loss {cfg.loss!r} is not one of the {task.name} task's {task.losses}")
     if not cfg.in_place:
