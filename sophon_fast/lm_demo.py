@@ -34,6 +34,7 @@ class DemoSizes:
     """Every size of the demo: tokenizer, model, data, pre-training and attacks."""
 
     vocab_size: int = 4096
+    tokenizer_chars: int = 2_000_000  # training characters per corpus (English, German, Python)
     block_size: int = 128
     n_layer: int = 2
     n_embd: int = 128
@@ -90,7 +91,7 @@ def prepare(quick: bool = False, seed: int = 0, cache_dir: str = "runs/lm_cache"
     the seed and the tokenizer, and reloaded (offline) on the next call.
     """
     s = sizes(quick)
-    tok = text.train_tokenizer(s.vocab_size, cache_dir=cache_dir)
+    tok = text.train_tokenizer(s.vocab_size, chars_per_corpus=s.tokenizer_chars, cache_dir=cache_dir)
     o_train, o_test = (_blocks(DOMAINS["original"], sp, tok, s) for sp in ("train", "test"))
     r_train, r_test = (_blocks(DOMAINS["restricted"], sp, tok, s) for sp in ("train", "test"))
     key = f"gpt2-{zlib.crc32((json.dumps(asdict(s), sort_keys=True) + tok.to_str()).encode()):08x}-s{seed}"

@@ -324,3 +324,28 @@ def test_protect_tied_head_reinit_is_refused_and_untie_allows_it():
     lm.untie_head(model)
     out = _protect(model, reinit_head=True, iterations=1).model
     assert not lm.adapter_for(out).is_tied(out)
+
+
+# ---- the demo's pieces at toy sizes -------------------------------------------------------------
+@pytest.mark.skipif("english" not in text.available(), reason="Debian package fortunes not installed")
+def test_lm_demo_prepare_caches_and_attack_all_reports(tmp_path, monkeypatch):
+    from sophon_fast import lm_demo
+
+    toy = lm_demo.DemoSizes(vocab_size=300, tokenizer_chars=20_000, block_size=16, n_layer=1, n_embd=16, n_head=2, pretrain_steps=4,
+                            train_blocks=8, test_blocks=2, attack_steps=2, attack_batch=2, attack_evals=1)
+    monkeypatch.setattr(lm_demo, "sizes", lambda quick: toy)
+    said = []
+    first = lm_demo.prepare(True, seed=0, cache_dir=str(tmp_path), say=said.append)
+    again = lm_demo.prepare(True, seed=0, cache_dir=str(tmp_path), say=said.append)
+    assert "reusing" in said[-1] and len(first.pretrain_curve) == 5
+    for a, b in zip(first.model.parameters(), again.model.parameters()):
+        assert torch.equal(a, b)
+    assert first.restricted_train[0].shape == (8, 16) and first.original_test[0].shape == (2, 16)
+    out = json.loads(json.dumps(lm_demo.attack_all(again.model, again, quick=True, say=None)))
+    assert out["domains"] == {"original": "english", "restricted": "python"}
+    assert out["original"]["protected"] == pytest.approx(out["original"]["unprotected"])
+    assert len(out["attacks"]) == 5 and all(len(a["scratch"]) == 2 for a in out["attacks"])
+    assert out["attacks"][0]["protected"] == out["attacks"][0]["unprotected"]
+    cfg = lm_demo.demo_config(True)
+    import sophon_fast as sf
+    assert sf.ProtectConfig(**cfg).task == "lm"

@@ -23,6 +23,7 @@ CRC32 of the training text).
 """
 from __future__ import annotations
 
+import functools
 import os
 import sysconfig
 import zlib
@@ -83,9 +84,10 @@ def _python_stdlib() -> List[Tuple[str, str]]:
     return docs
 
 
-def documents(name: str) -> List[Tuple[str, str]]:
+@functools.lru_cache(maxsize=None)
+def documents(name: str) -> Tuple[Tuple[str, str], ...]:
     """Every distinct ``(identifier, text)`` document of corpus ``name``, in a fixed order (a text
-    seen before is dropped, so no text is in both splits).
+    seen before is dropped, so no text is in both splits). Read once per process (cached).
 
     Raises ``ValueError`` for an unknown name and :class:`CorpusUnavailable` when its files are missing.
     """
@@ -98,8 +100,7 @@ def documents(name: str) -> List[Tuple[str, str]]:
     else:
         raise ValueError(f"unknown text corpus {name!r}; one of {CORPORA}")
     seen = set()
-    unique = [(ident, t) for ident, t in docs if not (t in seen or seen.add(t))]
-    return unique
+    return tuple((ident, t) for ident, t in docs if not (t in seen or seen.add(t)))
 
 
 def _is_test(identifier: str) -> bool:
@@ -188,11 +189,15 @@ def encode_blocks(docs: Sequence[str], tokenizer, block_size: int = 128,
     eos, pad = special_ids(tokenizer)
     ids: List[int] = []
     limit = None if max_blocks is None else max_blocks * block_size
-    docs = list(docs)
-    for start in range(0, len(docs), 256):   # in chunks, so that max_blocks stops early
-        for enc in tokenizer.encode_batch(docs[start:start + 256]):
+    chunk: List[str] = []
+    for i, doc in enumerate(docs):   # in chunks of ~64k characters, so that max_blocks stops early
+        chunk.append(doc)
+        if sum(map(len, chunk)) < 65536 and i + 1 < len(docs):
+            continue
+        for enc in tokenizer.encode_batch(chunk):
             ids += enc.ids
             ids.append(eos)
+        chunk = []
         if limit is not None and len(ids) >= limit:
             break
     if not ids:
