@@ -1,7 +1,13 @@
-"""Public loss functions. Every one is the fused row-wise core ``torch.ops.sophon_fast.row_losses``
-(one read of the logits forward, one read + one write backward) plus an O(N) reduction.
+"""Public loss functions, each one custom op (sophon_fast/ops/) plus an O(N) reduction:
 
-Common contract:
+* logits losses (``fused_loss``, ``inverse_cross_entropy``, ``kl_uniform``, ``neg_entropy``,
+  ``cross_entropy``): the row-wise core ``sophon_fast::row_losses`` (one read of the logits forward,
+  one read + one write backward);
+* ``linear_suppression_loss``: ``sophon_fast::linear_loss``, the same losses of ``hidden @ weight.T``
+  without materialising the logits;
+* ``denial_of_service``, ``negated_mse`` (diffusion): ``sophon_fast::row_sq_mean``.
+
+Common contract of the logits losses:
     logits: (N, C) floating tensor (fp32, fp16, bf16 or fp64), N >= 1, 2 <= C; any strides.
     target: (N,) integer tensor with values in [0, C) or ``ignore_index`` (rows that contribute
             nothing and are not counted by "mean").
