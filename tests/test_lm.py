@@ -112,6 +112,12 @@ def test_adapter_hidden_times_head_is_the_logits(build):
     assert adapter.is_tied(model) == model.config.tie_word_embeddings
 
 
+def test_hf_adapter_refuses_transformed_logits():
+    with pytest.raises(ValueError, match="logit_scale"):
+        lm.adapter_for(_gpt2(logit_scale=0.5))
+    assert isinstance(lm.adapter_for(_gpt2(logit_scale=1.0)), lm.HFCausalLMAdapter)
+
+
 def test_callable_adapter_for_a_custom_module():
     class Tiny(nn.Module):
         def __init__(self):

@@ -23,8 +23,9 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-# config fields of transformers models whose logits are not ``hidden @ W.T + b``
-_NONLINEAR_HEAD_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+# config fields of transformers models that change the logits after the head -> their no-op values
+# (Gemma 2/3 soft-capping, Cohere's logit scale, Granite's logit divisor)
+_LOGIT_TRANSFORMS = {"final_logit_softcapping": (None,), "logit_scale": (None, 1.0), "logits_scaling": (None, 1.0)}
 
 
 def _seeded(seed: Optional[int]):
@@ -127,7 +128,7 @@ class HFCausalLMAdapter(CausalLMAdapter):
     head), the head from ``get_output_embeddings()``, the embedding from ``get_input_embeddings()``.
 
     Raises ``ValueError`` for a model without a separate base model or head, or one whose logits are
-    not a plain linear function of the hidden states (soft-capped or scaled logits).
+    transformed after the head (soft-capped or scaled logits).
     """
 
     def check(self, model: nn.Module) -> None:
@@ -137,11 +138,11 @@ class HFCausalLMAdapter(CausalLMAdapter):
         if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
             raise ValueError(f"{type(model).__name__} has no output head (get_output_embeddings() is None)")
         config = getattr(model, "config", None)
-        for field in _NONLINEAR_HEAD_FIELDS:
+        for field, no_op in _LOGIT_TRANSFORMS.items():
             value = getattr(config, field, None)
-            if value not in (None, 1.0, 0.0):
-                raise ValueError(f"{type(model).__name__}: config.{field}={value} makes the logits a non-linear "
-                                 "function of the head output; the LM task needs logits = hidden @ W.T + b")
+            if value not in no_op:
+                raise ValueError(f"{type(model).__name__}: config.{field}={value} transforms the logits after the "
+                                 "head; the LM task needs logits = hidden @ W.T + b (write your own adapter)")
 
     def hidden_states(self, model, input_ids, attention_mask=None):
         out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
