@@ -206,3 +206,22 @@ def test_vocabulary_blocks_with_online_lse(backend, dtype, loss, monkeypatch):
         assert_parity(out, base, want, dtype, f"vocab blocks {backend} {loss} {dtype} {name}",
                       "value" if name == "loss" else "grad")
 
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("vocab_blocks", [False, True])
+def test_op_is_memory_safe_for_out_of_range_targets(backend, vocab_blocks, monkeypatch):
+    """Below the public function (no range assertion) a bad target gives a NaN loss, never a bad read."""
+    if vocab_blocks:
+        if backend == "reference":
+            pytest.skip("the reference backend materialises the logits")
+        LL = importlib.import_module("sophon_fast.ops.linear_loss")
+        monkeypatch.setattr(LL, "CHUNK_BYTES", 6 * 4 * 8)   # 6 fp64 tokens x 4 classes
+        assert LL.vocab_block(LL.auto_chunk(6, 9, torch.float64), 9, torch.float64) == 4
+    hidden, weight, b, _ = _inputs(6, 5, 9, seed=8)
+    y = torch.tensor([0, 9, IGNORE, -4, 8, 1])
+    with sophon_fast.use_backend(backend):
+        out, gh, gw, gb = torch.ops.sophon_fast.linear_loss(hidden, weight, y, b, [0.0, 1.0, 0.0, 0.0], IGNORE,
+                                                            "sum", 0, True)
+    assert out.isnan() and gh[[1, 3]].isnan().all() and gw.isnan().any()
+    assert torch.isfinite(gh[[0, 2, 4, 5]]).all()
