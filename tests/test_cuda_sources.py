@@ -50,7 +50,8 @@ def test_nvcc_compiles(source, tmp_path):
 
 def test_cuda_sources_present():
     names = {p.name for p in CU_FILES}
-    assert {"row_losses.cu", "inner_step.cu", "sq_mean.cu"} <= names, f"expected the CUDA launchers' sources, found {names}"
+    assert {"row_losses.cu", "inner_step.cu", "sq_mean.cu"} <= names, \
+        f"expected the CUDA launchers' sources, found {names}"
 
 
 # ------------------------------------------------------------------------------------------------

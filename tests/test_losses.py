@@ -342,7 +342,8 @@ def test_cpp_kernels_are_dispatcher_ops():
     torch.library.opcheck(torch.ops.sophon_fast._cpp_row_losses_fwd.default, (_z, _y, w, 1.5, IGNORE),
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.sophon_fast._cpp_row_losses_bwd.default,
-                          (torch.ones(3), _z, _y, _stats(), w, 1.5, IGNORE), test_utils=("test_schema", "test_faketensor"))
+                          (torch.ones(3), _z, _y, _stats(), w, 1.5, IGNORE),
+                          test_utils=("test_schema", "test_faketensor"))
     p, g, m, v = (torch.randn(37) for _ in range(4))
     torch.library.opcheck(torch.ops.sophon_fast._cpp_inner_step_.default,
                           (p, g, m, v.abs(), KINDS["adam"], 1e-2, 0.9, 0.99, 1e-8, 0.01, 3, True),

@@ -2,12 +2,14 @@
 //   out[r] = mean_j (x[r, j] - y[r, j])^2   (y null: mean_j x[r, j]^2)
 // One read of x (and y), one write per row; rows in parallel, four independent accumulators per row in
 // fp64 (the input is converted on load), so the sum carries no fp32 round-off whatever D is.
+#include "kernels.h"
+
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
-#include "kernels.h"
+#include <algorithm>
 
 namespace sophon_fast {
 namespace cpu {
@@ -40,7 +42,8 @@ void sq_mean_impl(const T* x, const T* y, int64_t n, int64_t d, A* out) {
 
 void row_sq_mean(const void* x, const void* y, int dtype, int64_t n, int64_t d, void* out) {
   switch (dtype) {
-    case 0: return sq_mean_impl(static_cast<const float*>(x), static_cast<const float*>(y), n, d, static_cast<float*>(out));
+    case 0: return sq_mean_impl(static_cast<const float*>(x), static_cast<const float*>(y), n, d,
+                                static_cast<float*>(out));
     case 1: return sq_mean_impl(static_cast<const c10::Half*>(x), static_cast<const c10::Half*>(y), n, d,
                                 static_cast<float*>(out));
     case 2: return sq_mean_impl(static_cast<const c10::BFloat16*>(x), static_cast<const c10::BFloat16*>(y), n, d,

@@ -157,5 +157,6 @@ def check_per_sample_inputs(pred: Tensor, target: Optional[Tensor], reduction: s
     check_reduction(reduction, who)
     if target is not None and (not isinstance(target, Tensor) or target.shape != pred.shape
                                or target.dtype != pred.dtype or target.device != pred.device):
-        raise ValueError(f"{who}: target must match pred ({tuple(pred.shape)}, {pred.dtype}, {pred.device}), got "
-                         f"{(tuple(target.shape), target.dtype, target.device) if isinstance(target, Tensor) else type(target).__name__}")
+        got = (tuple(target.shape), target.dtype, target.device) if isinstance(target, Tensor) else type(target).__name__
+        raise ValueError(f"{who}: target must match pred ({tuple(pred.shape)}, {pred.dtype}, {pred.device}), "
+                         f"got {got}")

@@ -21,9 +21,11 @@ CHUNK_BYTES is split into blocks with an online log-sum-exp (sophon_fast/ops/_vo
 recomputes each block's logits once for the gradient).
 
 Gradients are empty (0,) tensors when ``compute_grad`` is False (no input needs them) or, for the bias,
-when there is none. The op's backward scales the saved gradients by the incoming cotangent (out of place:
-AOT autograd refuses a backward that mutates saved outputs, so (V, H) is held twice there). Backends: "reference" materialises the logits; "cpp", "triton" and "cuda" run the chunk
-loop above on their own row-loss kernels and torch's GEMMs.
+when there is none. The op's backward scales the saved gradients by the incoming cotangent, out of place
+(AOT autograd refuses a backward that mutates saved outputs), so the backward briefly holds (V, H) twice;
+autograd does not materialise zeros for the gradient outputs' own cotangents. Backends: "reference"
+materialises the logits; "cpp", "triton" and "cuda" run the chunk loop above on their own row-loss
+kernels and torch's GEMMs.
 """
 from __future__ import annotations
 
@@ -56,6 +58,11 @@ def vocab_block(t: int, v: int, dtype: torch.dtype) -> int:
     return v if fit >= v else max(1, fit)
 
 
+def _empty(like: Tensor) -> Tensor:
+    """A fresh (0,) tensor: outputs of a custom op may not alias each other."""
+    return like.new_empty((0,))
+
+
 def chunked_linear_loss(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], weights: List[float],
                         ignore_index: int, reduction: str, chunk_size: int, compute_grad: bool, *,
                         row_fwd: Callable, row_bwd: Callable) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -66,13 +73,11 @@ def chunked_linear_loss(hidden: Tensor, weight: Tensor, target: Tensor, bias: Op
     count = (target != ignore_index).sum().to(acc)
     per_row = (1.0 / count if reduction == "mean" else torch.ones((), dtype=acc, device=hidden.device)).expand(t)
     total = torch.zeros((), dtype=acc, device=hidden.device)
-    def empty():   # distinct (0,) tensors: outputs of a custom op may not alias each other
-        return hidden.new_empty((0,))
-
-    grad_h = torch.empty_like(hidden) if compute_grad else empty()
+    grad_h = torch.empty_like(hidden) if compute_grad else _empty(hidden)
     # fp32 accumulators (the output itself when the inputs are fp32/fp64)
-    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if compute_grad else empty()
-    grad_b = torch.zeros((v,), dtype=acc, device=weight.device) if compute_grad and bias is not None else empty()
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if compute_grad else _empty(hidden)
+    grad_b = (torch.zeros((v,), dtype=acc, device=weight.device) if compute_grad and bias is not None
+              else _empty(hidden))
     block = vocab_block(t, v, hidden.dtype) if chunk_size == 0 else v
     buf = hidden.new_empty((min(t, n), v)) if block == v else None
     w_t = weight.t()
