@@ -1,7 +1,7 @@
 """The offline diffusion demo's pieces: original = Fashion-MNIST, restricted = MNIST, a small DDPM UNet.
 
     data = prepare(quick, seed, cache_dir)                 pre-trained denoiser (cached) and the images
-    cfg = ProtectConfig(**demo_config(quick))              recommended protection settings
+    cfg = demo_config(quick)                               recommended protection settings (ProtectConfig)
     protected = protect(data.unprotected, ..., cfg, task=DiffusionTask(data.timestep)).model
     attacks = attack_all(protected, data, quick, seed, out_dir)
     write_report(build_report(data, protected, attacks, ...), out_dir)   report.json, report.md, PNGs

@@ -7,7 +7,8 @@ and timesteps from the ``gen`` it is given (a ``torch.Generator`` on the images'
 
     eps-MSE    mean over every element of (model(q_sample(x0, t, eps), t) - eps)^2   (attacker, NTR)
     "dos"      mean of model(x_t, t)^2: denial of service, pushes the predicted noise to 0
-    "mse_neg"  -eps-MSE, the paper's diverging baseline
+               (``sophon_fast.functional.denial_of_service``, one fused read of the prediction)
+    "mse_neg"  -eps-MSE, the paper's diverging baseline (``sophon_fast.functional.negated_mse``)
 
 Timesteps are indices 0..T-1 into the schedule's tables (the reference code's convention):
 ``timestep="fixed1"`` uses t = 1 everywhere, as the reference code does (noise std ~0.015);
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from sophon_fast import functional as sf_functional
+from sophon_fast.functional import denial_of_service, negated_mse
 from sophon_fast.data import as_tensors
 from sophon_fast.models.diffusion import NoiseSchedule
 from sophon_fast.tasks.base import Batch, Task
@@ -50,13 +51,6 @@ def noise_prediction(model: nn.Module, schedule: NoiseSchedule, x0: Tensor, time
     t = draw_timesteps(schedule, x0.shape[0], timestep, x0.device, gen)
     eps = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
     return model(schedule.q_sample(x0, t, eps), t), eps
-
-
-def denial_of_service(pred: Tensor) -> Tensor:
-    """Mean squared predicted noise: ``sophon_fast.functional.denial_of_service`` where the library has it,
-    else the same formula in torch."""
-    fused = getattr(sf_functional, "denial_of_service", None)
-    return fused(pred) if fused is not None else pred.square().mean()
 
 
 @torch.no_grad()
@@ -179,7 +173,7 @@ class DiffusionTask(Task):
         if loss not in SUPPRESSION_LOSSES:
             raise ValueError(f"diffusion task: suppression loss must be one of {SUPPRESSION_LOSSES}, got {loss!r}")
         pred, eps = self._pred(model, batch, gen)
-        return denial_of_service(pred) if loss == "dos" else -F.mse_loss(pred, eps)
+        return denial_of_service(pred) if loss == "dos" else negated_mse(pred, eps)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, data: Batch) -> float:
