@@ -179,7 +179,10 @@ def test_task_losses_match_direct_computation(build, loss, path, monkeypatch):
         torch.testing.assert_close(task.train_loss(model, batch, gen), want)
 
 
-def test_evaluate_is_token_weighted_loss_and_restores_mode():
+@pytest.mark.parametrize("path", ["fused_linear", "materialised"])
+def test_evaluate_is_token_weighted_loss_and_restores_mode(path, monkeypatch):
+    if path == "materialised":
+        monkeypatch.delattr(functional, "linear_suppression_loss", raising=False)
     model = _gpt2().double().train()
     task = LanguageModelTask(eval_batch_size=3)
     batch = task.prepare(model, _batch(n=5), "test")

@@ -127,14 +127,17 @@ class LanguageModelTask(Task):
         weight, bias = adapter.head_params(model)
         return hidden.reshape(-1, hidden.shape[-1]), labels[:, 1:].reshape(-1), weight, bias
 
-    def _loss(self, model: nn.Module, batch: Batch, loss: str) -> Tensor:
-        """Mean ``loss`` over the counted next-token rows of ``batch`` (module docstring: which path)."""
+    def _loss(self, model: nn.Module, batch: Batch, loss: str, reduction: str = "mean") -> Tensor:
+        """``loss`` over the counted next-token rows of ``batch``, "mean" or "sum" (0-d, the hidden
+        states' dtype; module docstring: which path)."""
         hidden, target, weight, bias = self._rows(model, batch)
         fused_linear = getattr(functional, "linear_suppression_loss", None)
         if fused_linear is not None and loss in getattr(functional, "LINEAR_LOSSES", ()):
-            return fused_linear(hidden, weight, target, loss=loss, bias=bias, ignore_index=self.ignore_index)
+            return fused_linear(hidden, weight, target, loss=loss, bias=bias, ignore_index=self.ignore_index,
+                                reduction=reduction)
         logits = nn.functional.linear(hidden, weight, bias)
-        return functional.fused_loss(logits, target, ignore_index=self.ignore_index, **_FUSED_WEIGHTS[loss])
+        return functional.fused_loss(logits, target, ignore_index=self.ignore_index, reduction=reduction,
+                                     **_FUSED_WEIGHTS[loss])
 
     def attacker_loss(self, model: nn.Module, batch: Batch, gen: torch.Generator) -> Tensor:
         """Mean next-token cross-entropy over the counted tokens (scalar, the hidden states' dtype)."""
@@ -156,7 +159,8 @@ class LanguageModelTask(Task):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, data: Batch) -> float:
         """Mean next-token cross-entropy per counted token of prepared ``data`` (eval mode; restored),
-        in ``eval_batch_size`` row chunks, summed in fp64. Lower is better."""
+        in ``eval_batch_size`` row chunks (through the same path as the training losses), summed in
+        fp64. Lower is better."""
         was_training = model.training
         model.eval()
         try:
@@ -164,11 +168,8 @@ class LanguageModelTask(Task):
             count = torch.zeros((), dtype=torch.int64, device=data[0].device)
             for i in range(0, data[0].shape[0], self.eval_batch_size):
                 chunk = tuple(t[i:i + self.eval_batch_size] for t in data)
-                hidden, target, weight, bias = self._rows(model, chunk)
-                logits = nn.functional.linear(hidden, weight, bias)
-                total += nn.functional.cross_entropy(logits.double(), target, reduction="sum",
-                                                     ignore_index=self.ignore_index)
-                count += (target != self.ignore_index).sum()
+                total += self._loss(model, chunk, "ce", reduction="sum").double()
+                count += (chunk[1][:, 1:] != self.ignore_index).sum()
         finally:
             model.train(was_training)
         return float(total / count) if int(count) else math.nan
