@@ -295,6 +295,16 @@ def test_attack_suite_schema_and_curves():
     assert first["scratch"][0] != pytest.approx(first["protected"][0])
 
 
+def test_full_attack_trains_frozen_parameters_too():
+    model, data = _gpt2(), _batch(n=6)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    _, attacked = lm_attacks.run(model, data, data, lm_attacks.LMAttack(lr=1e-2, steps=1, batch_size=3, evals=1),
+                                 return_model=True)
+    assert all(not torch.equal(a, b) for a, b in zip(attacked.parameters(), model.parameters()))
+    assert not any(p.requires_grad for p in model.parameters())
+
+
 def test_attack_is_deterministic_and_rejects_bad_settings():
     model, data = _gpt2(), _batch(n=6)
     attack = lm_attacks.LMAttack(lr=1e-2, steps=3, batch_size=2, evals=3)

@@ -36,7 +36,7 @@ METRIC = "restricted next-token loss"
 class LMAttack:
     """One fine-tuning recipe for a causal LM.
 
-    method: "full" (every parameter) or "lora" (``peft`` LoRA of rank ``rank`` and scale
+    method: "full" (every parameter, also any the model had frozen) or "lora" (``peft`` LoRA of rank ``rank`` and scale
     ``lora_alpha`` (default 2 * rank) on every linear layer of the decoder except the output head;
     the rest frozen). lr: AdamW's peak learning rate; ``steps`` optimiser steps of ``batch_size``
     rows; ``warmup``: fraction of the steps of linear warm-up, then cosine decay to 0.
@@ -108,6 +108,8 @@ def run(model: nn.Module, train, test, attack: LMAttack, seed: int = 0, task: Op
     task = task or LanguageModelTask()
     m = copy.deepcopy(model)
     train, test = task.prepare(m, train, "attack train"), task.prepare(m, test, "attack test")
+    for p in m.parameters():   # the attacker trains everything, whatever the model had frozen
+        p.requires_grad_(True)
     if attack.method == "lora":
         m = _lora(m, attack)
     target = m.get_base_model() if attack.method == "lora" else m
