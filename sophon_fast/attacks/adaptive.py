@@ -182,8 +182,8 @@ def prepare(model: nn.Module, attack: AdaptiveAttack, seed: int,
         per_epoch = -(-original[0].shape[0] // attack.batch_size)
         benign = Attack(name="benign", method="full", optimizer="adam", lr=attack.benign_lr,
                         batch_size=attack.batch_size, epochs=-(-attack.benign_steps // per_epoch))
-        probe_set = (original[0][:attack.batch_size], original[1][:attack.batch_size])
-        m = run(m, original, probe_set, benign, seed, device, eval_steps=[attack.benign_steps], return_model=True)[1]
+        benign_eval = (original[0][:attack.batch_size], original[1][:attack.batch_size])   # only its curve
+        m = run(m, original, benign_eval, benign, seed, device, eval_steps=[attack.benign_steps], return_model=True)[1]
     return m
 
 
