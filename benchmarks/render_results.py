@@ -308,7 +308,8 @@ def render_section(title: str, rs) -> str:
     parts = [f"# {title}\n"]
     for r in rs:
         for section in (targets_section, losses_section, inner_step_section, engine_section,
-                        shared_forward_section, e2e_section, scaling_section, linear_loss_section):
+                        shared_forward_section, e2e_section, scaling_section, linear_loss_section,
+                        lm_memory_section, distributed_section):
             text = section(r)
             if text:
                 parts.append(text)
@@ -323,18 +324,55 @@ HEADER = ("# Benchmark results\n\n"
           ".venv/bin/python benchmarks/render_results.py`; GPU: `bash benchmarks/run_gpu.sh`. On a shared CPU the "
           "CPU-time timer (process_time, one torch thread) leaves out the time spent waiting for a core (cache and "
           "memory-bandwidth contention remain); each benchmark's 1-minute load average is in its JSON extra_info.\n")
-LINEAR = "Fused linear + loss"
+LINEAR, LM, SCALE = "Fused linear + loss", "Language-model protection memory", "Scale-out"
+# Runs of one benchmark file alone get a block of their own (they never replace the whole suite's tables).
+STANDALONE = {"linear_loss": LINEAR, "lm_memory": LM, "distributed": SCALE}
 EMPTY = {"CPU": "# CPU\n\nNo CPU run rendered yet.\n",
          LINEAR: f"# {LINEAR}\n\nNo run of benchmarks/bench_linear_loss.py rendered yet.\n",
+         LM: f"# {LM}\n\nNo run of benchmarks/bench_lm_engine.py rendered yet.\n",
+         SCALE: f"# {SCALE}\n\nNo run of benchmarks/bench_distributed.py rendered yet.\n",
          "GPU": "# GPU\n\nNo GPU run has been made: `bash benchmarks/run_gpu.sh` on a CUDA machine writes "
                 "benchmarks/results/gpu.json and renders its tables here.\n"}
 
 
-def _linear_only(run) -> bool:
-    """A run of benchmarks/bench_linear_loss.py alone: rendered in its own block, so it never replaces
-    the CPU/GPU tables of the whole suite."""
-    return bool(run["benchmarks"]) and all(b.get("extra_info", {}).get("layer") == "linear_loss"
-                                           for b in run["benchmarks"])
+def _standalone(run):
+    """The block title of a run of one standalone benchmark file (every benchmark of one STANDALONE layer),
+    else None."""
+    layers = {b.get("extra_info", {}).get("layer") for b in run["benchmarks"]}
+    return STANDALONE.get(layers.pop()) if len(layers) == 1 else None
+
+
+def lm_memory_section(run) -> str:
+    gs = groups(run, layer="lm_memory")
+    if not gs:
+        return ""
+    rows = []
+    for g, p in sorted(gs.items(), key=lambda kv: kv[1][next(iter(kv[1]))]["extra_info"]["K"]):
+        peak = {m: p[m]["extra_info"].get("peak_mb") if m in p else None for m in ("reference", "fast")}
+        rows.append([p[next(iter(p))]["extra_info"]["K"], *(f"{peak[m]:.0f}" if peak[m] else "—" for m in peak),
+                     ratio(peak["reference"], peak["fast"], "{:.2f}x") if peak["fast"] else "—"])
+    return (f"## {LM}: one iteration, reference vs fast\n\n" + caption(run) + "\n\n" +
+            table(["K", "reference peak MB", "fast peak MB", "reference / fast"], rows) +
+            "\n\nGPT-2, 2 layers, width 128, vocabulary 32,768 (tied head), blocks of 128 tokens, an Adam attacker on "
+            "6 support + 2 query blocks, ICE over the vocabulary through the fused linear op. Peak: RSS high-water above "
+            "the process baseline, each case in its own process after a warm-up.\n")
+
+
+def distributed_section(run) -> str:
+    gs = groups(run, layer="distributed")
+    rows = []
+    for g, p in gs.items():
+        one = p.get("1 rank(s)", {}).get("extra_info", {}).get("trajectories_per_second")
+        for name, b in sorted(p.items()):
+            e = b["extra_info"]
+            rows.append([e["world"], e["K"], f"{e.get('trajectories_per_second', float('nan')):.2f}",
+                         ratio(e.get("trajectories_per_second"), one) if one else "—"])
+    if not rows:
+        return ""
+    return (f"## {SCALE}: simulated trajectories per second\n\n" + caption(run) + "\n\n" +
+            table(["ranks", "K", "trajectories/s", "vs 1 rank"], rows) +
+            "\n\ncnn_small, 2 trajectories per iteration, gloo, one torch thread per rank; throughput from rank 0's "
+            "per-iteration times (warm-up iteration excluded). Target: N ranks >= 0.8 N.\n")
 
 
 def _markers(title):
@@ -344,9 +382,9 @@ def _markers(title):
 def render(runs, previous: str = "") -> str:
     """The whole file. A machine kind (CPU / GPU) with no JSON given keeps its section from
     ``previous`` (the file as it was), so a GPU-only run never drops the CPU tables."""
-    kinds = {"CPU": [r for r in runs if not r["machine_info"].get("cuda_device") and not _linear_only(r)],
-             "GPU": [r for r in runs if r["machine_info"].get("cuda_device") and not _linear_only(r)],
-             LINEAR: [r for r in runs if _linear_only(r)]}
+    kinds = {"CPU": [r for r in runs if not r["machine_info"].get("cuda_device") and not _standalone(r)],
+             "GPU": [r for r in runs if r["machine_info"].get("cuda_device") and not _standalone(r)],
+             **{t: [r for r in runs if _standalone(r) == t] for t in STANDALONE.values()}}
     parts = [HEADER]
     for title, rs in kinds.items():
         begin, end = _markers(title)
