@@ -11,7 +11,7 @@ HAS_BN = {"cnn_bn", "resnet_narrow", "resnet18_width"}
 
 
 def test_available():
-    assert set(models.available()) == set(PARAM_RANGES)
+    assert set(models.available()) == set(PARAM_RANGES) | {"ddpm_unet_small"}   # the denoiser: tests/test_diffusion.py
 
 
 @pytest.mark.parametrize("name", list(PARAM_RANGES))
