@@ -143,11 +143,12 @@ def demo_config(quick: bool) -> Dict:
     KLU and negative-entropy runs measured at the quick sizes it removed the most head start, and no
     setting tried removed all of it: docs/domains.md), a simulated AdamW-like attacker (Adam, lr 1e-3,
     6 support + 2 query blocks per step, head kept), FTS and NTR Adam lr 1e-3 (alpha = beta = 10;
-    alpha 30 lost more than 5% English loss within 10 iterations), 2 NTR steps, and rollback when the
-    English loss worsens by more than 5%."""
+    alpha 30 lost more than 5% English loss within 10 iterations), 2 NTR steps (quick) or 4 (full: with
+    2 the longer pre-trained model lost more than 5% English loss by iteration 29), and rollback when
+    the English loss worsens by more than 5%."""
     return {"task": "lm", "loss": "neg_entropy", "inner_steps": 5 if quick else 10,
             "strategies": [{"optimizer": "adam", "lr": 1e-3, "batch_size": 8, "query_size": 2, "reinit_head": False}],
-            "alpha": 10.0, "beta": 10.0, "ntr_steps": 2, "ntr_batch_size": 8, "iterations": 40 if quick else 200,
+            "alpha": 10.0, "beta": 10.0, "ntr_steps": 2 if quick else 4, "ntr_batch_size": 8, "iterations": 40 if quick else 200,
             "evaluation": {"every": 10, "size": None, "max_drop": 0.05}}
 
 
