@@ -189,6 +189,9 @@ def protect(model: nn.Module, original, restricted, config: Optional[ProtectConf
         model = copy.deepcopy(model)
     if cfg.device is not None:
         model.to(cfg.device)
+    if any(s.reinit_head for s in cfg.strategies) and task.head(model) is None:
+        task.reinit_head(model, None)     # raises the task's own reason (e.g. a head tied to the embedding)
+        raise ValueError(f"protect: a strategy re-initialises the head, but the {task.name} task has none")
     params = select_params(model, cfg.params)
     frozen = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in params)]
     for p in frozen:
