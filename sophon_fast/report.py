@@ -82,7 +82,8 @@ def render_markdown(report: dict) -> str:
 
 
 def plot_curves(report: dict, path: str) -> Optional[str]:
-    """Accuracy vs epoch per attack, three lines each (protected, unprotected, scratch); PNG."""
+    """One panel per attack, three lines each (protected, unprotected, scratch); PNG. Image reports: accuracy
+    vs epoch; reports with a ``metric`` (the LM and diffusion demos): that metric vs the attack's ``steps``."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -97,12 +98,19 @@ def plot_curves(report: dict, path: str) -> Optional[str]:
     styles = (("protected", "tab:red", "-"), ("unprotected", "tab:blue", "--"), ("scratch", "tab:gray", ":"))
     for ax, a in zip(axes.flat, attacks):
         for key, color, ls in styles:
-            if a.get(key):
+            if a.get(key) and "metric" in report:
+                pts = [(x, y) for x, y in zip(a["steps"], a[key]) if y is not None]
+                ax.plot([x for x, _ in pts], [y for _, y in pts], ls, color=color, label=key, lw=2)
+            elif a.get(key):
                 ax.plot(range(len(a[key])), [100 * v for v in a[key]], ls, color=color, label=key, lw=2)
         ax.set_title(f"{a['name']}", fontsize=9)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("restricted test acc (%)")
-        ax.set_ylim(0, 100)
+        if "metric" in report:
+            ax.set_xlabel("attack step")
+            ax.set_ylabel(f"restricted {report['metric']}", fontsize=8)
+        else:
+            ax.set_xlabel("epoch")
+            ax.set_ylabel("restricted test acc (%)")
+            ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")

@@ -20,6 +20,7 @@ import torch
 
 from sophon_fast._atomic import atomic_path
 from sophon_fast.engine import Checkpointing, ProtectConfig, protect
+from sophon_fast.report import plot_curves
 
 
 def _protected(out: str, cfg: ProtectConfig, model, original, restricted, original_test, task, save, load,
@@ -56,37 +57,6 @@ def _targets(report: dict, tolerance: float) -> list:
                     "met": bool(gaps) and min(gaps) >= 0,
                     "detail": f"smallest margin {min(gaps):+.4f}" if gaps else "no evaluation"})
     return out
-
-
-def plot_curves(report: dict, path: str) -> Optional[str]:
-    """curves.png: one panel per attack, the metric of protected / unprotected / scratch per evaluation."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    attacks = report["attacks"]
-    cols = min(3, len(attacks))
-    rows = (len(attacks) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-    for ax, a in zip(axes.flat, attacks):
-        for who, style in (("protected", "-o"), ("unprotected", "--s"), ("scratch", ":^")):
-            ys = a.get(who)
-            if ys:
-                pts = [(x, y) for x, y in zip(a["steps"], ys) if y is not None]
-                ax.plot([x for x, _ in pts], [y for _, y in pts], style, label=who, markersize=3)
-        ax.set_title(a["name"], fontsize=9)
-        ax.set_xlabel("attack step")
-        ax.set_ylabel(report["metric"], fontsize=8)
-    for ax in list(axes.flat)[len(attacks):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
-    return path
 
 
 def render_markdown(report: dict) -> str:
