@@ -1,5 +1,5 @@
 """The adaptive attack suite (sophon_fast.attacks.adaptive / probes), its runner hooks, and the probe adversary
-defence (sophon_fast.defences.probe_adversary)."""
+defence experiments (docs/experiments.md e26-e28)."""
 import dataclasses
 
 import pytest
@@ -12,8 +12,6 @@ from sophon_fast.attacks.adaptive import (AdaptiveAttack, AdaptiveConfig, check_
                                           evaluate_adaptive, excess, prepare, signatures)
 from sophon_fast.attacks.probes import HEAD_INPUT, block_features, capture, feature_blocks, probe_curve
 from sophon_fast.attacks.spec import Lion
-from sophon_fast.defences import ProbeAdversary, ProbeAdversaryConfig, defence_from_dict, defence_to_dict
-from sophon_fast.defences.probe_adversary import fit_linear_probe
 
 
 def _data(n, seed, classes=4):
@@ -174,84 +172,3 @@ def test_evaluate_adaptive_end_to_end():
     assert again["finetune"][1]["curves"]["scratch"] == rep["finetune"][1]["curves"]["scratch"]
     assert again["probes"][1]["curves"]["unprotected"] == [-2.0] * 2
     assert again["probes"][0]["curves"] == rep["probes"][0]["curves"]
-
-
-def _labelled(n=96, seed=0, d=20, classes=4, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, classes, (n,), generator=g)
-    x = torch.randn(n, d, generator=g, dtype=dtype)
-    x[:, :classes] += 3 * torch.nn.functional.one_hot(y, classes).to(dtype)   # linearly readable labels
-    return x, y
-
-
-def test_fit_linear_probe_reads_separable_labels():
-    x, y = _labelled()
-    W, c = fit_linear_probe(x, y, 4, steps=50, lr=0.5, l2=0.0)
-    assert W.shape == (4, 20) and c.shape == (4,) and W.dtype == torch.float64
-    assert float(((x @ W.T + c).argmax(1) == y).double().mean()) > 0.9
-
-
-def test_probe_adversary_contract_and_errors():
-    from sophon_fast.tasks import ClassificationTask
-    model = models.build("cnn_small", num_classes=4, seed=0)
-    adv = ProbeAdversaryConfig(probe_steps=5).build()
-    x, y = _data(24, 0)
-    gen = torch.Generator().manual_seed(0)
-    with pytest.raises(ValueError, match="attach"):
-        adv.loss(model, (x, y), None, gen)
-    adv.attach(model, ClassificationTask())
-    assert adv.blocks == ["features.2", "features.5", HEAD_INPUT] and adv.num_classes == 4
-    loss = adv.loss(model, (x, y), None, gen)
-    assert loss.dim() == 0 and torch.isfinite(loss) and float(loss.detach()) >= 0   # a KL divergence
-    loss.backward()
-    assert model.features[0].weight.grad.abs().sum() > 0 and model.head.weight.grad is None
-    assert set(adv.last_accuracy) == set(adv.blocks)
-    with pytest.raises(ValueError, match="labels"):
-        adv.loss(model, (x, y.float()), None, gen)
-    with pytest.raises(ValueError, match="fit the probe"):
-        adv.loss(model, (x[:2], y[:2]), None, gen)
-    with pytest.raises(ValueError):
-        ProbeAdversary(blocks=["nope"]).attach(model, ClassificationTask())
-    for bad in ({"weight": 0}, {"holdout": 1.0}, {"objective": "x"}, {"blocks": []}, {"probe_steps": 0}):
-        with pytest.raises(ValueError):
-            ProbeAdversaryConfig(**bad)
-    assert defence_from_dict(defence_to_dict(ProbeAdversaryConfig(weight=0.5))) == ProbeAdversaryConfig(weight=0.5)
-
-
-@pytest.mark.parametrize("objective", ["uniform", "neg_ce"])
-def test_minimising_the_adversary_loss_removes_probe_readable_information(objective):
-    torch.manual_seed(0)
-    body = nn.Sequential(nn.Linear(20, 16), nn.ReLU())
-    model = nn.Sequential(body, nn.Linear(16, 4)).double()
-    x, y = _labelled(192)
-    adv = ProbeAdversary(objective=objective, probe_steps=30, probe_lr=1.0)
-    adv.attach(model, None)
-    assert adv.blocks == [HEAD_INPUT]
-
-    def held_out_probe_accuracy():
-        with torch.no_grad():
-            f = body(x)
-            z = (f - f.mean(0)) / (f.std(0) + 1e-5)
-        W, c = fit_linear_probe(z[:96], y[:96], 4, steps=200, lr=0.5, l2=0.0)
-        return float(((z[96:] @ W.T + c).argmax(1) == y[96:]).double().mean())
-
-    before = held_out_probe_accuracy()
-    opt = torch.optim.Adam(body.parameters(), lr=1e-2)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(150):
-        opt.zero_grad()
-        adv.loss(model, (x, y), None, gen).backward()
-        opt.step()
-    after = held_out_probe_accuracy()
-    assert before > 0.8 and after < before - 0.3
-
-
-def test_protect_runs_the_probe_adversary():
-    import sophon_fast as sf
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 4)).double()
-    res = sf.protect(model, _labelled(120, 1), _labelled(120, 2), iterations=3, inner_steps=1, progress=False,
-                     ntr_steps=0, defences=[ProbeAdversaryConfig(probe_steps=3)],
-                     strategies=[sf.Strategy("sgd", lr=1e-3, batch_size=24, query_size=8)])
-    losses = [r["defence_loss"] for r in res.history]
-    assert len(losses) == 3 and all(v >= 0 for v in losses)

@@ -15,16 +15,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, Type
 
-from sophon_fast.defences.probe_adversary import ProbeAdversary, ProbeAdversaryConfig
 from sophon_fast.defences.trap import TrapConfig
 
-REGISTRY: Dict[str, Type] = {"trap": TrapConfig, "probe_adversary": ProbeAdversaryConfig}
-
-
-def register(cls):
-    """Class decorator adding a defence config class to the registry under ``cls.kind``."""
-    REGISTRY[cls.kind] = cls
-    return cls
+REGISTRY: Dict[str, Type] = {"trap": TrapConfig}
 
 
 def defence_to_dict(cfg) -> dict:
@@ -41,5 +34,4 @@ def defence_from_dict(d: dict):
     return REGISTRY[kind](**d)
 
 
-__all__ = ["REGISTRY", "ProbeAdversary", "ProbeAdversaryConfig", "TrapConfig", "defence_from_dict", "defence_to_dict",
-           "register"]
+__all__ = ["REGISTRY", "TrapConfig", "defence_from_dict", "defence_to_dict"]
