@@ -25,6 +25,7 @@ from torch.nn import functional as F
 
 from sophon_fast.attacks.run import scratch
 from sophon_fast.attacks.spec import OPTIMIZERS, Attack
+from sophon_fast.models import model_device
 from sophon_fast.models.diffusion import NoiseSchedule
 from sophon_fast.tasks.diffusion import TIMESTEPS, eps_mse, images_of, noise_prediction
 
@@ -84,11 +85,6 @@ def suite(quick: bool = False) -> List[DiffusionAttack]:
             for o, lr in (("momentum", 1e-2), ("adam", 1e-4), ("adam", 1e-3))]
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 def _finite_or_none(values: Tensor) -> List[Optional[float]]:
     return [v if math.isfinite(v) else None for v in values.tolist()]
 
@@ -130,7 +126,7 @@ def run(model: nn.Module, train, test, attack: DiffusionAttack, seed: int = 0,
     ``return_model``, ``(curves, attacked_model)``. ``model`` is not modified; runs with the same
     ``seed`` see the same batches, noise and timesteps.
     """
-    device = _model_device(model)
+    device = model_device(model)
     x_train, x_test = images_of(train).to(device), images_of(test).to(device)
     schedule = (schedule if schedule is not None else NoiseSchedule()).to(device)
     m = copy.deepcopy(model)
@@ -176,7 +172,7 @@ def sample_grid(models_by_name: Dict[str, nn.Module], schedule: NoiseSchedule, n
     fig, axes = plt.subplots(1, len(models_by_name), squeeze=False,
                              figsize=(len(models_by_name) * (cols * inch + 0.2), rows * inch + 0.8))
     for ax, (label, model) in zip(axes.flat, models_by_name.items()):
-        device = _model_device(model)
+        device = model_device(model)
         gen = torch.Generator(device=device).manual_seed(seed)
         images = schedule.to(device).sample(model, n, shape, gen)
         ax.imshow(_grid(images, cols).cpu().numpy(), cmap="gray", vmin=0, vmax=1)
