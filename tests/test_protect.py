@@ -382,25 +382,3 @@ def test_fast_mode_memory_per_parameter_matches_the_documented_count():
         held += [t for o in opts for st in o.state.values() for t in st.values() if t.dim() > 0]
         measured = sum(t.numel() * t.element_size() for t in held)
         assert measured == bytes_per_parameter(dtype, "adam") * n, dtype
-
-
-@pytest.mark.parametrize("builder", [mlp, cnn_relu])
-def test_reinit_depth_two_parity_and_what_it_resets(builder):
-    """reinit_depth=2 re-initialises the head and the Linear under it in the simulated attacker (the classifier
-    block an adaptive attacker resets); both modes agree, and a depth the model lacks is refused."""
-    strat = [sf.Strategy("momentum", lr=1e-2, batch_size=24, query_size=8, reinit_head=True, reinit_depth=2)]
-    out = {}
-    for mode in ("reference", "fast"):
-        model, res = _protect(builder, mode, loss="ice", iterations=2, inner_steps=3, strategies=strat)
-        out[mode] = flat(res.model)
-    assert rel(out["fast"], out["reference"]) <= 1e-9
-    _, one = _protect(builder, "fast", loss="ice", iterations=2, inner_steps=3,
-                      strategies=[sf.Strategy("momentum", lr=1e-2, batch_size=24, query_size=8, reinit_head=True)])
-    assert not torch.equal(flat(one.model), out["fast"])
-    from sophon_fast.tasks import ClassificationTask
-    m = builder()
-    linears = [x for x in m.modules() if isinstance(x, nn.Linear)]
-    assert ClassificationTask().reinit_modules(m, 2) == linears[-2:]
-    with pytest.raises(ValueError, match="reinit_depth 3"):
-        _protect(builder, "fast", iterations=1, inner_steps=1,
-                 strategies=[sf.Strategy("sgd", lr=1e-2, batch_size=24, query_size=8, reinit_head=True, reinit_depth=3)])

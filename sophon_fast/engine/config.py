@@ -38,10 +38,8 @@ class Strategy:
     optimizer: "sgd" | "momentum" | "adam" (torch semantics; momentum uses ``momentum`` as beta, dampening 0).
     lr: its learning rate. batch_size: restricted samples per inner step, of which the last ``query_size``
     form the query batch. reinit_head: re-initialise the clone's head (xavier_uniform weight, zero bias)
-    before the trajectory; None: the loss's default (ICE True, the reference ICE script). reinit_depth: how
-    many layers that re-initialises, the head and the ones under it (``Task.reinit_modules``; classification:
-    the last ``reinit_depth`` nn.Linear layers), simulating an attacker who re-initialises the classifier
-    block. steps: inner steps K (None: the config's ``inner_steps``).
+    before the trajectory; None: the loss's default (ICE True, the reference ICE script). steps: inner
+    steps K (None: the config's ``inner_steps``).
     """
     optimizer: str = "sgd"
     lr: float = 1e-4
@@ -53,12 +51,9 @@ class Strategy:
     eps: float = 1e-8
     weight_decay: float = 0.0
     steps: Optional[int] = None
-    reinit_depth: int = 1
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
-        if self.reinit_depth < 1:
-            raise ValueError(f"Strategy.reinit_depth must be >= 1, got {self.reinit_depth}")
         if self.optimizer not in INNER_OPTIMIZERS:
             raise ValueError(f"Strategy.optimizer must be one of {INNER_OPTIMIZERS}, got {self.optimizer!r}")
         if not self.lr > 0:

@@ -192,9 +192,6 @@ def protect(model: nn.Module, original, restricted, config: Optional[ProtectConf
     if any(s.reinit_head for s in cfg.strategies) and task.head(model) is None:
         task.reinit_head(model, None)     # raises the task's own reason (e.g. a head tied to the embedding)
         raise ValueError(f"protect: a strategy re-initialises the head, but the {task.name} task has none")
-    for s in cfg.strategies:
-        if s.reinit_head:
-            task.reinit_modules(model, s.reinit_depth)        # a depth the model does not have: ValueError now
     params = select_params(model, cfg.params)
     frozen = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in params)]
     for p in frozen:

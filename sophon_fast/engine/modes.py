@@ -110,22 +110,16 @@ class _Mode:
     def __init__(self, model: nn.Module, task, params: List[nn.Parameter]):
         self.model, self.task, self.params = model, task, params
         self.bufs = _Buffers(model)
+        head = task.head(model)
+        self.head_ids = [id(head.weight), id(getattr(head, "bias", None))] if head is not None else None
 
-    def _reinit_tensors(self, lookup, depth: int):
-        """[(weight, bias)] of the layers a strategy re-initialises (``task.reinit_modules``), looked up in
-        ``lookup`` {id(param): tensor}; raises when one of them is frozen."""
-        out = []
-        for mod in self.task.reinit_modules(self.model, depth):
-            if id(mod.weight) not in lookup:
-                raise ValueError("protect: reinit_head needs the re-initialised layers among the protected params")
-            bias = getattr(mod, "bias", None)
-            out.append((lookup[id(mod.weight)], lookup.get(id(bias)) if bias is not None else None))
-        return out
-
-    def _reinit(self, strategy, lookup, gen) -> None:
-        if strategy.reinit_head:
-            for w, b in self._reinit_tensors(lookup, strategy.reinit_depth):
-                reinit_linear_(w, b, gen)
+    def _head_tensors(self, lookup):
+        """(weight, bias) of the head among ``lookup`` {id(param): tensor}; raises when the head is frozen."""
+        if self.head_ids is None:
+            raise ValueError(f"protect: reinit_head needs a head, and the {self.task.name} task has none")
+        if self.head_ids[0] not in lookup:
+            raise ValueError("protect: reinit_head needs the head's weight among the protected params")
+        return lookup[self.head_ids[0]], lookup.get(self.head_ids[1])
 
     def _steps(self, strategy, stream, weights):
         """The K (support, query) batches of one trajectory."""
@@ -136,8 +130,8 @@ class _Mode:
         """Make the random draws of ``trajectory`` (head re-initialisation, K batches) without running it:
         another rank runs it, and the streams and generator stay in step on every rank."""
         if strategy.reinit_head:
-            for w, _ in self._reinit_tensors({id(p): p for p in self.params}, strategy.reinit_depth):
-                reinit_linear_(torch.empty_like(w), None, gen)
+            w, b = self._head_tensors({id(p): p for p in self.params})
+            reinit_linear_(torch.empty_like(w), None, gen)
         for _ in range(steps):
             stream.skip(strategy.batch_size)
 
@@ -164,7 +158,9 @@ class ReferenceMode(_Mode):
 
     def trajectory(self, strategy, stream, loss_name: str, weights: Sequence[float], gen) -> Tensor:
         fast = {self.names[id(p)]: p.clone() for p in self.params}          # graph-connected clone
-        self._reinit(strategy, {id(p): fast[self.names[id(p)]] for p in self.params}, gen)
+        if strategy.reinit_head:
+            w, b = self._head_tensors({id(p): fast[self.names[id(p)]] for p in self.params})
+            reinit_linear_(w, b, gen)
         kind, b1, b2 = _inner_hparams(strategy)
         state = {n: [torch.zeros_like(w), torch.zeros_like(w)] for n, w in fast.items()}
         total, losses = 0.0, []
@@ -306,7 +302,8 @@ class FastMode(_Mode):
             self.exp_avg.zero_()
         if kind == ADAM:
             self.exp_avg_sq.zero_()
-        self._reinit(strategy, {id(p): p for p in self.params}, gen)
+        if strategy.reinit_head:
+            reinit_linear_(*self._head_tensors({id(p): p for p in self.params}), gen)
         self.grad.zero_()
         losses = []
         for k, (support, query) in enumerate(self._steps(strategy, stream, weights)):

@@ -21,7 +21,7 @@ Implementations: ``classification.ClassificationTask`` (logits (N, C), labels), 
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -59,16 +59,6 @@ class Task:
     def head(self, model: nn.Module) -> Optional[nn.Module]:
         """The module a strategy's ``reinit_head`` re-initialises (None: the task has no head)."""
         return None
-
-    def reinit_modules(self, model: nn.Module, depth: int = 1) -> List[nn.Module]:
-        """The modules a strategy's head re-initialisation resets at ``depth`` (1: the head alone). Raises
-        ValueError when the task has no head or cannot go that deep."""
-        head = self.head(model)
-        if head is None:
-            raise ValueError(f"{self.name} task: this model has no head to re-initialise")
-        if depth != 1:
-            raise ValueError(f"{self.name} task: re-initialisation deeper than the head is not defined")
-        return [head]
 
     def reinit_head(self, model: nn.Module, gen: torch.Generator) -> None:
         """Re-initialise ``head(model)`` in place from ``gen`` (see :func:`reinit_linear_`)."""

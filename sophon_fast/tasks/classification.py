@@ -1,7 +1,7 @@
 """Classification: models returning (N, C) logits, batches ``(inputs, labels)``."""
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -93,13 +93,3 @@ class ClassificationTask(Task):
 
     def head(self, model: nn.Module) -> nn.Linear:
         return find_head(model, self.head_name)
-
-    def reinit_modules(self, model: nn.Module, depth: int = 1) -> List[nn.Linear]:
-        """The head and the ``depth - 1`` nn.Linear layers before it in module order (the classifier block)."""
-        head = self.head(model)
-        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-        upto = next(i for i, m in enumerate(linears) if m is head)
-        if depth > upto + 1:
-            raise ValueError(f"classification task: reinit_depth {depth} but only {upto + 1} nn.Linear layers "
-                             f"end at the head")
-        return linears[upto + 1 - depth:upto + 1]
