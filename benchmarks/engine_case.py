@@ -217,12 +217,17 @@ def run_in_child(arch: str, mode: str, K: int, iterations: int, device: str = "c
     cmd = [sys.executable, os.path.abspath(__file__), "--arch", arch, "--mode", mode, "--K", str(K),
            "--iterations", str(iterations), "--device", device,
            "--threads", str(threads or torch.get_num_threads())] + (["--memory-only"] if memory_only else [])
+    return child_json(cmd, "engine case", timeout)
+
+
+def child_json(cmd, what: str, timeout: float) -> dict:
+    """Run ``cmd`` (a case script) in a fresh process; the JSON of its last stdout line."""
     # Tensors of 64 KiB and more get their own mmap, returned on free: RSS then follows the live tensors
     # (glibc's adaptive threshold otherwise keeps freed blocks, and the peak wanders by +-20 MB).
     env = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), **os.environ}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"engine case {' '.join(cmd[2:])} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"{what} {' '.join(cmd[2:])} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -32,7 +31,7 @@ from sophon_fast.reference.linear_loss import linear_suppression_loss as textboo
 IMPLS = ("eager", "compile", "fused")
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from engine_case import MMAP_THRESHOLD, PeakMemory  # noqa: E402
+from engine_case import PeakMemory, child_json  # noqa: E402
 
 
 def make_inputs(tokens: int, vocab: int, hidden: int, seed: int = 0):
@@ -86,11 +85,7 @@ def run_in_child(tokens: int, vocab: int, hidden: int, loss: str, impl: str, rep
     """run_case() in a fresh Python process; its JSON result."""
     cmd = [sys.executable, os.path.abspath(__file__), "--tokens", str(tokens), "--vocab", str(vocab),
            "--hidden", str(hidden), "--loss", loss, "--impl", impl, "--reps", str(reps), "--threads", str(threads)]
-    env = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), **os.environ}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"linear loss case {' '.join(cmd[2:])} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return child_json(cmd, "linear loss case", timeout)
 
 
 def main():

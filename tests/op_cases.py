@@ -19,3 +19,33 @@ def value_and_grad(backend, fn, logits, y):
         out = fn(z, y)
         out.backward()
     return out.detach(), z.grad
+
+
+def linear_loss_results(backend, device, loss, dtype, n, h, v, chunk_size, seed, ignore_every):
+    """``linear_suppression_loss`` with a bias, odd sizes, every ``ignore_every``-th row ignored and chunks of
+    ``chunk_size``: (loss, grad_hidden, grad_weight, grad_bias) on ``backend`` and on the reference backend in
+    ``dtype``, and of the materialised fp64 textbook composite (the gold)."""
+    import torch
+
+    from sophon_fast.reference.linear_loss import linear_suppression_loss as textbook
+    from sophon_fast.reference.losses import IGNORE_INDEX
+    g = torch.Generator().manual_seed(seed)
+    base = [torch.randn(n, h, generator=g, dtype=torch.float64), torch.randn(v, h, generator=g, dtype=torch.float64),
+            torch.randn(v, generator=g, dtype=torch.float64)]
+    y = torch.randint(0, v, (n,), generator=g)
+    y[::ignore_every] = IGNORE_INDEX
+    y = y.to(device)
+
+    def run(fn, dt):
+        leaves = [t.to(dt).to(device).requires_grad_(True) for t in base]
+        out = fn(*leaves)
+        return (out.detach(),) + torch.autograd.grad(out, leaves)
+
+    def fused(name):
+        def fn(hd, w, b):
+            with sophon_fast.use_backend(name):
+                return F.linear_suppression_loss(hd, w, y, loss=loss, bias=b, chunk_size=chunk_size)
+        return fn
+
+    gold = run(lambda hd, w, b: textbook(hd, w, y, loss, b), torch.float64)
+    return run(fused(backend), dtype), run(fused("reference"), dtype), gold

@@ -147,7 +147,7 @@ def test_out_of_range_targets_give_nan_rows(c):
     torch.testing.assert_close(grad[good], want_grad[good])
 
 
-from op_cases import OPS, value_and_grad  # noqa: E402
+from op_cases import OPS, linear_loss_results, value_and_grad  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -212,30 +212,7 @@ def test_row_sq_mean_cuda(dtype, d):
 @pytest.mark.parametrize("loss", ["ice", "klu", "ce", "neg_entropy"])
 def test_linear_suppression_loss_cuda(loss, dtype):
     """The chunk loop over the CUDA row kernels vs the materialised fp64 textbook composite."""
-    from sophon_fast.reference.linear_loss import linear_suppression_loss as textbook
-
-    g = torch.Generator().manual_seed(15)
-    n, h, v = 37, 19, 1031
-    base = [torch.randn(n, h, generator=g, dtype=torch.float64), torch.randn(v, h, generator=g, dtype=torch.float64),
-            torch.randn(v, generator=g, dtype=torch.float64)]
-    y = torch.randint(0, v, (n,), generator=g)
-    y[::4] = IGNORE
-    y = y.to(DEV)
-
-    def run(fn, dt):
-        leaves = [t.to(dt).to(DEV).requires_grad_(True) for t in base]
-        out = fn(*leaves)
-        return (out.detach(),) + torch.autograd.grad(out, leaves)
-
-    def fused(backend):
-        def fn(hd, w, b):
-            with sophon_fast.use_backend(backend):
-                return sophon_fast.functional.linear_suppression_loss(hd, w, y, loss=loss, bias=b, chunk_size=8)
-        return fn
-
-    gold = run(lambda hd, w, b: textbook(hd, w, y, loss, b), torch.float64)
-    baseline = run(fused("reference"), dtype)
-    got = run(fused("cuda"), dtype)
+    got, baseline, gold = linear_loss_results("cuda", DEV, loss, dtype, 37, 19, 1031, 8, 15, 4)
     for name, out, base_out, want in zip(("loss", "grad_hidden", "grad_weight", "grad_bias"), got, baseline, gold):
         tolerances.assert_parity(out, base_out, want, dtype, f"cuda linear {loss} {dtype} {name}",
                                  "value" if name == "loss" else "grad", fp32_scalars=True)

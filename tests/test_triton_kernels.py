@@ -236,7 +236,7 @@ def test_inner_step_errors():
 # ------------------------------------------------------------------------------------------------
 # Op level: the public functions with the Triton backend against the reference backend
 # ------------------------------------------------------------------------------------------------
-from op_cases import OPS, value_and_grad  # noqa: E402
+from op_cases import OPS, linear_loss_results, value_and_grad  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -286,30 +286,7 @@ def test_inner_step_op_triton_backend(kind):
 def test_linear_suppression_loss_triton_backend(loss, dtype):
     """Odd sizes, ignored rows, a bias and chunks that do not divide N, against the materialised fp64
     textbook composite (reference backend in the same dtype as the baseline)."""
-    from sophon_fast.reference.linear_loss import linear_suppression_loss as textbook
-
-    g = torch.Generator().manual_seed(11)
-    n, h, v = 13, 7, 37
-    base = [torch.randn(n, h, generator=g, dtype=torch.float64), torch.randn(v, h, generator=g, dtype=torch.float64),
-            torch.randn(v, generator=g, dtype=torch.float64)]
-    y = torch.randint(0, v, (n,), generator=g)
-    y[::3] = IGNORE
-    y = y.to(DEVICE)
-
-    def run(fn, dt):
-        leaves = [t.to(dt).to(DEVICE).requires_grad_(True) for t in base]
-        out = fn(*leaves)
-        return (out.detach(),) + torch.autograd.grad(out, leaves)
-
-    def fused(backend):
-        def fn(hd, w, b):
-            with sophon_fast.use_backend(backend):
-                return sophon_fast.functional.linear_suppression_loss(hd, w, y, loss=loss, bias=b, chunk_size=5)
-        return fn
-
-    gold = run(lambda hd, w, b: textbook(hd, w, y, loss, b), torch.float64)
-    baseline = run(fused("reference"), dtype)
-    got = run(fused("triton"), dtype)
+    got, baseline, gold = linear_loss_results("triton", DEVICE, loss, dtype, 13, 7, 37, 5, 11, 3)
     for name, out, base_out, want in zip(("loss", "grad_hidden", "grad_weight", "grad_bias"), got, baseline, gold):
         assert out.dtype == dtype
         tolerances.assert_parity(out, base_out, want, dtype, f"triton linear {loss} {dtype} {name}",
