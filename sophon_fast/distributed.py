@@ -11,6 +11,11 @@ number of ranks (up to the order of floating-point additions; BatchNorm layers s
 in NTR). Only rank 0 writes checkpoints and shows progress; every rank reads the checkpoint to resume
 (a shared file system).
 
+A model sharded with FSDP2 (``torch.distributed.fsdp.fully_shard``; its parameters are DTensors) runs
+*sharded* instead (``World(sharded=True)``, sophon_fast.engine.modes.ShardedMode): every rank runs every
+trajectory on its rows of each batch, FSDP2's reduce-scatter (set to a plain sum for the run) combines the
+gradients into each rank's shard, and the meta-gradient, optimiser states and backups stay sharded.
+
 Works inside any initialised default process group (gloo on CPU, NCCL on GPUs); ``init_from_env``
 initialises one for ``torchrun``. A rank that dies makes the others raise ``DistributedError`` at their
 next collective (gloo sees the closed connection; otherwise the process group's timeout) instead of hanging
@@ -33,18 +38,19 @@ class DistributedError(RuntimeError):
 class World:
     """This process's place among the ranks (a single process: rank 0 of 1, every collective a no-op)."""
 
-    def __init__(self):
+    def __init__(self, sharded: bool = False):
         self.active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.rank = dist.get_rank() if self.active else 0
         self.size = dist.get_world_size() if self.active else 1
+        self.sharded = sharded and self.active   # FSDP2: every rank runs every trajectory on its rows
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     def mine(self, i: int) -> bool:
-        """True when planned trajectory ``i`` runs on this rank."""
-        return i % self.size == self.rank
+        """True when planned trajectory ``i`` runs on this rank (sharded: every rank runs its rows of each)."""
+        return self.sharded or i % self.size == self.rank
 
     def shard(self, n: int) -> slice:
         """This rank's contiguous rows of an n-row batch (every rank gets n // size or one more)."""
@@ -61,6 +67,18 @@ class World:
         except Exception as e:   # gloo/NCCL raise RuntimeError (or DistBackendError) when a peer is gone
             raise DistributedError(f"protect: rank {self.rank} of {self.size}: the all-reduce of {what} failed; "
                                    f"another rank probably died or timed out ({type(e).__name__}: {e})") from e
+
+    def combine_(self, grads: Sequence[torch.Tensor], what: str) -> None:
+        """Sum the ranks' gradient buffers: one all-reduce, or nothing when sharded (FSDP2's reduce-scatter
+        already summed each shard during backward)."""
+        if not self.sharded:
+            self.all_reduce_(grads, what)
+
+    def mean_loss(self, losses: torch.Tensor, what: str) -> float:
+        """The mean of the query losses over all trajectories of the iteration (one small collective). Sharded,
+        every rank holds its rows' share of the same trajectories' losses, and the shares add up."""
+        total, count = self.sum_scalars([float(losses.sum()), losses.numel()], losses.device, what)
+        return total / (count / self.size if self.sharded else count)
 
     def sum_scalars(self, values: List[float], device, what: str) -> List[float]:
         """Python floats summed over the ranks (one small collective)."""

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from sophon_fast.engine.config import ProtectConfig
-from sophon_fast.engine.modes import MODES, select_params
+from sophon_fast.distributed import World
+from sophon_fast.engine.modes import MODES, ShardedMode, is_sharded, select_params
 from sophon_fast.engine.state import RunState, config_changes  # noqa: F401  (config_changes: public helper)
 from sophon_fast.tasks import make_task
 
@@ -110,10 +111,10 @@ def simulate_and_accumulate(run: RunState, plan: Sequence[tuple], rec: dict) -> 
 
 def fts_step(run: RunState, fts: torch.Tensor, rec: dict) -> bool:
     """Combine the ranks' meta-gradients, clip to ``clip_norm`` and take the FTS step, unless non-finite."""
-    run.world.all_reduce_(run.mode.meta_tensors(), "the meta-gradient")
+    run.world.combine_(run.mode.meta_tensors(), "the meta-gradient")
     gnorm = run.mode.meta_grad_norm(run.cfg.clip_norm)
-    total, count = run.world.sum_scalars([float(fts.sum()), fts.numel()], fts.device, "the FTS loss")
-    rec["fts_loss"], rec["grad_norm"] = total / count, float(gnorm)        # host reads: once per iteration
+    rec["fts_loss"] = run.world.mean_loss(fts, "the FTS loss")             # host reads: once per iteration
+    rec["grad_norm"] = float(gnorm)
     if "defence_loss" in rec:
         rec["defence_loss"] = float(rec["defence_loss"])
     if not (math.isfinite(rec["fts_loss"]) and math.isfinite(rec["grad_norm"])):
@@ -133,8 +134,8 @@ def ntr_steps(run: RunState, rec: dict) -> bool:
         loss = run.task.train_loss(mode.model, tuple(t[rows] for t in batch), run.gen) * share
         mode.plain_backward(loss)
         grads = mode.plain_tensors()
-        world.all_reduce_(grads, "the NTR gradient")
-        gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        world.combine_(grads, "the NTR gradient")
+        gnorm = mode.grad_norm(grads)
         value, norm = world.sum_scalars([float(loss.detach()), 0.0], gnorm.device, "the NTR loss")[0], float(gnorm)
         losses.append(value)
         if not (math.isfinite(value) and math.isfinite(norm)):
@@ -169,6 +170,8 @@ def protect(model: nn.Module, original, restricted, config: Optional[ProtectConf
 
     Inside an initialised torch.distributed process group, the iteration's trajectories are spread over the
     ranks and NTR batches are split between them (sophon_fast.distributed); every rank returns the same model.
+    A model sharded with FSDP2 (``fully_shard``) is protected sharded and in place (``in_place=True``,
+    ``mode="fast"``): every rank runs every trajectory on its rows of each batch and keeps only its shards.
 
     model: for the default classification task, a module returning (N, C) logits. original / restricted:
     what the task's ``prepare`` accepts (classification: Dataset, DataLoader or (X, Y) tuple); ``restricted``
@@ -185,6 +188,9 @@ def protect(model: nn.Module, original, restricted, config: Optional[ProtectConf
     task = task if task is not None else make_task(cfg.task, **({"timestep": cfg.timestep} if cfg.timestep else {}))
     if task.losses and cfg.loss not in task.losses:
         raise ValueError(f"protect: loss {cfg.loss!r} is not one of the {task.name} task's {task.losses}")
+    sharded = is_sharded(model)
+    if sharded:
+        _check_sharded(cfg)
     if not cfg.in_place:
         model = copy.deepcopy(model)
     if cfg.device is not None:
@@ -205,19 +211,59 @@ def protect(model: nn.Module, original, restricted, config: Optional[ProtectConf
         test=task.prepare(model, original_test, "original_test") if original_test is not None else None)
     device = next(iter(model.parameters())).device
     rng_devices = [device] if device.type == "cuda" else []
+    restore_divide = None
     try:
         with torch.random.fork_rng(devices=rng_devices):            # the caller's global RNG is untouched
             torch.manual_seed(cfg.seed)                               # dropout and other global-RNG layers
-            mode = MODES[cfg.mode](model, task, params)
-            run = RunState.start(cfg, task, mode, prepared)
+            world = World(sharded=sharded)
+            mode = ShardedMode(model, task, params, world) if sharded else MODES[cfg.mode](model, task, params)
+            restore_divide = _sum_reduction(model) if sharded else None
+            run = RunState.start(cfg, task, mode, prepared, world)
             _iterate(run)
     finally:
         for p in frozen:
             p.requires_grad_(True)
+        if restore_divide is not None:
+            restore_divide()
     out = run.mode.release()
     metric = task.evaluate(out, run.test) if run.test is not None else None
     return ProtectResult(out, run.history, cfg, bool(run.stop_reason), run.stop_reason, metric,
                          time.perf_counter() - t_start)
+
+
+def _check_sharded(cfg: ProtectConfig) -> None:
+    """What an FSDP2-sharded model needs of the settings (ValueError otherwise)."""
+    world = World(sharded=True)
+    if cfg.mode != "fast":
+        raise ValueError("protect: an FSDP2-sharded model runs in mode='fast' (the reference mode needs unsharded weights)")
+    if not cfg.in_place:
+        raise ValueError("protect: an FSDP2-sharded model is protected in place (a copy would double its memory); "
+                         "pass in_place=True")
+    if cfg.device is not None:
+        raise ValueError("protect: an FSDP2-sharded model stays on its devices; leave device=None")
+    rows = [("ntr_batch_size", cfg.ntr_batch_size)]
+    for i, s in enumerate(cfg.strategies):
+        rows += [(f"strategies[{i}] support rows", s.batch_size - s.query_size), (f"strategies[{i}].query_size", s.query_size)]
+    small = [f"{n}={v}" for n, v in rows if v < world.size]
+    if small:
+        raise ValueError(f"protect: every rank needs rows of each batch; {', '.join(small)} < {world.size} ranks")
+
+
+def _sum_reduction(model: nn.Module):
+    """Make FSDP2's reduce-scatter a plain sum (each rank's loss carries its rows' share); returns the undo."""
+    from torch.distributed.fsdp import FSDPModule
+    saved = []
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            groups = m._get_fsdp_state()._fsdp_param_groups
+            saved.append((m, [g.gradient_divide_factor for g in groups]))
+            m.set_gradient_divide_factor(1.0)
+
+    def undo():
+        for m, factors in saved:
+            for g, f in zip(m._get_fsdp_state()._fsdp_param_groups, factors):
+                g.gradient_divide_factor = f
+    return undo
 
 
 def _iterate(run: RunState) -> None:

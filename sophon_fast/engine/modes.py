@@ -10,6 +10,7 @@ Both implement one interface used by the outer loop (sophon_fast/engine/loop.py)
     meta_backward(loss_fn)   add the gradient of loss_fn(model) at theta to the meta-gradient
     meta_tensors() / plain_tensors()   the gradient buffers a distributed run all-reduces
     meta_grad_norm(clip)     the meta-gradient's norm, clipped in place to ``clip`` (None: not clipped)
+    grad_norm(grads)         the 2-norm of gradient buffers (over every rank's shard when sharded)
     step(opt, which)         one outer optimiser step on the "meta" or "plain" gradient
     plain_backward(loss)     zero the plain gradient and back-propagate ``loss`` into it (NTR)
     rewind()                 back to the weights and buffers of the iteration's start
@@ -30,6 +31,16 @@ Bytes per protected parameter of width b (4 fp32, 2 bf16), outer Adam for FTS an
 ``4b`` (arena, backup, gradient, meta-gradient or staging) ``+ 16`` (two Adam states in fp32)
 ``+ b`` (rollback snapshot) ``+ 0/b/2b`` (inner momentum/Adam state), plus ``4 + 4`` (fp32 master and
 meta-gradient) for bf16/fp16. :func:`bytes_per_parameter` computes it.
+
+ShardedMode is FastMode for a model sharded with FSDP2 (``fully_shard``): the parameters are DTensors whose
+storage FSDP2 owns, so instead of one arena it keeps per-parameter buffers of this rank's shard only (backup,
+support gradient, meta-gradient, inner and outer optimiser states): memory per protected parameter is
+FastMode's divided by the number of ranks, plus FSDP2's transient unsharded copies of the module it runs.
+Every rank runs every trajectory on its rows of each batch (each loss weighted by its rows' share), FSDP2's
+reduce-scatter sums the shares into each rank's gradient shard, and the fused inner step and the outer
+optimisers work on the local shards in place (element-wise optimisers only; the norm for clipping is the
+global one). The same weights as FastMode on one process, up to floating-point order, when every loss is a
+mean over rows (token-level losses with padding weigh rows, not tokens, across ranks).
 """
 from __future__ import annotations
 
@@ -125,6 +136,9 @@ class _Mode:
         """The K (support, query) batches of one trajectory."""
         for _ in weights:
             yield split(stream.next(strategy.batch_size), strategy.query_size)
+
+    def grad_norm(self, grads: List[Tensor]) -> Tensor:
+        return _norm_and_clip(grads, None)
 
     def skip_trajectory(self, strategy, stream, steps: int, gen) -> None:
         """Make the random draws of ``trajectory`` (head re-initialisation, K batches) without running it:
@@ -230,10 +244,15 @@ class ReferenceMode(_Mode):
         return self.model
 
 
-def _norm_and_clip(grads: List[Tensor], clip: Optional[float]) -> Tensor:
+def _norm_and_clip(grads: List[Tensor], clip: Optional[float], world=None) -> Tensor:
     """The total 2-norm of ``grads`` (0-dim tensor, no host sync); scaled in place to at most ``clip``
-    exactly as ``torch.nn.utils.clip_grad_norm_`` does."""
+    exactly as ``torch.nn.utils.clip_grad_norm_`` does. ``world``: the grads are this rank's shards of
+    sharded tensors; the norm is taken over every rank's (one small all-reduce)."""
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    if world is not None and world.active:
+        sq = norm.square().reshape(1)
+        world.all_reduce_([sq], "the gradient norm")
+        norm = sq.sqrt()[0]
     if clip is not None:
         coef = torch.clamp(clip / (norm + 1e-6), max=1.0)
         for g in grads:
@@ -376,6 +395,159 @@ class FastMode(_Mode):
             for p in self.params:
                 p.grad = None
                 p.data = p.data.clone()
+        return self.model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True when some parameter of ``model`` is a DTensor (FSDP2's ``fully_shard``)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:          # a torch built without distributed
+        return False
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+class ShardedMode(_Mode):
+    """FastMode's computation on an FSDP2-sharded model: this rank's shards, every trajectory on its rows."""
+
+    def __init__(self, model: nn.Module, task, params: List[nn.Parameter], world):
+        super().__init__(model, task, params)
+        from torch.distributed.tensor import DTensor
+        plain = [p for p in params if not isinstance(p, DTensor)]
+        if plain:
+            raise ValueError(f"protect: the model is sharded with FSDP2, but {len(plain)} protected parameters are "
+                             f"not (shard every module that holds protected parameters, or freeze them)")
+        kinds = {(p.dtype, p.device) for p in params}
+        if len(kinds) != 1:
+            raise ValueError(f"protect: every protected parameter must have one dtype and device, got {sorted(map(str, kinds))}")
+        if next(iter(kinds))[0] in LOW_PRECISION:
+            raise ValueError("protect: FSDP2-sharded protected parameters must be fp32/fp64; for bf16 compute, keep "
+                             "fp32 shards and pass fully_shard(mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, "
+                             "reduce_dtype=torch.float32))")
+        self.world = world
+        with torch.no_grad():
+            self.local = [p.to_local() for p in params]                 # views of FSDP2's sharded storage
+        self.backup = [t.clone() for t in self.local]
+        self.grad = [torch.zeros_like(t) for t in self.local]           # support and NTR gradients
+        self.meta = [torch.zeros_like(t) for t in self.local]
+        self.exp_avg = self.exp_avg_sq = None
+        # The outer optimisers step on the local shards in place (an nn.Parameter shares its tensor's storage).
+        self.optim_params = [nn.Parameter(t) for t in self.local]
+
+    def _rows(self, batch):
+        """This rank's rows of ``batch`` and their share of it."""
+        n = len(batch[0])
+        rows = self.world.shard(n)
+        return tuple(t[rows] for t in batch), (rows.stop - rows.start) / n
+
+    def _backward(self, loss: Tensor, into: List[Tensor], add: bool) -> None:
+        """Back-propagate ``loss``; this rank's shard of the (rank-summed) gradient goes into ``into``."""
+        for p in self.params:
+            p.grad = None
+        loss.backward()
+        with torch.no_grad():
+            for p, buf in zip(self.params, into):
+                if p.grad is None:                                       # not on the loss's path
+                    if not add:
+                        buf.zero_()
+                    continue
+                g = p.grad.to_local()
+                buf.add_(g) if add else buf.copy_(g)
+                p.grad = None
+
+    def begin_iteration(self) -> None:
+        with torch.no_grad():
+            for b, t, m in zip(self.backup, self.local, self.meta):
+                b.copy_(t)
+                m.zero_()
+        self.bufs.take()
+
+    def rewind(self) -> None:
+        self.restore((self.backup, self.bufs.saved))
+
+    def _reinit_head(self, gen) -> None:
+        """The head re-initialised exactly as on one process: the full tensor drawn from ``gen`` on every
+        rank, each rank keeping its shard (no communication)."""
+        from torch.distributed.tensor import distribute_tensor
+        w, b = self._head_tensors({id(p): p for p in self.params})
+        full = torch.empty(w.shape, dtype=w.dtype, device=self.local[0].device)
+        reinit_linear_(full, None, gen)
+        with torch.no_grad():
+            w.to_local().copy_(distribute_tensor(full, w.device_mesh, w.placements, src_data_rank=None).to_local())
+            if b is not None:
+                b.to_local().zero_()
+
+    def trajectory(self, strategy, stream, loss_name: str, weights: Sequence[float], gen) -> Tensor:
+        kind, b1, b2 = _inner_hparams(strategy)
+        if kind >= MOMENTUM and self.exp_avg is None:
+            self.exp_avg = [torch.zeros_like(t) for t in self.local]
+        if kind == ADAM and self.exp_avg_sq is None:
+            self.exp_avg_sq = [torch.zeros_like(t) for t in self.local]
+        with torch.no_grad():
+            for buf in (self.exp_avg if kind >= MOMENTUM else []) + (self.exp_avg_sq if kind == ADAM else []):
+                buf.zero_()
+        if strategy.reinit_head:
+            self._reinit_head(gen)
+        empty = self.local[0].new_empty(0)
+        losses = []
+        for k, (support, query) in enumerate(self._steps(strategy, stream, weights)):
+            support, s_share = self._rows(support)
+            query, q_share = self._rows(query)
+            self._backward(self.task.attacker_loss(self.model, support, gen) * s_share, self.grad, add=False)
+            for i, t in enumerate(self.local):
+                if t.numel():
+                    inner_step_(t, self.grad[i], self.exp_avg[i] if kind >= MOMENTUM else empty,
+                                self.exp_avg_sq[i] if kind == ADAM else empty, kind, strategy.lr, b1, b2,
+                                strategy.eps, strategy.weight_decay, k + 1, True)
+            lq = self.task.suppression_loss(self.model, query, loss_name, gen) * q_share
+            self._backward(lq * weights[k], self.meta, add=True)
+            losses.append(lq.detach())
+        with torch.no_grad():
+            for t, b in zip(self.local, self.backup):
+                t.copy_(b)
+        self.bufs.put()
+        return torch.stack(losses)
+
+    def meta_backward(self, loss_fn: Callable) -> Tensor:
+        loss = loss_fn(self.model)
+        self._backward(loss, self.meta, add=True)
+        self.bufs.put()
+        return loss.detach()
+
+    def meta_tensors(self) -> List[Tensor]:
+        return self.meta
+
+    def plain_tensors(self) -> List[Tensor]:
+        return self.grad
+
+    def grad_norm(self, grads: List[Tensor]) -> Tensor:
+        return _norm_and_clip(grads, None, self.world)
+
+    def meta_grad_norm(self, clip: Optional[float]) -> Tensor:
+        return _norm_and_clip(self.meta, clip, self.world)
+
+    def plain_backward(self, loss: Tensor) -> None:
+        self._backward(loss, self.grad, add=False)
+
+    def step(self, opt: torch.optim.Optimizer, which: str) -> None:
+        for op, g in zip(self.optim_params, self.meta if which == "meta" else self.grad):
+            op.grad = g
+        opt.step()
+
+    def snapshot(self):
+        return [t.clone() for t in self.local], self.bufs.copies()
+
+    def restore(self, snap) -> None:
+        with torch.no_grad():
+            for t, s in zip(self.local, snap[0]):
+                t.copy_(s)
+            self.bufs.load(snap[1])
+
+    def release(self) -> nn.Module:
+        for p in self.params:
+            p.grad = None
+        for op in self.optim_params:
+            op.grad = None
         return self.model
 
 

@@ -85,7 +85,7 @@ class RunState:
     stop_reason: str = ""
 
     @classmethod
-    def start(cls, cfg: ProtectConfig, task, mode, prepared: dict) -> "RunState":
+    def start(cls, cfg: ProtectConfig, task, mode, prepared: dict, world: Optional[World] = None) -> "RunState":
         """A fresh run, or the checkpointed one when ``cfg.checkpoint.resume`` and a checkpoint exists."""
         device = mode.optim_params[0].device
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -99,7 +99,8 @@ class RunState:
                   o_stream=BatchStream(prepared["original"], gen), test=test,
                   fts_opt=make_optimizer(cfg.fts_optimizer, mode.optim_params, cfg.alpha * cfg.base_lr),
                   ntr_opt=make_optimizer(cfg.ntr_optimizer, mode.optim_params, cfg.beta * cfg.base_lr),
-                  defences=[d.build() if hasattr(d, "build") else d for d in cfg.defences])
+                  defences=[d.build() if hasattr(d, "build") else d for d in cfg.defences],
+                  world=world if world is not None else World())
         run.last_good = mode.snapshot()
         path = run.path
         if cfg.checkpoint.resume and path and os.path.exists(path):
@@ -111,7 +112,10 @@ class RunState:
     @property
     def path(self) -> Optional[str]:
         d = self.cfg.checkpoint.dir
-        return os.path.join(d, "protect.pt") if d else None
+        if not d:
+            return None
+        w = self.world                      # sharded: each rank saves and resumes its own shards
+        return os.path.join(d, f"protect.rank{w.rank}-of-{w.size}.pt" if w.sharded else "protect.pt")
 
     def degraded(self, metric: float) -> bool:
         """True when ``metric`` is worse than the starting one by more than ``evaluation.max_drop`` (relative)."""
@@ -132,7 +136,7 @@ class RunState:
 
     def maybe_checkpoint(self, it: int) -> None:
         every = self.cfg.checkpoint.every
-        if self.world.is_main and self.path and ((it + 1) % every == 0 or it + 1 == self.cfg.iterations or self.stop_reason):
+        if (self.world.is_main or self.world.sharded) and self.path and ((it + 1) % every == 0 or it + 1 == self.cfg.iterations or self.stop_reason):
             self.save(self.path)
 
     def state_dict(self) -> dict:
