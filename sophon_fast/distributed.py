@@ -57,6 +57,14 @@ class World:
         lo = self.rank * n // self.size
         return slice(lo, (self.rank + 1) * n // self.size)
 
+    def my_rows(self, batch, weigh=len):
+        """This rank's rows of ``batch`` (a tuple of tensors sharing dim 0) and their share of its loss weight
+        ``weigh(batch)`` (Task.loss_weight: rows, or counted tokens as a 0-d tensor, then no host sync)."""
+        if not self.active:
+            return batch, 1.0
+        mine = tuple(t[self.shard(len(batch[0]))] for t in batch)
+        return mine, weigh(mine) / weigh(batch)
+
     def all_reduce_(self, tensors: Sequence[torch.Tensor], what: str) -> None:
         """Sum ``tensors`` in place over the ranks (a flat buffer is one collective)."""
         if not self.active:

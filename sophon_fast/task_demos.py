@@ -65,7 +65,7 @@ def render_markdown(report: dict) -> str:
     lines = [f"# SOPHON {report['task']} demo: {d['original']} (original) -> {d['restricted']} (restricted)", "",
              f"Metric: {report['metric']} ({better} is better for the model's owner on the original domain, and "
              f"for the attacker on the restricted one).", "", "| | unprotected | protected |", "| --- | --- | --- |",
-             f"| original-domain {report['metric']} | {o['unprotected']:.4f} | {o['protected']:.4f} |", "",
+             f"| {o.get('metric') or 'original-domain ' + report['metric']} | {o['unprotected']:.4f} | {o['protected']:.4f} |", "",
              "## Attacks (restricted domain)", "", "![curves](curves.png)", ""]
     for a in report["attacks"]:
         lines += [f"### {a['name']}", "", "| step | protected | unprotected | scratch |", "| --- | --- | --- | --- |"]

@@ -128,10 +128,8 @@ def ntr_steps(run: RunState, rec: dict) -> bool:
     non-finite loss or gradient stops before its step."""
     cfg, mode, world, losses = run.cfg, run.mode, run.world, []
     for _ in range(cfg.ntr_steps):
-        batch = run.o_stream.next(cfg.ntr_batch_size)
-        rows = world.shard(cfg.ntr_batch_size)
-        share = (rows.stop - rows.start) / cfg.ntr_batch_size
-        loss = run.task.train_loss(mode.model, tuple(t[rows] for t in batch), run.gen) * share
+        rows, share = world.my_rows(run.o_stream.next(cfg.ntr_batch_size), run.task.loss_weight)
+        loss = run.task.train_loss(mode.model, rows, run.gen) * share
         mode.plain_backward(loss)
         grads = mode.plain_tensors()
         world.combine_(grads, "the NTR gradient")
@@ -250,19 +248,21 @@ def _check_sharded(cfg: ProtectConfig) -> None:
 
 
 def _sum_reduction(model: nn.Module):
-    """Make FSDP2's reduce-scatter a plain sum (each rank's loss carries its rows' share); returns the undo."""
+    """Make FSDP2's reduce-scatter a plain sum (each rank's loss carries its rows' share): divide factor 1 with
+    sum-only collectives (gloo has no PREMUL_SUM); returns the undo."""
     from torch.distributed.fsdp import FSDPModule
     saved = []
     for m in model.modules():
         if isinstance(m, FSDPModule):
             groups = m._get_fsdp_state()._fsdp_param_groups
-            saved.append((m, [g.gradient_divide_factor for g in groups]))
+            saved.append((m, [(g.gradient_divide_factor, g.force_sum_reduction_for_comms) for g in groups]))
             m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)
 
     def undo():
-        for m, factors in saved:
-            for g, f in zip(m._get_fsdp_state()._fsdp_param_groups, factors):
-                g.gradient_divide_factor = f
+        for m, settings in saved:
+            for g, (factor, force) in zip(m._get_fsdp_state()._fsdp_param_groups, settings):
+                g.gradient_divide_factor, g.force_sum_reduction_for_comms = factor, force
     return undo
 
 

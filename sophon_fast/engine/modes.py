@@ -39,8 +39,8 @@ FastMode's divided by the number of ranks, plus FSDP2's transient unsharded copi
 Every rank runs every trajectory on its rows of each batch (each loss weighted by its rows' share), FSDP2's
 reduce-scatter sums the shares into each rank's gradient shard, and the fused inner step and the outer
 optimisers work on the local shards in place (element-wise optimisers only; the norm for clipping is the
-global one). The same weights as FastMode on one process, up to floating-point order, when every loss is a
-mean over rows (token-level losses with padding weigh rows, not tokens, across ranks).
+global one). The same weights as FastMode on one process, up to floating-point order (each rank's loss is
+weighted by its rows' share of ``Task.loss_weight``: rows, or counted tokens for language models).
 """
 from __future__ import annotations
 
@@ -435,10 +435,8 @@ class ShardedMode(_Mode):
         self.optim_params = [nn.Parameter(t) for t in self.local]
 
     def _rows(self, batch):
-        """This rank's rows of ``batch`` and their share of it."""
-        n = len(batch[0])
-        rows = self.world.shard(n)
-        return tuple(t[rows] for t in batch), (rows.stop - rows.start) / n
+        """This rank's rows of ``batch`` and their share of its loss weight."""
+        return self.world.my_rows(batch, self.task.loss_weight)
 
     def _backward(self, loss: Tensor, into: List[Tensor], add: bool) -> None:
         """Back-propagate ``loss``; this rank's shard of the (rank-summed) gradient goes into ``into``."""

@@ -113,14 +113,23 @@ class CausalLMAdapter:
         return emb is not None and self.head(model).weight is emb.weight
 
     def head_params(self, model: nn.Module):
-        """``(weight (V, H), bias (V,) or None)`` of the head."""
+        """``(weight (V, H), bias (V,) or None)`` of the head. The losses use them outside the head's own
+        forward, so under FSDP2 (DTensor weights) they are gathered here with partial-sum gradients: each
+        rank's gradient, from its own rows, is reduce-scattered (summed) into the shards."""
         head = self.head(model)
-        return head.weight, getattr(head, "bias", None)
+        return _gathered(head.weight), _gathered(getattr(head, "bias", None))
 
     def logits(self, model: nn.Module, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
         """``hidden_states @ weight.T + bias``: (N, T, V) in the hidden states' dtype."""
         weight, bias = self.head_params(model)
         return nn.functional.linear(self.hidden_states(model, input_ids, attention_mask), weight, bias)
+
+
+def _gathered(t: Optional[Tensor]) -> Optional[Tensor]:
+    if t is None or type(t).__name__ != "DTensor":
+        return t
+    from torch.distributed.tensor import Partial
+    return t.full_tensor(grad_placements=[Partial()] * len(t.placements))
 
 
 class HFCausalLMAdapter(CausalLMAdapter):

@@ -51,6 +51,12 @@ class Task:
     def train_loss(self, model: nn.Module, batch: Batch, gen: torch.Generator) -> Tensor:
         raise NotImplementedError
 
+    def loss_weight(self, batch: Batch):
+        """What the task's mean losses average over in ``batch``: its rows (an int) here; a 0-d tensor where
+        it depends on the data (the LM task: counted tokens). A rank's rows of a batch weigh its loss by
+        their share of this, so the ranks' losses add up to the batch's loss exactly."""
+        return len(batch[0])
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, data: Batch) -> float:
         """The original-domain metric of ``model`` on prepared ``data`` (eval mode; the mode is restored)."""

@@ -139,6 +139,10 @@ class LanguageModelTask(Task):
         return functional.fused_loss(logits, target, ignore_index=self.ignore_index, reduction=reduction,
                                      **_FUSED_WEIGHTS[loss])
 
+    def loss_weight(self, batch: Batch) -> Tensor:
+        """The counted next-token rows of ``batch`` (labels[:, 1:] != ignore_index), a 0-d tensor (no host sync)."""
+        return (batch[1][:, 1:] != self.ignore_index).sum()
+
     def attacker_loss(self, model: nn.Module, batch: Batch, gen: torch.Generator) -> Tensor:
         """Mean next-token cross-entropy over the counted tokens (scalar, the hidden states' dtype)."""
         return self._loss(model, batch, "ce")
