@@ -3,6 +3,7 @@
 #   1. setup (venv, packages) and the extension with its CUDA sources (rebuilt when _C lacks them)
 #   2. the CUDA and Triton tests: tests/test_cuda_backend.py, tests/test_triton_kernels.py (real GPU,
 #      not the interpreter), tests/test_cuda_sources.py (nvcc/ptxas compiles)
+#      and, with 2 GPUs or more, tests/test_distributed.py on NCCL (SOPHON_TEST_BACKEND=nccl)
 #   3. the benchmark suite on the GPU -> benchmarks/results/gpu.json (kernel GB/s in extra_info, a
 #      256 MiB device-to-device copy as the measured floor; engine cases on cuda, peak memory from
 #      max_memory_allocated in a child process per case)
@@ -28,6 +29,13 @@ $PY -c "import sophon_fast; sophon_fast.backend_report()"
 
 echo "[run_gpu] CUDA and Triton tests"
 env -u TRITON_INTERPRET $PY -m pytest -q tests/test_cuda_backend.py tests/test_triton_kernels.py tests/test_cuda_sources.py
+
+if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+  echo "[run_gpu] torch.distributed on NCCL (2 ranks, one GPU each; data-parallel and FSDP2)"
+  SOPHON_TEST_BACKEND=nccl $PY -m pytest -q tests/test_distributed.py -k "not settings"
+else
+  echo "[run_gpu] NCCL tests need 2 GPUs; this machine has 1: skipped"
+fi
 
 echo "[run_gpu] benchmark suite on the GPU"
 mkdir -p benchmarks/results
