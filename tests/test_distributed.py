@@ -78,13 +78,15 @@ def lm_config(**kw):
                                       trajectories=2, ntr_steps=1, ntr_batch_size=6, progress=False), **kw})
 
 
-def shard_lm(net):
-    """FSDP2 for a transformers model: each block, the decoder (the task calls ``base_model``), the root."""
-    from torch.distributed.fsdp import fully_shard
+def shard_lm(net, bf16=False):
+    """FSDP2 for a transformers model: each block, the decoder (the task calls ``base_model``), the root;
+    ``bf16``: fp32 shards computing in bf16 (MixedPrecisionPolicy)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    kw = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)} if bf16 else {}
     for block in net.transformer.h:
-        fully_shard(block)
-    fully_shard(net.transformer)
-    return fully_shard(net)
+        fully_shard(block, **kw)
+    fully_shard(net.transformer, **kw)
+    return fully_shard(net, **kw)
 
 
 def _worker(rank, tmp, cfg_dict, restricted_seeds, die_at, sharded=False):
@@ -97,7 +99,10 @@ def _worker(rank, tmp, cfg_dict, restricted_seeds, die_at, sharded=False):
     torch.set_num_threads(1)
     if cfg_dict.get("task") == "lm":
         net = lm_model().to(device)
-        net = shard_lm(net) if sharded else net
+        if sharded == "bf16":
+            net = shard_lm(net.float(), bf16=True)
+        elif sharded:
+            net = shard_lm(net)
         res = sf.protect(net, lm_data(1), lm_data(2), sf.ProtectConfig.from_dict(cfg_dict))
         torch.save(flat(res.model), f"{tmp}/rank{rank}.pt")
         dist.destroy_process_group()
@@ -230,3 +235,16 @@ def test_fsdp2_settings_are_checked(one_rank_group):
     one = sf.protect(shard(model()), data(1), data(2), config(in_place=True)).model     # 1 rank: runs as usual
     want = flat(sf.protect(model(), data(1), data(2), config()).model)
     assert float((flat(one) - want).norm() / want.norm()) <= 1e-9
+
+
+def test_fsdp2_bf16_compute_keeps_fp32_shards_and_follows_the_fp32_run(tmp_path):
+    """fp32 shards computing in bf16 (FSDP2's MixedPrecisionPolicy; the head cast to the hidden states' dtype):
+    the shards stay fp32 and the protection's update points the way of a one-process fp32 run's."""
+    cfg = lm_config(in_place=True)
+    run_ranks(tmp_path, cfg, sharded="bf16", timeout=180)
+    base = flat(lm_model().float())
+    one = flat(sf.protect(lm_model().float(), lm_data(1), lm_data(2), cfg).model)
+    r0 = torch.load(tmp_path / "rank0.pt")
+    assert r0.dtype == torch.float32 and torch.isfinite(r0).all()
+    u, v = r0 - base, one - base
+    assert float(u @ v / (u.norm() * v.norm())) > 0.9

@@ -112,24 +112,26 @@ class CausalLMAdapter:
         emb = self.input_embedding(model)
         return emb is not None and self.head(model).weight is emb.weight
 
-    def head_params(self, model: nn.Module):
+    def head_params(self, model: nn.Module, dtype: Optional[torch.dtype] = None):
         """``(weight (V, H), bias (V,) or None)`` of the head. The losses use them outside the head's own
-        forward, so under FSDP2 (DTensor weights) they are gathered here with partial-sum gradients: each
-        rank's gradient, from its own rows, is reduce-scattered (summed) into the shards."""
+        forward, so under FSDP2 (DTensor weights) they are gathered here with partial-sum gradients (each
+        rank's gradient, from its own rows, is reduce-scattered, summed, into the shards) and cast to
+        ``dtype`` (the hidden states' dtype: FSDP2's ``param_dtype`` under a mixed-precision policy)."""
         head = self.head(model)
-        return _gathered(head.weight), _gathered(getattr(head, "bias", None))
+        return _gathered(head.weight, dtype), _gathered(getattr(head, "bias", None), dtype)
 
     def logits(self, model: nn.Module, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
         """``hidden_states @ weight.T + bias``: (N, T, V) in the hidden states' dtype."""
-        weight, bias = self.head_params(model)
-        return nn.functional.linear(self.hidden_states(model, input_ids, attention_mask), weight, bias)
+        hidden = self.hidden_states(model, input_ids, attention_mask)
+        return nn.functional.linear(hidden, *self.head_params(model, hidden.dtype))
 
 
-def _gathered(t: Optional[Tensor]) -> Optional[Tensor]:
+def _gathered(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
     if t is None or type(t).__name__ != "DTensor":
         return t
     from torch.distributed.tensor import Partial
-    return t.full_tensor(grad_placements=[Partial()] * len(t.placements))
+    full = t.full_tensor(grad_placements=[Partial()] * len(t.placements))
+    return full if dtype is None else full.to(dtype)
 
 
 class HFCausalLMAdapter(CausalLMAdapter):

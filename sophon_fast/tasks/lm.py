@@ -102,7 +102,7 @@ class LanguageModelTask(Task):
                 raise ValueError(f"{what}: {name} has shape {tuple(t.shape)}, input_ids {tuple(ids.shape)}")
         if labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise ValueError(f"{what}: labels must be an integer tensor, got {labels.dtype}")
-        vocab = adapter.head_params(model)[0].shape[0]
+        vocab = adapter.head(model).weight.shape[0]
         if int(ids.min()) < 0 or int(ids.max()) >= vocab:
             raise ValueError(f"{what}: input_ids must lie in [0, {vocab}), got [{int(ids.min())}, {int(ids.max())}]")
         bad = ((labels < 0) | (labels >= vocab)) & (labels != self.ignore_index)
@@ -124,7 +124,7 @@ class LanguageModelTask(Task):
         ids, labels = batch[0], batch[1]
         mask = batch[2] if len(batch) > 2 else None
         hidden = adapter.hidden_states(model, ids, mask)[:, :-1]
-        weight, bias = adapter.head_params(model)
+        weight, bias = adapter.head_params(model, hidden.dtype)
         return hidden.reshape(-1, hidden.shape[-1]), labels[:, 1:].reshape(-1), weight, bias
 
     def _loss(self, model: nn.Module, batch: Batch, loss: str, reduction: str = "mean") -> Tensor:
