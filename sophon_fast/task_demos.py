@@ -45,10 +45,15 @@ def _protected(out: str, cfg: ProtectConfig, model, original, restricted, origin
     return res.model, res.history, time.perf_counter() - t0
 
 
+def _original_label(report: dict) -> str:
+    """The original-domain metric's name: the report's own (``original.metric``), else the attack metric's."""
+    return report["original"].get("metric") or f"original-domain {report['metric']}"
+
+
 def _targets(report: dict, tolerance: float) -> list:
     """Original metric within ``tolerance`` (relative) of unprotected; protected >= scratch at every evaluation."""
     o, sign = report["original"], (1 if report["higher_is_better"] else -1)
-    out = [{"target": f"original {report['metric']} within {tolerance:.0%} of unprotected",
+    out = [{"target": f"{_original_label(report)} within {tolerance:.0%} of unprotected",
             "met": sign * (o["protected"] - o["unprotected"]) >= -tolerance * abs(o["unprotected"]),
             "detail": f"{o['protected']:.4f} vs {o['unprotected']:.4f}"}]
     for a in report["attacks"]:
@@ -65,7 +70,7 @@ def render_markdown(report: dict) -> str:
     lines = [f"# SOPHON {report['task']} demo: {d['original']} (original) -> {d['restricted']} (restricted)", "",
              f"Metric: {report['metric']} ({better} is better for the model's owner on the original domain, and "
              f"for the attacker on the restricted one).", "", "| | unprotected | protected |", "| --- | --- | --- |",
-             f"| {o.get('metric') or 'original-domain ' + report['metric']} | {o['unprotected']:.4f} | {o['protected']:.4f} |", "",
+             f"| {_original_label(report)} | {o['unprotected']:.4f} | {o['protected']:.4f} |", "",
              "## Attacks (restricted domain)", "", "![curves](curves.png)", ""]
     for a in report["attacks"]:
         lines += [f"### {a['name']}", "", "| step | protected | unprotected | scratch |", "| --- | --- | --- | --- |"]
@@ -117,7 +122,7 @@ def run_lm_demo(out: str = "runs/demo-lm", quick: bool = False, seed: int = 0, p
     timing["attacks"] = time.perf_counter() - t0
     report = {"task": "lm", "domains": res["domains"], "metric": res["metric"],
               "higher_is_better": res["higher_is_better"],
-              "original": {"unprotected": res["original"]["unprotected"], "protected": res["original"]["protected"]},
+              "original": {k: res["original"][k] for k in ("metric", "unprotected", "protected")},
               "attacks": res["attacks"], "timing": timing,
               "config": {"protect": cfg.to_dict(), "quick": quick, "seed": seed, "threads": torch.get_num_threads()},
               "protect_history": [{k: h.get(k) for k in ("iteration", "fts_loss", "ntr_loss", "original_metric")}
