@@ -15,10 +15,10 @@ features' total variance makes shrinking every feature no way out.
 The two batches run as separate forwards in the loop's train mode: under BatchNorm each is normalised by its
 own statistics, which hides a shift of the restricted domain's mean from the loss.
 
-Measured (docs/experiments.md e31-e34, cnn_small, seed 0): at weight 1 next to the trap it lowers what a
-re-initialised classifier block recovers (+45.9 -> +34.1 points over scratch with Adam, +63.8 -> +41.4 with
-momentum) at the same original accuracy; weight 10 costs 3.9 points of it and lets Adam 1e-2 through; without
-the trap it holds nothing.
+Measured (docs/experiments.md e31-e36, cnn_small): at weight 1 next to the trap it lowers the per-rate worst
+case of a re-initialised classifier block (+46-48 -> +34-38 points over scratch with Adam, +64-65 -> +40-44 with
+momentum) at the same original accuracy, not the best-rate envelope for Adam; weight 10 costs 3.9 points of
+original accuracy and lets Adam 1e-2 through; without the trap it holds nothing.
 """
 from __future__ import annotations
 
