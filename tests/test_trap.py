@@ -107,3 +107,98 @@ def test_trap_config_errors():
         TrapConfig(decay_samples=0)
     with pytest.raises(ValueError, match="unknown kind"):
         sf.ProtectConfig(defences=[{"kind": "moat"}])
+
+
+# ---- at="block": the trap at the ReLU feeding the classifier block (docs/experiments.md e37-) ----
+
+def test_block_trap_hooks_the_relu_feeding_the_classifier_block():
+    model = build("cnn_small", seed=0).double()
+    x = torch.randn(6, 1, 28, 28, dtype=torch.float64)
+    trap = trap_for(model, x, at="block")
+    assert trap.relu is model.features[4] and trap.linear is None      # the ReLU after conv2; fc64 is features[7]
+    out_before = model(x)
+    out, z, h = trap.preacts(lambda: model(x))
+    assert z.shape == (6, 32 * 14 * 14) and torch.equal(z, model.features[:4](x).flatten(1)) and h is None
+    assert torch.equal(out, out_before) and torch.equal(model(x), out_before)
+    head = trap_for(model, x)                                           # at="head" unchanged
+    assert head.relu is model.features[8] and head.linear is model.features[7]
+
+
+def test_block_hinge_is_zero_iff_every_unit_is_below_minus_margin():
+    model = build("cnn_small", seed=0).double()
+    x = torch.randn(5, 1, 28, 28, dtype=torch.float64)
+    margin = 1.0
+    trap = trap_for(model, x, at="block", margin=margin, weight=2.0)
+    z = model.features[:4](x).detach()
+    assert torch.allclose(trap.loss(model, (x,), None, None), 2.0 * torch.relu(z + margin).mean((1, 2, 3)).mean(),
+                          rtol=1e-12)                                   # normalised by the 6,272 units
+    assert trap.loss(model, (x,), None, None) > 0
+    conv2 = model.features[3]
+    with torch.no_grad():                                               # every channel's max just below -margin
+        conv2.bias.sub_(z.amax((0, 2, 3)) + margin + 1e-6)
+    loss = trap.loss(model, (x,), None, None).detach()
+    assert float(loss) == 0.0 and model.features[:4](x).max() < -margin
+    with torch.no_grad():
+        conv2.bias[7] += 2e-6                                           # one channel's top unit above -margin
+    assert trap.loss(model, (x,), None, None) > 0
+
+
+def test_block_trap_config():
+    with pytest.raises(ValueError, match="robust"):
+        TrapConfig(at="block", robust=0.002)
+    with pytest.raises(ValueError, match="at"):
+        TrapConfig(at="neck")
+    assert TrapConfig().at == "head"
+    cfg = sf.ProtectConfig(defences=[TrapConfig(robust=0.002), TrapConfig(at="block", weight=15.0, margin=1.0)])
+    assert sf.ProtectConfig.from_dict(cfg.to_dict()) == cfg
+    old = {k: v for k, v in sf.ProtectConfig(defences=[TrapConfig()]).to_dict().items()}
+    old["defences"] = [{k: v for k, v in d.items() if k != "at"} for d in old["defences"]]   # a config from before
+    assert sf.ProtectConfig.from_dict(old).defences == [TrapConfig()]
+
+
+def conv_pool_net():
+    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3 * 3 * 3, 8),
+                         nn.ReLU(), nn.Linear(8, 5))
+
+
+def images(n=120, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 5, (n,), generator=g)
+
+
+@pytest.mark.parametrize("defences", [[TrapConfig(weight=3.0, margin=0.5, at="block")],
+                                      [TrapConfig(weight=0.5, margin=1.0, decay=0.3, straight_through=True),
+                                       TrapConfig(weight=3.0, margin=0.5, decay=0.3, straight_through=True, at="block")]])
+def test_block_trap_parity_fast_reference(defences):
+    strats = [sf.Strategy("sgd", lr=1e-2, batch_size=24, query_size=8),
+              sf.Strategy("adam", lr=1e-3, batch_size=20, query_size=5, reinit_head=True, steps=2)]
+    out = {}
+    for mode in ("reference", "fast"):
+        torch.manual_seed(0)
+        model = conv_pool_net().double()
+        res = sf.protect(model, images(seed=1), images(seed=2), mode=mode, progress=False, loss="ice", iterations=3,
+                         inner_steps=3, strategies=strats, fts_optimizer="sgd", alpha=100, clip_norm=None,
+                         defences=defences)
+        out[mode] = torch.cat([p.detach().reshape(-1) for p in res.model.parameters()])
+        assert not torch.equal(out[mode], torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+        assert all(r["defence_loss"] > 0 for r in res.history)
+    assert float((out["fast"] - out["reference"]).norm() / out["reference"].norm()) <= 1e-9
+
+
+def test_protect_with_a_head_and_a_block_trap_switches_conv_units_off():
+    torch.manual_seed(0)
+    model = conv_pool_net().double()
+    xo, xr = images(seed=1), images(seed=2)
+    x = xr[0]
+    both = [TrapConfig(weight=1.0, margin=0.5), TrapConfig(weight=50.0, margin=0.5, at="block")]   # block: per unit
+    traps = [c.build() for c in both]
+    for t in traps:
+        t.attach(model, ClassificationTask())
+        t._locate(model, x)
+    assert traps[0].relu is model[5] and traps[1].relu is model[1]
+    res = sf.protect(model, xo, xr, iterations=60, inner_steps=1, progress=False, ntr_steps=0, alpha=1e2,
+                     defences=both, strategies=[sf.Strategy("sgd", lr=1e-6, batch_size=24, query_size=8)])
+    losses = [r["defence_loss"] for r in res.history]
+    assert losses[-1] < 0.1 * losses[0]
+    z, before = res.model[:1](x).detach(), model[:1](x).detach()
+    assert (before > 0).float().mean() > 0.3 and (z <= 0).float().mean() > 0.95
