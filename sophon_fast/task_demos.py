@@ -33,6 +33,7 @@ def _protected(out: str, cfg: ProtectConfig, model, original, restricted, origin
             if json.load(f) == json.loads(json.dumps(cfg.to_dict())):
                 say(f"[demo] reusing the protected model in {out}")
                 return load(), [], 0.0
+    _drop_stale_checkpoint(cfg, say)
     say(f"[demo] protecting ({cfg.task}, loss {cfg.loss}, mode {cfg.mode}): {cfg.iterations} iterations, "
         f"K={cfg.inner_steps}")
     t0 = time.perf_counter()
@@ -43,6 +44,18 @@ def _protected(out: str, cfg: ProtectConfig, model, original, restricted, origin
     with atomic_path(record) as tmp:
         tmp.write_text(json.dumps(cfg.to_dict()))
     return res.model, res.history, time.perf_counter() - t0
+
+
+def _drop_stale_checkpoint(cfg: ProtectConfig, say: Callable[[str], None]) -> None:
+    """Remove the run's checkpoint when it was written with other settings (an earlier recipe): resuming it
+    would raise. A checkpoint of the same settings (a longer run included) is kept and resumed."""
+    from sophon_fast.engine.state import config_changes, load_checkpoint
+    path = os.path.join(cfg.checkpoint.dir, "protect.pt") if cfg.checkpoint.dir else None
+    if path and os.path.exists(path):
+        changed = config_changes(load_checkpoint(path).get("config", {}), cfg)
+        if changed:
+            say(f"[demo] discarding {path}: written with other settings ({', '.join(changed)})")
+            os.remove(path)
 
 
 def _original_label(report: dict) -> str:

@@ -39,6 +39,10 @@ def test_lm_demo_tiny(tmp_path, monkeypatch):
     assert {a["method"] for a in r["attacks"]} == {"full", "lora"}
     assert cli.main(args) == 0                          # rerun: the protection is reused
     assert json.loads((out / "report.json").read_text())["timing"]["protect"] == 0.0
+    recipe = lm_demo.demo_config
+    monkeypatch.setattr(lm_demo, "demo_config", lambda quick: {**recipe(quick), "loss": "klu"})
+    assert cli.main(args) == 0                          # another recipe: its stale checkpoint is dropped
+    assert json.loads((out / "report.json").read_text())["timing"]["protect"] > 0.0
 
 
 def test_diffusion_demo_tiny(tmp_path, monkeypatch):
