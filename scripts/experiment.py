@@ -52,15 +52,14 @@ def save_cache(path, key, value):
 
 
 @torch.no_grad()
-def dead_stats(model, dataset, n=2000, at="head"):
-    """How switched off the head's input ReLUs are (``at="block"``: the ReLU feeding the classifier block,
-    every unit and position): the fraction of inputs whose every unit is <= 0, and of (input, unit) pairs
-    <= 0. Dead units pass no gradient to anything below them."""
+def dead_stats(model, dataset, n=2000):
+    """How switched off the head's input ReLUs are: the fraction of inputs whose every unit is <= 0,
+    and of (input, unit) pairs <= 0. Dead units pass no gradient to anything below the head."""
     x = sfdata.as_tensors(dataset)[0][:n]
     was = model.training
     model.eval()
     try:
-        z = head_preacts(model, model.head, x, at=at)
+        z = head_preacts(model, model.head, x)
     finally:
         model.train(was)
     return {"inputs_all_off": float((z.max(1).values <= 0).float().mean()), "units_off": float((z <= 0).float().mean())}
@@ -115,12 +114,9 @@ def main():
                "protect_seconds": t_protect, "stop_reason": res.stop_reason, "attacks": [],
                "dead": {k: dead_stats(prot, d) for k, d in (("restricted_train", r_tr), ("restricted_test", r_te),
                                                            ("original_test", o_te))}}
-        out["dead_block"] = {k: dead_stats(prot, d, at="block") for k, d in (
-            ("restricted_train", r_tr), ("restricted_test", r_te), ("original_test", o_te))}
-        for key, what in (("dead", "head-input"), ("dead_block", "block-input")):
-            print(f"[{a.name} s{seed}] dead {what} units (all units off / unit-input pairs off): "
-                  + ", ".join(f"{k} {v['inputs_all_off']:.3f}/{v['units_off']:.3f}" for k, v in out[key].items()),
-                  flush=True)
+        print(f"[{a.name} s{seed}] dead head-input units (all units off / unit-input pairs off): "
+              + ", ".join(f"{k} {v['inputs_all_off']:.3f}/{v['units_off']:.3f}" for k, v in out["dead"].items()),
+              flush=True)
         print(f"[{a.name} s{seed}] original {100*out['original_acc']['unprotected']:.1f}% -> "
               f"{100*out['original_acc']['protected']:.1f}%  protect {t_protect:.0f}s  {res.stop_reason}", flush=True)
         save_model(prot, f"{ROOT}/{a.name}/model_s{seed}.safetensors")

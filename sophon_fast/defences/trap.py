@@ -3,24 +3,13 @@ switched off for restricted inputs, so fine-tuning gets no gradient below the he
 
     hinge(theta) = mean_i sum_j relu(z_j(x_i) + margin + robust * (|h(x_i)|_1 + 1))
 
-z: the pre-activation of the last ``nn.ReLU`` module that runs before the head (``at="head"``) or before the
-classifier block (``at="block"``, below); h: the input of the
+z: the pre-activation of the last ``nn.ReLU`` module that runs before the head; h: the input of the
 ``nn.Linear`` producing z (``robust`` > 0 keeps the units off under any change of at most ``robust`` in
 every weight and bias of that Linear: the worst case of one sign-like Adam step). ``decay`` > 0 also
 takes the hinge at body weights soft-thresholded by s ~ U(0, decay) (``decay_samples`` draws), the
 path Adam/RMSprop with L2 weight decay take on dead units, and averages; ``straight_through`` passes the
 hinge's gradient through the soft-threshold unchanged (its exact derivative is 0 for weights already
 decayed to 0, so decayed biases would get no push).
-
-``at="block"`` (docs/experiments.md e37-): z is the pre-activation of the last ``nn.ReLU`` that runs before
-the first module of the classifier block that the ``reinit_block`` attack re-initialises
-(:func:`sophon_fast.attacks.adaptive.classifier_block`; on cnn_small the ReLU after conv2, 32x14x14 units per
-image), every unit at every position. If they are all off for restricted inputs, the block's input is zero
-whatever an attacker re-initialises above it. The hinge is then normalised by the number of units
-(``mean_i mean_j`` instead of ``mean_i sum_j``), so that ``weight`` does not scale with the feature-map size
-of the architecture (for one architecture it is a constant factor on ``weight``: 6,272 on cnn_small); ``robust``
-must be 0 there (no nn.Linear produces a conv pre-activation). ``decay`` soft-thresholds every parameter outside
-the head as for ``at="head"`` (those above the ReLU do not change z). Two traps (one per ``at``) may be combined.
 
 Limits (measured): it needs an nn.ReLU right before the head (and an nn.Linear before it for ``robust``);
 an attacker who re-initialises the Linear under the head, or Adagrad at lr 0.1, gets through.
@@ -45,7 +34,6 @@ class TrapConfig:
     decay: float = 0.0
     decay_samples: int = 1
     straight_through: bool = False
-    at: str = "head"
 
     def __post_init__(self):
         if not self.weight > 0:
@@ -56,10 +44,6 @@ class TrapConfig:
             raise ValueError(f"TrapConfig.robust must be >= 0, got {self.robust}")
         if not self.decay >= 0 or self.decay_samples < 1:
             raise ValueError("TrapConfig.decay must be >= 0 and decay_samples >= 1")
-        if self.at not in ("head", "block"):
-            raise ValueError(f"TrapConfig.at must be 'head' or 'block', got {self.at!r}")
-        if self.at == "block" and self.robust:
-            raise ValueError("TrapConfig.robust must be 0 with at='block' (no nn.Linear produces the block's ReLU input)")
 
     def build(self) -> "DeadUnitTrap":
         return DeadUnitTrap(self)
@@ -85,30 +69,24 @@ class DeadUnitTrap:
             raise ValueError("trap: the task has no head")
 
     def _locate(self, model: nn.Module, x: Tensor) -> None:
-        """One traced forward: the last nn.ReLU module run before the head (or, ``at="block"``, before the
-        first module of the classifier block) and the last nn.Linear run before that ReLU (``at="head"``
-        only). Only those layers are hooked afterwards."""
-        if self.cfg.at == "block":
-            from sophon_fast.attacks.adaptive import classifier_block    # the attack's block, one finder
-            target, what = classifier_block(model)[0], "the classifier block"
-        else:
-            target, what = self.head, "the head"
+        """One traced forward: the last nn.ReLU module run before the head and the last nn.Linear run
+        before that ReLU. Only those two layers are hooked afterwards."""
         order = []
         hooks = [m.register_forward_pre_hook(lambda mod, args: order.append(mod)) for m in model.modules()
-                 if isinstance(m, (nn.ReLU, nn.Linear)) or m is target]
+                 if isinstance(m, (nn.ReLU, nn.Linear))]
         try:
             with torch.no_grad():
                 model(x[:1])
         finally:
             for h in hooks:
                 h.remove()
-        before = order[:next((i for i, m in enumerate(order) if m is target), len(order))]
+        before = order[:next((i for i, m in enumerate(order) if m is self.head), len(order))]
         relus = [i for i, m in enumerate(before) if isinstance(m, nn.ReLU)]
         if not relus:
-            raise ValueError(f"trap: needs the input of {what} to come from an nn.ReLU module (none runs before it)")
+            raise ValueError("trap: needs the head's input to come from an nn.ReLU module (none runs before the head)")
         self.relu = before[relus[-1]]
         lins = [m for m in before[:relus[-1]] if isinstance(m, nn.Linear)]
-        self.linear = lins[-1] if lins and self.cfg.at == "head" else None
+        self.linear = lins[-1] if lins else None
         if self.cfg.robust and self.linear is None:
             raise ValueError("trap: robust > 0 needs an nn.Linear before the ReLU feeding the head")
 
@@ -135,10 +113,7 @@ class DeadUnitTrap:
         shift = self.cfg.margin
         if self.cfg.robust:
             shift = shift + self.cfg.robust * (h.flatten(1).abs().sum(1, keepdim=True) + 1)
-        per_input = torch.relu(z + shift).sum(1)
-        if self.cfg.at == "block":
-            per_input = per_input / z.shape[1]
-        return per_input.mean()
+        return torch.relu(z + shift).sum(1).mean()
 
     def loss(self, model: nn.Module, restricted, original, gen: torch.Generator) -> Tensor:
         x = restricted[0]
@@ -157,12 +132,10 @@ class DeadUnitTrap:
         return self.cfg.weight * loss
 
 
-def head_preacts(model: nn.Module, head: nn.Module, x: Tensor, params: Optional[dict] = None,
-                 at: str = "head") -> Tensor:
-    """The pre-activation (N, units) of the ReLU feeding ``head`` for inputs ``x`` (``at="block"``: of the
-    ReLU feeding the classifier block, flattened over units and positions); ``params``: a {name: tensor}
-    replacement for some parameters (``torch.func.functional_call``). For analysis scripts."""
-    trap = DeadUnitTrap(TrapConfig(at=at))
+def head_preacts(model: nn.Module, head: nn.Module, x: Tensor, params: Optional[dict] = None) -> Tensor:
+    """The pre-activation (N, units) of the ReLU feeding ``head`` for inputs ``x``; ``params``: a {name:
+    tensor} replacement for some parameters (``torch.func.functional_call``). For analysis scripts."""
+    trap = DeadUnitTrap(TrapConfig())
     trap.head = head
     trap._locate(model, x)
     call = (lambda: model(x)) if params is None else (lambda: functional_call(model, params, (x,)))
