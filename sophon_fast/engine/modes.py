@@ -260,16 +260,21 @@ def _norm_and_clip(grads: List[Tensor], clip: Optional[float], world=None) -> Te
     return norm
 
 
+def _one_dtype_device(params: List[nn.Parameter]):
+    """(dtype, device) shared by every protected parameter (the fast modes' buffers need one of each)."""
+    kinds = {(p.dtype, p.device) for p in params}
+    if len(kinds) != 1:
+        raise ValueError(f"protect(mode='fast') needs every protected parameter on one dtype and device, "
+                         f"got {sorted(map(str, kinds))}")
+    return next(iter(kinds))
+
+
 class FastMode(_Mode):
     """Flat parameter arena; fused inner steps; meta-gradient accumulated by autograd in place."""
 
     def __init__(self, model: nn.Module, task, params: List[nn.Parameter]):
         super().__init__(model, task, params)
-        kinds = {(p.dtype, p.device) for p in params}
-        if len(kinds) != 1:
-            raise ValueError(f"protect(mode='fast') needs every protected parameter on one dtype and device, "
-                             f"got {sorted(map(str, kinds))}")
-        dtype, device = next(iter(kinds))
+        dtype, device = _one_dtype_device(params)
         self.lowp = dtype in LOW_PRECISION
         numel = sum(p.numel() for p in params)
         self.flat = torch.empty(numel, dtype=dtype, device=device)
@@ -417,10 +422,7 @@ class ShardedMode(_Mode):
         if plain:
             raise ValueError(f"protect: the model is sharded with FSDP2, but {len(plain)} protected parameters are "
                              f"not (shard every module that holds protected parameters, or freeze them)")
-        kinds = {(p.dtype, p.device) for p in params}
-        if len(kinds) != 1:
-            raise ValueError(f"protect: every protected parameter must have one dtype and device, got {sorted(map(str, kinds))}")
-        if next(iter(kinds))[0] in LOW_PRECISION:
+        if _one_dtype_device(params)[0] in LOW_PRECISION:
             raise ValueError("protect: FSDP2-sharded protected parameters must be fp32/fp64; for bf16 compute, keep "
                              "fp32 shards and pass fully_shard(mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, "
                              "reduce_dtype=torch.float32))")
