@@ -1,0 +1,118 @@
+"""Diffusion protection experiments (docs/experiments.md d1-d10) at the diffusion demo's sizes.
+
+    .venv/bin/python scripts/diffusion_experiment.py NAME [loss=mse_neg] [alpha=10] [tmax=300] [ntr=20]
+        [iters=150] [K=5] [beta=2] [maxdrop=0.1] [ts=uniform|fixed1] [att_ts=uniform|fixed1] [ev=50]
+        [quick=1] [attack=1]
+    .venv/bin/python scripts/diffusion_experiment.py --bands      # where the head start over scratch lives
+
+Protects the demo's pre-trained denoiser (cached in runs/diffusion_cache) with ``diffusion_demo.demo_config(quick)``
+and the listed fields replaced; ``tmax`` < 1000 makes the suppression loss draw its timesteps from U{0..tmax-1}
+(every other loss keeps the task's timesteps); ``ts`` is the task's timesteps, ``att_ts`` the attacks' training
+timesteps, ``ev`` their evaluation interval. Prints one JSON line for the protection (original eps-MSE, restricted
+eps-MSE before the attack, per-band eps-MSE) and one per attack; saves the protected weights to runs/dexp/NAME.pt.
+"""
+import copy
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import torch
+
+import sophon_fast as sf
+from sophon_fast import diffusion_demo as dd
+from sophon_fast.attacks import diffusion as da
+from sophon_fast.attacks.run import scratch
+from sophon_fast.engine import Evaluation
+from sophon_fast.functional import denial_of_service, negated_mse
+from sophon_fast.tasks.diffusion import DiffusionTask, eps_mse
+
+BANDS = [(0, 50), (50, 150), (150, 300), (300, 500), (500, 700), (700, 1000)]
+
+
+class LowTimestepSuppression(DiffusionTask):
+    """The diffusion task with the suppression loss's timesteps drawn from U{0..tmax-1} (uniform tasks only)."""
+
+    def __init__(self, timestep: str, tmax: int):
+        super().__init__(timestep)
+        self.tmax = tmax
+
+    def suppression_loss(self, model, batch, loss, gen):
+        if self.timestep == "fixed1" or self.tmax >= self.schedule.timesteps:
+            return super().suppression_loss(model, batch, loss, gen)
+        x0 = batch[0]
+        schedule = self.schedule_on(x0.device)
+        t = torch.randint(0, self.tmax, (x0.shape[0],), generator=gen, device=x0.device)
+        eps = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
+        pred = model(schedule.q_sample(x0, t, eps), t)
+        return denial_of_service(pred) if loss == "dos" else negated_mse(pred, eps)
+
+
+def band_profile(model, schedule, x):
+    """eps-MSE of ``model`` on ``x`` per band of BANDS, each the mean over 4 evenly spaced timesteps."""
+    out = []
+    for lo, hi in BANDS:
+        ts = range(lo, hi, (hi - lo) // 4)
+        out.append(round(sum(float(eps_mse(model, schedule, x, t)) for t in ts) / len(ts), 4))
+    return out
+
+
+def bands(data):
+    """The unprotected model and scratch per band after 0, 50 and 150 steps of each quick attack."""
+    x = data.restricted_test[:300]
+    out = {"bands": BANDS}
+    for opt, lr in (("momentum", 1e-2), ("adam", 1e-3)):
+        for steps in (0, 50, 150):
+            for key, base in (("unprotected", data.unprotected), ("scratch", scratch(data.unprotected, 0))):
+                m = copy.deepcopy(base)
+                if steps:
+                    attack = da.DiffusionAttack(optimizer=opt, lr=lr, batch_size=32, steps=steps)
+                    da.fit(m, data.restricted_train, attack.make_optimizer(m.parameters()), steps, 32, "uniform",
+                           data.schedule, torch.Generator().manual_seed(0))
+                out[f"{opt}_{steps}_{key}"] = band_profile(m, data.schedule, x)
+    print(json.dumps(out), flush=True)
+
+
+def main(argv):
+    torch.set_num_threads(1)
+    if argv == ["--bands"]:
+        return bands(dd.prepare(True, 0, cache_dir="runs/diffusion_cache", say=lambda s: None))
+    name, kv = argv[0], dict(a.split("=", 1) for a in argv[1:])
+    quick = kv.get("quick", "1") == "1"
+    data = dd.prepare(quick, 0, cache_dir="runs/diffusion_cache", say=print)
+    cfg = dd.demo_config(quick, 0)
+    cfg = cfg.replace(loss=kv.get("loss", cfg.loss), alpha=float(kv.get("alpha", cfg.alpha)),
+                      ntr_steps=int(kv.get("ntr", cfg.ntr_steps)), beta=float(kv.get("beta", cfg.beta)),
+                      iterations=int(kv.get("iters", cfg.iterations)), inner_steps=int(kv.get("K", cfg.inner_steps)),
+                      evaluation=Evaluation(every=10, size=cfg.evaluation.size,
+                                            max_drop=float(kv.get("maxdrop", cfg.evaluation.max_drop))))
+    task = LowTimestepSuppression(kv.get("ts", data.timestep), int(kv.get("tmax", 1000)))
+    t0 = time.perf_counter()
+    res = sf.protect(data.unprotected, data.original_train, data.restricted_train, cfg, task=task,
+                     original_test=data.original_test)
+    os.makedirs("runs/dexp", exist_ok=True)
+    torch.save(res.model.state_dict(), f"runs/dexp/{name}.pt")
+    profile = {f"{k}_{d}": band_profile(m, data.schedule, x[:200])
+               for k, m in (("unprotected", data.unprotected), ("protected", res.model))
+               for d, x in (("original", data.original_test), ("restricted", data.restricted_test))}
+    print(json.dumps({"name": name, "cfg": kv, "protect_s": round(time.perf_counter() - t0, 1), "stop": res.stop_reason,
+                      "original": dd.original_metrics(data, res.model),
+                      "restricted_uniform": float(eps_mse(res.model, data.schedule, data.restricted_test, "uniform")),
+                      "bands": profile,
+                      "history": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in h.items()}
+                                  for h in res.history if h["iteration"] % 10 == 9]}), flush=True)
+    if kv.get("attack", "1") != "1":
+        return
+    attacks = [dataclasses.replace(a, timestep=kv.get("att_ts", "uniform"), name=None,
+                                   eval_every=int(kv.get("ev", a.eval_every))) for a in da.suite(quick)]
+    result = da.evaluate_suite(res.model, data.unprotected, data.restricted_train, data.restricted_test, attacks,
+                               seed=0, schedule=data.schedule, samples=0, say=print)
+    for a in result["attacks"]:
+        print(json.dumps({"attack": a["name"], **{k: a[k] for k in ("steps", "protected", "unprotected", "scratch",
+                                                                     "protected_t1", "unprotected_t1", "scratch_t1")}}),
+              flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
