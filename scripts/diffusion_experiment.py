@@ -6,9 +6,9 @@
     .venv/bin/python scripts/diffusion_experiment.py --bands      # where the head start over scratch lives
 
 Protects the demo's pre-trained denoiser (cached in runs/diffusion_cache) with ``diffusion_demo.demo_config(quick)``
-and the listed fields replaced; ``tmax`` < 1000 makes the suppression loss draw its timesteps from U{0..tmax-1}
-(every other loss keeps the task's timesteps); ``ts`` is the task's timesteps, ``att_ts`` the attacks' training
-timesteps, ``ev`` their evaluation interval. Prints one JSON line for the protection (original eps-MSE, restricted
+and the listed fields replaced; ``tmax`` is ``suppression_tmax`` (1000: None, all timesteps); ``ts`` is the task's
+timesteps, ``att_ts`` the attacks' training timesteps, ``ev`` their evaluation interval. d1-d10 ran before the
+demo's recipe changed: there the unlisted fields were loss=dos alpha=3 tmax=1000 ntr=10 iters=60 K=5. Prints one JSON line for the protection (original eps-MSE, restricted
 eps-MSE before the attack, per-band eps-MSE) and one per attack; saves the protected weights to runs/dexp/NAME.pt.
 """
 import copy
@@ -25,28 +25,9 @@ from sophon_fast import diffusion_demo as dd
 from sophon_fast.attacks import diffusion as da
 from sophon_fast.attacks.run import scratch
 from sophon_fast.engine import Evaluation
-from sophon_fast.functional import denial_of_service, negated_mse
-from sophon_fast.tasks.diffusion import DiffusionTask, eps_mse
+from sophon_fast.tasks.diffusion import eps_mse
 
 BANDS = [(0, 50), (50, 150), (150, 300), (300, 500), (500, 700), (700, 1000)]
-
-
-class LowTimestepSuppression(DiffusionTask):
-    """The diffusion task with the suppression loss's timesteps drawn from U{0..tmax-1} (uniform tasks only)."""
-
-    def __init__(self, timestep: str, tmax: int):
-        super().__init__(timestep)
-        self.tmax = tmax
-
-    def suppression_loss(self, model, batch, loss, gen):
-        if self.timestep == "fixed1" or self.tmax >= self.schedule.timesteps:
-            return super().suppression_loss(model, batch, loss, gen)
-        x0 = batch[0]
-        schedule = self.schedule_on(x0.device)
-        t = torch.randint(0, self.tmax, (x0.shape[0],), generator=gen, device=x0.device)
-        eps = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
-        pred = model(schedule.q_sample(x0, t, eps), t)
-        return denial_of_service(pred) if loss == "dos" else negated_mse(pred, eps)
 
 
 def band_profile(model, schedule, x):
@@ -87,9 +68,11 @@ def main(argv):
                       iterations=int(kv.get("iters", cfg.iterations)), inner_steps=int(kv.get("K", cfg.inner_steps)),
                       evaluation=Evaluation(every=10, size=cfg.evaluation.size,
                                             max_drop=float(kv.get("maxdrop", cfg.evaluation.max_drop))))
-    task = LowTimestepSuppression(kv.get("ts", data.timestep), int(kv.get("tmax", 1000)))
+    tmax = int(kv.get("tmax", cfg.suppression_tmax or 1000))
+    timestep = kv.get("ts", cfg.timestep)
+    cfg = cfg.replace(timestep=timestep, suppression_tmax=tmax if timestep == "uniform" and tmax < 1000 else None)
     t0 = time.perf_counter()
-    res = sf.protect(data.unprotected, data.original_train, data.restricted_train, cfg, task=task,
+    res = sf.protect(data.unprotected, data.original_train, data.restricted_train, cfg,
                      original_test=data.original_test)
     os.makedirs("runs/dexp", exist_ok=True)
     torch.save(res.model.state_dict(), f"runs/dexp/{name}.pt")

@@ -150,7 +150,6 @@ def run_diffusion_demo(out: str = "runs/demo-diffusion", quick: bool = False, se
     """The diffusion demo (see the module docstring); returns the report dict."""
     from sophon_fast import diffusion_demo as dd
     from sophon_fast.io import load_model, save_model
-    from sophon_fast.tasks.diffusion import DiffusionTask
     os.makedirs(out, exist_ok=True)
     timing = {}
     t0 = time.perf_counter()
@@ -162,7 +161,7 @@ def run_diffusion_demo(out: str = "runs/demo-diffusion", quick: bool = False, se
     path = os.path.join(out, "protected.safetensors")
     protected, history, timing["protect"] = _protected(
         out, cfg, data.unprotected, data.original_train, data.restricted_train, data.original_test,
-        DiffusionTask(data.timestep), lambda m: save_model(m, path), lambda: load_model(path), say)
+        None, lambda m: save_model(m, path), lambda: load_model(path), say)
     t0 = time.perf_counter()
     attacks = dd.attack_all(protected, data, quick, seed, out_dir=out, say=say)
     timing["attacks"] = time.perf_counter() - t0

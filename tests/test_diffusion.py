@@ -191,6 +191,55 @@ def test_fixed1_and_uniform_timesteps():
     assert int(t.min()) >= 0 and int(t.max()) < T and t.unique().numel() > 100
 
 
+def test_suppression_tmax_draws_the_suppression_timesteps_below_it_and_nothing_else():
+    x0 = torch.zeros(256, 1, 4, 4)
+    task = DiffusionTask("uniform", suppression_tmax=300)
+    seen = {}
+    for name, call in (("dos", lambda m: task.suppression_loss(m, (x0,), "dos", torch.Generator().manual_seed(0))),
+                       ("mse_neg", lambda m: task.suppression_loss(m, (x0,), "mse_neg", torch.Generator().manual_seed(0))),
+                       ("attacker", lambda m: task.attacker_loss(m, (x0,), torch.Generator().manual_seed(0))),
+                       ("ntr", lambda m: task.train_loss(m, (x0,), torch.Generator().manual_seed(0)))):
+        model = Recorder()
+        call(model)
+        seen[name] = model.calls[0][1]
+    for name in ("dos", "mse_neg"):
+        assert int(seen[name].max()) < 300 and seen[name].unique().numel() > 100
+    for name in ("attacker", "ntr"):            # 256 draws from U{0..999}: all below 300 has probability 0.3^256
+        assert int(seen[name].max()) >= 300
+    # without suppression_tmax the suppression loss draws from U{0..T-1} on the same generator stream
+    model = Recorder()
+    DiffusionTask("uniform").suppression_loss(model, (x0,), "dos", torch.Generator().manual_seed(0))
+    assert torch.equal(model.calls[0][1], seen["attacker"])
+
+
+@pytest.mark.parametrize("tmax, timestep", [(0, "uniform"), (1001, "uniform"), (True, "uniform"), (2.5, "uniform"),
+                                            (300, "fixed1")])
+def test_suppression_tmax_rejects_bad_values(tmax, timestep):
+    with pytest.raises(ValueError, match="suppression_tmax"):
+        DiffusionTask(timestep, suppression_tmax=tmax)
+
+
+def test_config_suppression_tmax_builds_the_task_and_a_conflicting_task_object_is_refused():
+    import sophon_fast as sf
+    from sophon_fast.engine import ProtectConfig
+    from sophon_fast.engine.loop import _task_for
+
+    cfg = ProtectConfig(task="diffusion", loss="mse_neg", timestep="uniform", suppression_tmax=300)
+    task = _task_for(cfg, None)
+    assert isinstance(task, DiffusionTask) and task.timestep == "uniform" and task.suppression_tmax == 300
+    assert _task_for(cfg, DiffusionTask("uniform", suppression_tmax=300)) is not None
+    for bad in (dict(task="diffusion", suppression_tmax=300),                      # timestep None: t = 1
+                dict(task="diffusion", timestep="fixed1", suppression_tmax=300),
+                dict(task="classification", suppression_tmax=300),
+                dict(task="diffusion", timestep="uniform", suppression_tmax=0)):
+        with pytest.raises(ValueError, match="suppression_tmax"):
+            ProtectConfig(**bad)
+    x = (torch.rand(8, 1, 28, 28) * 2 - 1,)
+    for task in (DiffusionTask("uniform"), DiffusionTask("fixed1"), DiffusionTask("uniform", suppression_tmax=10)):
+        with pytest.raises(ValueError, match="the config sets"):
+            sf.protect(_tiny_unet(), x, x, cfg.replace(iterations=1), task=task)
+
+
 def test_task_losses_create_every_tensor_on_the_model_device():
     model = _tiny_unet().to("meta")
     task = DiffusionTask("uniform")
@@ -312,9 +361,11 @@ def test_protect_runs_the_diffusion_task_and_fast_matches_reference(timestep):
 
 def test_demo_config_and_report(tmp_path):
     from sophon_fast import diffusion_demo as dd
+    from sophon_fast.engine.loop import _task_for
 
     quick, full = dd.demo_config(True), dd.demo_config(False)
-    assert quick.task == "diffusion" and quick.loss == "dos"
+    assert quick.task == "diffusion" and quick.loss == "mse_neg" and quick.suppression_tmax == 300
+    assert isinstance(_task_for(full, None), DiffusionTask)
     assert quick.iterations * quick.inner_steps < full.iterations * full.inner_steps
     unprotected, protected = _tiny_unet(1), _tiny_unet(2)
     x = torch.rand(8, 1, 28, 28) * 2 - 1

@@ -105,7 +105,8 @@ class ProtectConfig:
     """Everything in the reference loop (None = loss-dependent default, see ``LOSS_DEFAULTS``).
 
     task: "classification" | "lm" | "diffusion" (or pass a Task object to ``protect(task=...)``); timestep: the
-    diffusion task's timesteps, "fixed1" (the reference code's t = 1 everywhere) or "uniform" (None: "fixed1").
+    diffusion task's timesteps, "fixed1" (the reference code's t = 1 everywhere) or "uniform" (None: "fixed1");
+    suppression_tmax: with timestep="uniform", the diffusion suppression loss draws t from U{0..n-1} (None: all T).
     loss: the suppression loss ("ice", "ice_reference_code", "klu", "neg_entropy"; "dos", "mse_neg" for
     diffusion). strategies: the simulated attackers, taking turns ("cycle") or drawn ("random") per
     trajectory; None: one reference SGD strategy. trajectories: simulated trajectories per iteration (each
@@ -117,6 +118,7 @@ class ProtectConfig:
     task: str = "classification"
     loss: str = "ice"
     timestep: Optional[str] = None         # diffusion only: "fixed1" (the reference code's t = 1) | "uniform"
+    suppression_tmax: Optional[int] = None  # diffusion, uniform timesteps only: suppress at t < suppression_tmax
     mode: str = "fast"
     iterations: int = 1000
     inner_steps: int = 50
@@ -160,6 +162,9 @@ class ProtectConfig:
             self.checkpoint = Checkpointing(**self.checkpoint)
         self.defences = [defence_from_dict(d) if isinstance(d, dict) else d for d in self.defences]
         checks = [("timestep", self.timestep is None or (self.task == "diffusion" and self.timestep in ("fixed1", "uniform"))),
+                  ("suppression_tmax", self.suppression_tmax is None or (
+                      self.task == "diffusion" and self.timestep == "uniform" and not isinstance(self.suppression_tmax, bool)
+                      and isinstance(self.suppression_tmax, int) and self.suppression_tmax >= 1)),
                   ("iterations", self.iterations >= 0), ("inner_steps", self.inner_steps >= 1),
                   ("trajectories", self.trajectories >= 1), ("ntr_steps", self.ntr_steps is None or self.ntr_steps >= 0),
                   ("ntr_batch_size", self.ntr_batch_size >= 1), ("max_nonfinite", self.max_nonfinite >= 0),

@@ -59,6 +59,20 @@ class ProtectResult:
         return self.original_metric
 
 
+def _task_for(cfg: ProtectConfig, task):
+    """``task``, or ``cfg.task`` built with the config's task options; a given task must agree with the options
+    the config sets (ValueError otherwise: they would be silently ignored)."""
+    options = {k: getattr(cfg, k) for k in ("timestep", "suppression_tmax") if getattr(cfg, k) is not None}
+    if task is None:
+        return make_task(cfg.task, **options)
+    wrong = [f"{k}={v!r} (the task has {getattr(task, k, None)!r})" for k, v in options.items()
+             if getattr(task, k, None) != v]
+    if wrong:
+        raise ValueError(f"protect: the config sets {', '.join(wrong)}; set it on the task object or leave it "
+                         f"out of the config")
+    return task
+
+
 def _progress(cfg: ProtectConfig, start: int, main: bool):
     show = main and (cfg.progress if cfg.progress is not None else sys.stderr.isatty())
     if not show:
@@ -183,7 +197,7 @@ def protect(model: nn.Module, original, restricted, config: Optional[ProtectConf
     config = config or ProtectConfig()
     cfg = (config.replace(**overrides) if overrides else config).resolved()
     t_start = time.perf_counter()
-    task = task if task is not None else make_task(cfg.task, **({"timestep": cfg.timestep} if cfg.timestep else {}))
+    task = _task_for(cfg, task)
     if task.losses and cfg.loss not in task.losses:
         raise ValueError(f"protect: loss {cfg.loss!r} is not one of the {task.name} task's {task.losses}")
     sharded = is_sharded(model)

@@ -12,7 +12,10 @@ and timesteps from the ``gen`` it is given (a ``torch.Generator`` on the images'
 
 Timesteps are indices 0..T-1 into the schedule's tables (the reference code's convention):
 ``timestep="fixed1"`` uses t = 1 everywhere, as the reference code does (noise std ~0.015);
-``timestep="uniform"`` draws t ~ U{0, ..., T-1} per image, as DDPM training does.
+``timestep="uniform"`` draws t ~ U{0, ..., T-1} per image, as DDPM training does. ``suppression_tmax`` (uniform
+only) draws the suppression loss's timesteps from U{0, ..., suppression_tmax - 1} instead: the noise levels where a
+restricted image still shows (x_t keeps 63% of the image at t = 300, 8% at t = 700); the attacker, NTR and
+evaluation keep U{0..T-1} (docs/experiments.md d2-d9).
 """
 from __future__ import annotations
 
@@ -32,11 +35,11 @@ SUPPRESSION_LOSSES = ("dos", "mse_neg")
 
 
 def draw_timesteps(schedule: NoiseSchedule, n: int, timestep: Union[str, int], device: torch.device,
-                   gen: Optional[torch.Generator]) -> Tensor:
+                   gen: Optional[torch.Generator], high: Optional[int] = None) -> Tensor:
     """(n,) int64 timesteps on ``device``: all 1 for "fixed1", all ``timestep`` for an int, else
-    U{0..T-1} from ``gen`` ("uniform"). Raises ValueError for anything else."""
+    U{0..high-1} from ``gen`` ("uniform"; ``high`` None: T). Raises ValueError for anything else."""
     if timestep == "uniform":
-        return torch.randint(0, schedule.timesteps, (n,), generator=gen, device=device)
+        return torch.randint(0, schedule.timesteps if high is None else high, (n,), generator=gen, device=device)
     fixed = 1 if timestep == "fixed1" else timestep
     if isinstance(fixed, bool) or not isinstance(fixed, int) or not 0 <= fixed < schedule.timesteps:
         raise ValueError(f"timestep must be one of {TIMESTEPS} or an int in [0, {schedule.timesteps}), "
@@ -44,11 +47,21 @@ def draw_timesteps(schedule: NoiseSchedule, n: int, timestep: Union[str, int], d
     return torch.full((n,), fixed, dtype=torch.long, device=device)
 
 
+def check_suppression_tmax(tmax, timestep: Optional[str], timesteps: int = 1000) -> None:
+    """ValueError unless ``tmax`` is an int in [1, timesteps] and ``timestep`` is "uniform" (with "fixed1" every
+    loss already uses t = 1)."""
+    if isinstance(tmax, bool) or not isinstance(tmax, int) or not 1 <= tmax <= timesteps:
+        raise ValueError(f"suppression_tmax must be an int in [1, {timesteps}], got {tmax!r}")
+    if timestep != "uniform":
+        raise ValueError(f"suppression_tmax needs timestep='uniform' (got {timestep!r}: t = 1 everywhere)")
+
+
 def noise_prediction(model: nn.Module, schedule: NoiseSchedule, x0: Tensor, timestep: Union[str, int],
-                     gen: Optional[torch.Generator]) -> tuple:
+                     gen: Optional[torch.Generator], high: Optional[int] = None) -> tuple:
     """``(pred, eps)``: noise eps ~ N(0, I) shaped like x0 and timesteps drawn from ``gen`` (on x0's
-    device), then ``pred = model(q_sample(x0, t, eps), t)``. ``schedule`` must be on x0's device."""
-    t = draw_timesteps(schedule, x0.shape[0], timestep, x0.device, gen)
+    device; ``high`` as in :func:`draw_timesteps`), then ``pred = model(q_sample(x0, t, eps), t)``.
+    ``schedule`` must be on x0's device."""
+    t = draw_timesteps(schedule, x0.shape[0], timestep, x0.device, gen, high)
     eps = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
     return model(schedule.q_sample(x0, t, eps), t), eps
 
@@ -100,7 +113,8 @@ class DiffusionTask(Task):
     """SOPHON's generation task on an epsilon-prediction denoiser (see the module docstring).
 
     timestep: "fixed1" (the reference code's t = 1) or "uniform" (t ~ U{0..T-1}), for every loss and
-    for :meth:`evaluate`. schedule: the noise schedule (default: linear beta 1e-4..0.02, T = 1000);
+    for :meth:`evaluate`. suppression_tmax: with "uniform", the suppression loss draws t ~ U{0..suppression_tmax-1}
+    (None: U{0..T-1}). schedule: the noise schedule (default: linear beta 1e-4..0.02, T = 1000);
     the task moves it to the data's device. eval_seed / eval_batch_size: the fixed generator seed and
     the batch size of :meth:`evaluate`.
     """
@@ -111,13 +125,16 @@ class DiffusionTask(Task):
     losses = SUPPRESSION_LOSSES
 
     def __init__(self, timestep: str = "fixed1", schedule: Optional[NoiseSchedule] = None, eval_seed: int = 0,
-                 eval_batch_size: int = 500):
+                 eval_batch_size: int = 500, suppression_tmax: Optional[int] = None):
         if timestep not in TIMESTEPS:
             raise ValueError(f"DiffusionTask: timestep must be one of {TIMESTEPS}, got {timestep!r}")
         if eval_batch_size < 1:
             raise ValueError(f"DiffusionTask: eval_batch_size must be >= 1, got {eval_batch_size}")
         self.timestep = timestep
         self.schedule = schedule if schedule is not None else NoiseSchedule()
+        if suppression_tmax is not None:
+            check_suppression_tmax(suppression_tmax, timestep, self.schedule.timesteps)
+        self.suppression_tmax = suppression_tmax
         self.eval_seed, self.eval_batch_size = int(eval_seed), int(eval_batch_size)
 
     def schedule_on(self, device: torch.device) -> NoiseSchedule:
@@ -172,7 +189,8 @@ class DiffusionTask(Task):
         """"dos": mean squared predicted noise; "mse_neg": -eps-MSE. ValueError for any other name."""
         if loss not in SUPPRESSION_LOSSES:
             raise ValueError(f"diffusion task: suppression loss must be one of {SUPPRESSION_LOSSES}, got {loss!r}")
-        pred, eps = self._pred(model, batch, gen)
+        x0 = batch[0]
+        pred, eps = noise_prediction(model, self.schedule_on(x0.device), x0, self.timestep, gen, self.suppression_tmax)
         return denial_of_service(pred) if loss == "dos" else negated_mse(pred, eps)
 
     @torch.no_grad()
