@@ -172,9 +172,9 @@ class DiffusionTask(Task):
         self.schedule_on(x.device)
         return (x,)
 
-    def _pred(self, model: nn.Module, batch: Batch, gen: torch.Generator) -> tuple:
+    def _pred(self, model: nn.Module, batch: Batch, gen: torch.Generator, high: Optional[int] = None) -> tuple:
         x0 = batch[0]
-        return noise_prediction(model, self.schedule_on(x0.device), x0, self.timestep, gen)
+        return noise_prediction(model, self.schedule_on(x0.device), x0, self.timestep, gen, high)
 
     def attacker_loss(self, model: nn.Module, batch: Batch, gen: torch.Generator) -> Tensor:
         """eps-MSE (mean over every element) of a fresh noise/timestep draw from ``gen``."""
@@ -189,8 +189,7 @@ class DiffusionTask(Task):
         """"dos": mean squared predicted noise; "mse_neg": -eps-MSE. ValueError for any other name."""
         if loss not in SUPPRESSION_LOSSES:
             raise ValueError(f"diffusion task: suppression loss must be one of {SUPPRESSION_LOSSES}, got {loss!r}")
-        x0 = batch[0]
-        pred, eps = noise_prediction(model, self.schedule_on(x0.device), x0, self.timestep, gen, self.suppression_tmax)
+        pred, eps = self._pred(model, batch, gen, self.suppression_tmax)
         return denial_of_service(pred) if loss == "dos" else negated_mse(pred, eps)
 
     @torch.no_grad()
