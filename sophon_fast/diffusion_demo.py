@@ -107,8 +107,8 @@ def demo_config(quick: bool, seed: int = 0, progress: bool = False, checkpoint_d
     Measured on the quick sizes (docs/experiments.md d1-d10, seed 0; unprotected original eps-MSE 0.057, MNIST
     0.053, a fresh UNet 1.17): the quick recipe (d2) keeps the original at 0.061 and takes MNIST to 0.35 before
     the attack; with 150 iterations and 20 NTR steps (d7) the original improves to 0.053 and MNIST reaches 1.28,
-    above a fresh UNet. Every variant is undone by fine-tuning: 10-50 attack steps bring MNIST to within 0.03 of
-    the unprotected model, below scratch. DoS at alpha 3 (the previous recipe, d1) did not move MNIST (0.051);
+    above a fresh UNet. Every variant is undone by fine-tuning: 10 attack steps bring MNIST below scratch, 50 to
+    within 0.03 of the unprotected model. DoS at alpha 3 (the previous recipe, d1) did not move MNIST (0.051);
     DoS at alpha 10 with 3 NTR steps took the original to 0.24 within 10 iterations.
     """
     strategies = [Strategy("momentum", lr=1e-2, batch_size=40, query_size=8),
