@@ -4,6 +4,7 @@
         [iters=150] [K=5] [beta=2] [maxdrop=0.1] [ts=uniform|fixed1] [att_ts=uniform|fixed1] [ev=50]
         [quick=1] [attack=1]
     .venv/bin/python scripts/diffusion_experiment.py --bands      # where the head start over scratch lives
+    .venv/bin/python scripts/diffusion_experiment.py --recovery runs/demo-diffusion-full   # how fast it goes
 
 Protects the demo's pre-trained denoiser (cached in runs/diffusion_cache) with ``diffusion_demo.demo_config(quick)``
 and the listed fields replaced; ``tmax`` is ``suppression_tmax`` (1000: None, all timesteps); ``ts`` is the task's
@@ -55,10 +56,42 @@ def bands(data):
     print(json.dumps(out), flush=True)
 
 
+def recovery(data, protected):
+    """How fast the suppression goes: benign (original-domain) fine-tuning of the protected model, the first 1-5
+    restricted momentum steps, and an attacker with only 32 or 256 restricted images, against the unprotected
+    model and scratch. Restricted eps-MSE (uniform t) on the test images."""
+    models = {"protected": protected, "unprotected": data.unprotected, "scratch": scratch(data.unprotected, 0)}
+    score = lambda m, x: round(float(eps_mse(m, data.schedule, x, "uniform")), 4)  # noqa: E731
+
+    def tuned(base, images, optimizer, lr, steps):
+        m = copy.deepcopy(base)
+        attack = da.DiffusionAttack(optimizer=optimizer, lr=lr, batch_size=32, steps=steps)
+        da.fit(m, images, attack.make_optimizer(m.parameters()), steps, 32, "uniform", data.schedule,
+               torch.Generator().manual_seed(0))
+        return m
+
+    out = {"benign": {}, "early_momentum": {}, "few_images_adam": {}}
+    for opt, lr in (("adam", 1e-4), ("adam", 1e-3), ("momentum", 1e-2)):
+        for steps in (10, 50):
+            m = tuned(protected, data.original_train, opt, lr, steps)
+            out["benign"][f"{opt} {lr:g}, {steps} steps"] = [score(m, data.restricted_test), score(m, data.original_test)]
+    for key, base in models.items():
+        out["early_momentum"][key] = [score(tuned(base, data.restricted_train, "momentum", 1e-2, k), data.restricted_test)
+                                      for k in (1, 2, 3, 5)]
+        for n in (32, 256):
+            out["few_images_adam"][f"{key}, {n} images"] = [score(tuned(base, data.restricted_train[:n], "adam", 1e-3, k),
+                                                                  data.restricted_test) for k in (0, 50, 150)]
+    print(json.dumps(out), flush=True)
+
+
 def main(argv):
     torch.set_num_threads(1)
     if argv == ["--bands"]:
         return bands(dd.prepare(True, 0, cache_dir="runs/diffusion_cache", say=lambda s: None))
+    if argv[:1] == ["--recovery"]:          # --recovery RUN_DIR of a full demo run (its cache and protected model)
+        from sophon_fast.io import load_model
+        data = dd.prepare(False, 0, cache_dir=os.path.join(argv[1], "cache"), say=lambda s: None)
+        return recovery(data, load_model(os.path.join(argv[1], "protected.safetensors")))
     name, kv = argv[0], dict(a.split("=", 1) for a in argv[1:])
     quick = kv.get("quick", "1") == "1"
     data = dd.prepare(quick, 0, cache_dir="runs/diffusion_cache", say=print)
