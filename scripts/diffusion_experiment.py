@@ -28,16 +28,26 @@ from sophon_fast.attacks.run import scratch
 from sophon_fast.engine import Evaluation
 from sophon_fast.tasks.diffusion import eps_mse
 
-BANDS = [(0, 50), (50, 150), (150, 300), (300, 500), (500, 700), (700, 1000)]
+BANDS = [(0, 50), (50, 150), (150, 300), (300, 500), (500, 700), (700, 1000)]     # --bands: 4 timesteps each
+PROFILE_BANDS = [(0, 100), (100, 300), (300, 600), (600, 1000)]                   # a run's profile: 5 each
 
 
-def band_profile(model, schedule, x):
-    """eps-MSE of ``model`` on ``x`` per band of BANDS, each the mean over 4 evenly spaced timesteps."""
+def band_profile(model, schedule, x, bands=PROFILE_BANDS, per=5):
+    """eps-MSE of ``model`` on ``x`` per band, each the mean over ``per`` evenly spaced timesteps."""
     out = []
-    for lo, hi in BANDS:
-        ts = range(lo, hi, (hi - lo) // 4)
+    for lo, hi in bands:
+        ts = range(lo, hi, (hi - lo) // per)
         out.append(round(sum(float(eps_mse(model, schedule, x, t)) for t in ts) / len(ts), 4))
     return out
+
+
+def fine_tuned(data, base, images, optimizer, lr, steps):
+    """A copy of ``base`` after ``steps`` steps of ``optimizer`` at ``lr`` (batch 32, uniform t) on ``images``."""
+    m = copy.deepcopy(base)
+    attack = da.DiffusionAttack(optimizer=optimizer, lr=lr, batch_size=32, steps=steps)
+    da.fit(m, images, attack.make_optimizer(m.parameters()), steps, 32, "uniform", data.schedule,
+           torch.Generator().manual_seed(0))
+    return m
 
 
 def bands(data):
@@ -47,12 +57,8 @@ def bands(data):
     for opt, lr in (("momentum", 1e-2), ("adam", 1e-3)):
         for steps in (0, 50, 150):
             for key, base in (("unprotected", data.unprotected), ("scratch", scratch(data.unprotected, 0))):
-                m = copy.deepcopy(base)
-                if steps:
-                    attack = da.DiffusionAttack(optimizer=opt, lr=lr, batch_size=32, steps=steps)
-                    da.fit(m, data.restricted_train, attack.make_optimizer(m.parameters()), steps, 32, "uniform",
-                           data.schedule, torch.Generator().manual_seed(0))
-                out[f"{opt}_{steps}_{key}"] = band_profile(m, data.schedule, x)
+                m = fine_tuned(data, base, data.restricted_train, opt, lr, steps)
+                out[f"{opt}_{steps}_{key}"] = band_profile(m, data.schedule, x, BANDS, 4)
     print(json.dumps(out), flush=True)
 
 
@@ -62,13 +68,7 @@ def recovery(data, protected):
     model and scratch. Restricted eps-MSE (uniform t) on the test images."""
     models = {"protected": protected, "unprotected": data.unprotected, "scratch": scratch(data.unprotected, 0)}
     score = lambda m, x: round(float(eps_mse(m, data.schedule, x, "uniform")), 4)  # noqa: E731
-
-    def tuned(base, images, optimizer, lr, steps):
-        m = copy.deepcopy(base)
-        attack = da.DiffusionAttack(optimizer=optimizer, lr=lr, batch_size=32, steps=steps)
-        da.fit(m, images, attack.make_optimizer(m.parameters()), steps, 32, "uniform", data.schedule,
-               torch.Generator().manual_seed(0))
-        return m
+    tuned = lambda *args: fine_tuned(data, *args)                                 # noqa: E731
 
     out = {"benign": {}, "early_momentum": {}, "few_images_adam": {}}
     for opt, lr in (("adam", 1e-4), ("adam", 1e-3), ("momentum", 1e-2)):
