@@ -64,20 +64,21 @@ def bands(data):
 
 def recovery(data, protected):
     """How fast the suppression goes: benign (original-domain) fine-tuning of the protected model, the first 1-5
-    restricted momentum steps, and an attacker with only 32 or 256 restricted images, against the unprotected
+    restricted momentum and Adam steps, and an attacker with only 32 or 256 restricted images, against the unprotected
     model and scratch. Restricted eps-MSE (uniform t) on the test images."""
     models = {"protected": protected, "unprotected": data.unprotected, "scratch": scratch(data.unprotected, 0)}
     score = lambda m, x: round(float(eps_mse(m, data.schedule, x, "uniform")), 4)  # noqa: E731
     tuned = lambda *args: fine_tuned(data, *args)                                 # noqa: E731
 
-    out = {"benign": {}, "early_momentum": {}, "few_images_adam": {}}
+    out = {"benign": {}, "early_momentum": {}, "early_adam": {}, "few_images_adam": {}}
     for opt, lr in (("adam", 1e-4), ("adam", 1e-3), ("momentum", 1e-2)):
         for steps in (10, 50):
             m = tuned(protected, data.original_train, opt, lr, steps)
             out["benign"][f"{opt} {lr:g}, {steps} steps"] = [score(m, data.restricted_test), score(m, data.original_test)]
     for key, base in models.items():
-        out["early_momentum"][key] = [score(tuned(base, data.restricted_train, "momentum", 1e-2, k), data.restricted_test)
-                                      for k in (1, 2, 3, 5)]
+        for opt, lr in (("momentum", 1e-2), ("adam", 1e-3)):
+            out[f"early_{opt}"][key] = [score(tuned(base, data.restricted_train, opt, lr, k), data.restricted_test)
+                                        for k in (1, 2, 3, 5)]
         for n in (32, 256):
             out["few_images_adam"][f"{key}, {n} images"] = [score(tuned(base, data.restricted_train[:n], "adam", 1e-3, k),
                                                                   data.restricted_test) for k in (0, 50, 150)]
