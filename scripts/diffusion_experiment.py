@@ -2,7 +2,8 @@
 
     .venv/bin/python scripts/diffusion_experiment.py NAME [loss=mse_neg] [alpha=10] [tmax=300] [ntr=20]
         [iters=150] [K=5] [beta=2] [maxdrop=0.1] [ts=uniform|fixed1] [att_ts=uniform|fixed1] [ev=50]
-        [quick=1] [attack=1]
+        [quick=1] [attack=1] [meta=first_order|unrolled]
+    .venv/bin/python scripts/diffusion_experiment.py --early runs/dexp/NAME.pt   # a quick run's first attack steps
     .venv/bin/python scripts/diffusion_experiment.py --bands      # where the head start over scratch lives
     .venv/bin/python scripts/diffusion_experiment.py --recovery runs/demo-diffusion-full   # how fast it goes
 
@@ -85,10 +86,28 @@ def recovery(data, protected):
     print(json.dumps(out), flush=True)
 
 
+def early(data, protected, steps=(1, 2, 3, 5, 10)):
+    """The first restricted momentum 1e-2 and Adam 1e-3 steps (batch 32, uniform t) from the protected model, the
+    unprotected model and scratch: restricted eps-MSE (uniform t) on the test images after each count of steps."""
+    models = {"protected": protected, "unprotected": data.unprotected, "scratch": scratch(data.unprotected, 0)}
+    out = {}
+    for opt, lr in (("momentum", 1e-2), ("adam", 1e-3)):
+        for key, base in models.items():
+            out[f"{opt}_{key}"] = [round(float(eps_mse(fine_tuned(data, base, data.restricted_train, opt, lr, k),
+                                                       data.schedule, data.restricted_test, "uniform")), 4)
+                                   for k in (0,) + tuple(steps)]
+    print(json.dumps(out), flush=True)
+
+
 def main(argv):
     torch.set_num_threads(1)
     if argv == ["--bands"]:
         return bands(dd.prepare(True, 0, cache_dir="runs/diffusion_cache", say=lambda s: None))
+    if argv[:1] == ["--early"]:             # --early runs/dexp/NAME.pt of a quick-size run: its first restricted steps
+        data = dd.prepare(True, 0, cache_dir="runs/diffusion_cache", say=lambda s: None)
+        model = copy.deepcopy(data.unprotected)
+        model.load_state_dict(torch.load(argv[1]))
+        return early(data, model)
     if argv[:1] == ["--recovery"]:          # --recovery RUN_DIR of a full demo run (its cache and protected model)
         from sophon_fast.io import load_model
         data = dd.prepare(False, 0, cache_dir=os.path.join(argv[1], "cache"), say=lambda s: None)
@@ -102,6 +121,8 @@ def main(argv):
                       iterations=int(kv.get("iters", cfg.iterations)), inner_steps=int(kv.get("K", cfg.inner_steps)),
                       evaluation=Evaluation(every=10, size=cfg.evaluation.size,
                                             max_drop=float(kv.get("maxdrop", cfg.evaluation.max_drop))))
+    if kv.get("meta", "first_order") != "first_order":
+        cfg = cfg.replace(meta_gradient=kv["meta"], mode="reference")
     tmax = int(kv.get("tmax", cfg.suppression_tmax or 1000))
     timestep = kv.get("ts", cfg.timestep)
     cfg = cfg.replace(timestep=timestep, suppression_tmax=tmax if timestep == "uniform" and tmax < 1000 else None)

@@ -188,6 +188,28 @@ def test_textbook_formulas_match_functional_fp64(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_second_derivatives_match_the_textbook_formulas_fp64(backend):
+    """Every logits loss is twice differentiable (meta_gradient="unrolled" differentiates through the attacker's
+    steps): gradgradcheck, and the Hessian-vector product against the textbook formulas'."""
+    z = _base((6, 5), torch.float64, 4).requires_grad_(True)
+    y = _targets(6, 5, 4)
+    v = torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    textbook = {"cross_entropy": lambda z, y: R.cross_entropy(z, y), "kl_uniform": lambda z, y: R.kl_uniform(z),
+                "ice_paper": lambda z, y: R.inverse_cross_entropy(z, y, variant="paper"),
+                "neg_entropy": lambda z, y: R.neg_entropy(z)}
+    for name, fn in textbook.items():
+        def hvp(f):
+            (g,) = torch.autograd.grad(f(z, y), z, create_graph=True)
+            return torch.autograd.grad((g * v).sum(), z)[0]
+        with sophon_fast.use_backend(backend):
+            got = hvp(lambda z, y: FUNCS[name](z, y, "mean"))
+            assert torch.autograd.gradgradcheck(lambda z: FUNCS[name](z, y, "sum"), (z,))
+        want = hvp(fn)
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
     z = torch.randn(5, 7, requires_grad=True)
     y = torch.tensor([0, 3, IGNORE, 6, 1])

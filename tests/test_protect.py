@@ -382,3 +382,75 @@ def test_fast_mode_memory_per_parameter_matches_the_documented_count():
         held += [t for o in opts for st in o.state.values() for t in st.values() if t.dim() > 0]
         measured = sum(t.numel() * t.element_size() for t in held)
         assert measured == bytes_per_parameter(dtype, "adam") * n, dtype
+
+
+@pytest.mark.parametrize("inner", INNER)
+def test_unrolled_meta_gradient_is_the_exact_derivative_through_the_attacker_steps(inner):
+    """meta_gradient="unrolled": theta0 - theta1 (SGD outer lr 1) equals torch.func.grad of
+    sum_k w_k ICE(theta'_k(theta)) with every inner step differentiated (torch's optimiser formulas written out
+    here), and differs from the first-order meta-gradient."""
+    from torch.func import functional_call, grad
+    from sophon_fast.reference.losses import inverse_cross_entropy
+    torch.manual_seed(0)
+    model = mlp().double()
+    xr, yr = data((20,), n=24 * 3, seed=2)
+    params0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lr = {"sgd": 1e-1, "momentum": 5e-2, "adam": 1e-2}[inner]
+    K, wd, b1, b2, eps = 3, 1e-3, 0.9, 0.999, 1e-8
+    perm = torch.randperm(len(xr), generator=torch.Generator().manual_seed(0))
+
+    def ce(p, x, y):
+        return torch.nn.functional.cross_entropy(functional_call(model, p, (x,)), y)
+
+    def objective(theta):
+        m = {n: torch.zeros_like(t) for n, t in theta.items()}
+        v = {n: torch.zeros_like(t) for n, t in theta.items()}
+        total = 0.0
+        for k in range(K):
+            idx = perm[24 * k:24 * (k + 1)]
+            g = grad(ce)(theta, xr[idx][:-8], yr[idx][:-8])
+            new = {}
+            for n in theta:
+                gn = g[n] + wd * theta[n]
+                if inner == "sgd":
+                    new[n] = theta[n] - lr * gn
+                elif inner == "momentum":
+                    m[n] = 0.9 * m[n] + gn
+                    new[n] = theta[n] - lr * m[n]
+                else:
+                    m[n] = b1 * m[n] + (1 - b1) * gn
+                    v[n] = b2 * v[n] + (1 - b2) * gn * gn
+                    denom = v[n].sqrt() / math.sqrt(1 - b2 ** (k + 1)) + eps
+                    new[n] = theta[n] - lr / (1 - b1 ** (k + 1)) * m[n] / denom
+            theta = new
+            total = total + inverse_cross_entropy(functional_call(model, theta, (xr[idx][-8:],)), yr[idx][-8:]) / K
+        return total
+
+    want = grad(objective)(params0)
+    want = torch.cat([want[n].reshape(-1) for n in params0])
+    got = {}
+    for meta in ("unrolled", "first_order"):
+        res = sf.protect(model, data((20,), seed=1), (xr, yr), mode="reference", meta_gradient=meta, loss="ice",
+                         iterations=1, inner_steps=K, fts_optimizer="sgd", alpha=1e4, clip_norm=None, ntr_steps=0,
+                         progress=False, strategies=[sf.Strategy(inner, lr=lr, batch_size=24, query_size=8,
+                                                                 reinit_head=False, weight_decay=wd)])
+        got[meta] = (torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+                     - torch.cat([p.detach().reshape(-1) for p in res.model.parameters()]))
+    assert rel(got["unrolled"], want) <= 1e-9
+    assert rel(got["first_order"], want) > 1e-4      # the second-order terms are not negligible here
+
+
+def test_unrolled_meta_gradient_runs_with_batchnorm_head_reinit_and_a_trap():
+    strat = [sf.Strategy("adam", lr=1e-2, batch_size=24, query_size=8, reinit_head=True),
+             sf.Strategy("momentum", lr=1e-2, batch_size=24, query_size=8)]
+    model, res = _protect(cnn_relu, "reference", meta_gradient="unrolled", iterations=2, inner_steps=2,
+                          strategies=strat, ntr_batch_size=16, defences=[TrapConfig(weight=0.5, margin=1.0)])
+    assert len(res.history) == 2 and all(math.isfinite(r["fts_loss"]) for r in res.history)
+    assert not torch.equal(flat(res.model), flat(model))
+
+
+def test_unrolled_meta_gradient_needs_the_reference_mode():
+    with pytest.raises(ValueError, match="mode='reference'"):
+        sf.ProtectConfig(meta_gradient="unrolled")
+    with pytest.raises(ValueError, match="meta_gradient"):
+        sf.ProtectConfig(meta_gradient="second")

@@ -19,6 +19,7 @@ from sophon_fast.defences import defence_from_dict, defence_to_dict
 INNER_OPTIMIZERS = ("sgd", "momentum", "adam")
 OUTER_OPTIMIZERS = ("adam", "sgd")
 MODES = ("fast", "reference")
+META_GRADIENTS = ("first_order", "unrolled")
 
 # loss -> (alpha, beta, ntr_steps, head re-initialisation in the default strategy)
 LOSS_DEFAULTS: Dict[str, tuple] = {
@@ -113,6 +114,9 @@ class ProtectConfig:
     restricted domain gets every trajectory with restricted_sampling="each", one random domain with "random").
     params: names (fnmatch patterns) of the parameters to protect; the others stay frozen (None: all
     trainable ones). defences: optional defence components' configs (e.g. ``sophon_fast.defences.TrapConfig``).
+    meta_gradient: "first_order" (SOPHON's: each attacker step is a constant, d theta'_k / d theta = I) or
+    "unrolled" (the exact derivative through the attacker's steps, second order; mode="reference" only, memory
+    O(K); see ``sophon_fast.engine.modes.ReferenceMode``).
     device: None = the model's device.
     """
     task: str = "classification"
@@ -120,6 +124,7 @@ class ProtectConfig:
     timestep: Optional[str] = None         # diffusion only: "fixed1" (the reference code's t = 1) | "uniform"
     suppression_tmax: Optional[int] = None  # diffusion, uniform timesteps only: suppress at t < suppression_tmax
     mode: str = "fast"
+    meta_gradient: str = "first_order"    # "first_order" (SOPHON's) | "unrolled" (through the attacker's steps)
     iterations: int = 1000
     inner_steps: int = 50
     strategies: Optional[List[Strategy]] = None
@@ -149,6 +154,11 @@ class ProtectConfig:
             raise ValueError(f"ProtectConfig.loss must be one of {tuple(LOSS_DEFAULTS)}, got {self.loss!r}")
         if self.mode not in MODES:
             raise ValueError(f"ProtectConfig.mode must be one of {MODES}, got {self.mode!r}")
+        if self.meta_gradient not in META_GRADIENTS:
+            raise ValueError(f"ProtectConfig.meta_gradient must be one of {META_GRADIENTS}, got {self.meta_gradient!r}")
+        if self.meta_gradient == "unrolled" and self.mode != "reference":
+            raise ValueError("ProtectConfig.meta_gradient='unrolled' keeps every inner step's graph, which the fast "
+                             "mode's flat arena exists to drop: use mode='reference'")
         for name in ("fts_optimizer", "ntr_optimizer"):
             if getattr(self, name) not in OUTER_OPTIMIZERS:
                 raise ValueError(f"ProtectConfig.{name} must be one of {OUTER_OPTIMIZERS}, got {getattr(self, name)!r}")

@@ -228,7 +228,8 @@ def protect(model: nn.Module, original, restricted, config: Optional[ProtectConf
         with torch.random.fork_rng(devices=rng_devices):            # the caller's global RNG is untouched
             torch.manual_seed(cfg.seed)                               # dropout and other global-RNG layers
             world = World(sharded=sharded)
-            mode = ShardedMode(model, task, params, world) if sharded else MODES[cfg.mode](model, task, params)
+            mode = (ShardedMode(model, task, params, world) if sharded else
+                    MODES[cfg.mode](model, task, params, **({'unrolled': True} if cfg.meta_gradient == 'unrolled' else {})))
             restore_divide = _sum_reduction(model) if sharded else None
             run = RunState.start(cfg, task, mode, prepared, world)
             _iterate(run)

@@ -45,6 +45,7 @@ weighted by its rows' share of ``Task.loss_weight``: rows, or counted tokens for
 from __future__ import annotations
 
 import fnmatch
+import math
 from typing import Callable, List, Optional, Sequence
 
 import torch
@@ -150,13 +151,41 @@ class _Mode:
             stream.skip(strategy.batch_size)
 
 
-class ReferenceMode(_Mode):
-    """The reference code's computation (learn2learn-style first-order MAML), kept readable."""
+def differentiable_step(w: Tensor, g: Tensor, state: List[Tensor], kind: int, lr: float, beta1: float, beta2: float,
+                        eps: float, weight_decay: float, step: int):
+    """``inner_step_``'s update, out of place and differentiable in ``w``, ``g`` and ``state`` ([exp_avg,
+    exp_avg_sq]): returns (new w, new state). The same numbers as the in-place step; Adam's square root is
+    taken of v clamped at 1e-30 (v = 0 exactly where every gradient so far was 0) so that its derivative stays
+    finite there."""
+    if weight_decay:
+        g = g + weight_decay * w
+    m, v = state
+    if kind == MOMENTUM:
+        m = beta1 * m + g
+        return w - lr * m, [m, v]
+    if kind == ADAM:
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        denom = v.clamp_min(1e-30).sqrt() / math.sqrt(1 - beta2 ** step) + eps
+        return w - (lr / (1 - beta1 ** step)) * m / denom, [m, v]
+    return w - lr * g, state
 
-    def __init__(self, model: nn.Module, task, params: List[nn.Parameter]):
+
+class ReferenceMode(_Mode):
+    """The reference code's computation (learn2learn-style first-order MAML), kept readable.
+
+    ``unrolled=True`` (``ProtectConfig.meta_gradient="unrolled"``) differentiates through the simulated
+    attacker's steps instead: the inner gradients keep their graph (``create_graph``) and each update is
+    :func:`differentiable_step`, so the meta-gradient is the exact d/dtheta of sum_k w_k L_k(theta'_k(theta)),
+    attacker steps included (second order; memory O(K) graphs with their double-backward state). A head
+    re-initialisation stays what it is in the first-order modes: the fresh head's gradient is added to the
+    head's."""
+
+    def __init__(self, model: nn.Module, task, params: List[nn.Parameter], unrolled: bool = False):
         super().__init__(model, task, params)
         self.bound = _Bound(model)
         self.names = {id(p): "model." + n for n, p in model.named_parameters()}
+        self.unrolled = unrolled
 
     def begin_iteration(self) -> None:
         for p in self.params:
@@ -180,6 +209,15 @@ class ReferenceMode(_Mode):
         total, losses = 0.0, []
         for k, (support, query) in enumerate(self._steps(strategy, stream, weights)):
             loss = self._call(fast, self.task.attacker_loss, support, gen)
+            if self.unrolled:
+                grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
+                for (n, w), g in zip(list(fast.items()), grads):
+                    fast[n], state[n] = differentiable_step(w, g, state[n], kind, strategy.lr, b1, b2, strategy.eps,
+                                                            strategy.weight_decay, k + 1)
+                lq = self._call(fast, self.task.suppression_loss, query, loss_name, gen)
+                total = total + weights[k] * lq
+                losses.append(lq.detach())
+                continue
             grads = torch.autograd.grad(loss, list(fast.values()))             # first order: detached
             new = {}
             for (n, w), g in zip(fast.items(), grads):

@@ -25,7 +25,9 @@ RESUMABLE_FIELDS = ("iterations", "progress", "checkpoint", "in_place", "device"
 def config_changes(saved: dict, cfg: ProtectConfig) -> List[str]:
     """Names of the fields of ``cfg`` that differ from a saved ``cfg.to_dict()`` (RESUMABLE_FIELDS aside)."""
     now = json.loads(json.dumps(cfg.to_dict()))      # tuples -> lists, as in a JSON record
-    saved = json.loads(json.dumps(saved))
+    # a field added after the checkpoint was written counts as its default
+    defaults = json.loads(json.dumps(ProtectConfig().to_dict()))
+    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **json.loads(json.dumps(saved))} if saved else {}
     return sorted(k for k in set(now) | set(saved) if k not in RESUMABLE_FIELDS and saved.get(k) != now.get(k))
 
 

@@ -67,3 +67,29 @@ def _backward(ctx, grad_loss, grad_stats):
 
 
 row_losses.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _setup_backward_context(ctx, inputs, output):
+    grad_loss, logits, target, _, weights, scale, ignore_index = inputs
+    ctx.save_for_backward(grad_loss, logits, target)
+    ctx.weights, ctx.scale, ctx.ignore_index = weights, scale, ignore_index
+
+
+def _double_backward(ctx, grad_grad):
+    """Second order (meta_gradient="unrolled" differentiates through an inner attacker step): the vector-Hessian
+    product of the composite reference loss (sophon_fast/reference/losses.py), by autograd; not differentiable
+    again (third order raises)."""
+    from sophon_fast.reference.losses import row_losses_forward as reference_forward
+    grad_loss, logits, target = ctx.saved_tensors
+    with torch.enable_grad():
+        gl = grad_loss.detach().requires_grad_(True)
+        z = logits.detach().requires_grad_(True)
+        loss, _ = reference_forward(z, target, ctx.weights, ctx.scale, ctx.ignore_index)
+        (g,) = torch.autograd.grad((loss * gl).sum(), z, create_graph=True)
+        d_gl, d_z = torch.autograd.grad(g, (gl, z), grad_grad.to(g.dtype), allow_unused=True)
+    d_gl = torch.zeros_like(grad_loss) if d_gl is None else d_gl.to(grad_loss.dtype)
+    d_z = torch.zeros_like(logits) if d_z is None else d_z.to(logits.dtype)
+    return d_gl, d_z, None, None, None, None, None
+
+
+row_losses_backward.register_autograd(_double_backward, setup_context=_setup_backward_context)
