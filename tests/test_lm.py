@@ -316,11 +316,11 @@ def test_attack_is_deterministic_and_rejects_bad_settings():
 
 
 # ---- protect on a tiny GPT-2 ------------------------------------------------------------------
-def _protect(model, mode="fast", loss="ice", reinit_head=False, iterations=2):
+def _protect(model, mode="fast", loss="ice", reinit_head=False, iterations=2, **kw):
     import sophon_fast as sf
     from sophon_fast.engine.config import Strategy
 
-    cfg = sf.ProtectConfig(task="lm", loss=loss, mode=mode, iterations=iterations, inner_steps=3,
+    cfg = sf.ProtectConfig(task="lm", loss=loss, mode=mode, iterations=iterations, inner_steps=3, **kw,
                            strategies=[Strategy("sgd", lr=1e-2, batch_size=6, query_size=2, reinit_head=reinit_head)],
                            ntr_batch_size=4, evaluation={"every": 1, "size": None, "max_drop": None}, progress=False)
     return sf.protect(model, _batch(n=16, seed=4), _batch(n=16, seed=5), cfg, task=LanguageModelTask(),
@@ -334,6 +334,11 @@ def test_protect_fast_matches_reference_fp64(loss):
     for a, b in zip(fast.model.parameters(), ref.model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert any(not torch.equal(a, b) for a, b in zip(fast.model.parameters(), _gpt2().double().parameters()))
+
+
+def test_unrolled_meta_gradient_is_refused_for_language_models():
+    with pytest.raises(ValueError, match="no second derivative"):
+        _protect(_gpt2(), "reference", meta_gradient="unrolled", iterations=1)
 
 
 def test_protect_tied_head_reinit_is_refused_and_untie_allows_it():

@@ -454,3 +454,12 @@ def test_unrolled_meta_gradient_needs_the_reference_mode():
         sf.ProtectConfig(meta_gradient="unrolled")
     with pytest.raises(ValueError, match="meta_gradient"):
         sf.ProtectConfig(meta_gradient="second")
+
+
+def test_a_checkpoint_without_a_newer_config_field_resumes_with_its_default():
+    from sophon_fast.engine.state import config_changes
+    cfg = sf.ProtectConfig()
+    saved = cfg.to_dict()
+    del saved["meta_gradient"]
+    assert config_changes(saved, cfg) == []
+    assert config_changes(saved, cfg.replace(mode="reference", meta_gradient="unrolled")) == ["meta_gradient", "mode"]

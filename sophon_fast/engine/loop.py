@@ -200,6 +200,9 @@ def protect(model: nn.Module, original, restricted, config: Optional[ProtectConf
     task = _task_for(cfg, task)
     if task.losses and cfg.loss not in task.losses:
         raise ValueError(f"protect: loss {cfg.loss!r} is not one of the {task.name} task's {task.losses}")
+    if cfg.meta_gradient == "unrolled" and not task.second_order:
+        raise ValueError(f"protect: meta_gradient='unrolled' differentiates the attacker's loss twice, and the "
+                         f"{task.name} task's loss has no second derivative; use meta_gradient='first_order'")
     sharded = is_sharded(model)
     if sharded:
         _check_sharded(cfg)

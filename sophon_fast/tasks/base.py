@@ -36,6 +36,7 @@ class Task:
     metric: str = "metric"           # what ``evaluate`` returns, e.g. "accuracy", "next-token loss"
     higher_is_better: bool = True
     losses: Tuple[str, ...] = ()     # the suppression losses this task computes (empty: not checked)
+    second_order: bool = True        # attacker_loss is twice differentiable (meta_gradient="unrolled")
 
     def prepare(self, model: nn.Module, data, what: str) -> Batch:
         """Materialise ``data`` (Dataset, DataLoader, or tuple of tensors) as a tuple of tensors on the

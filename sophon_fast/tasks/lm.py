@@ -68,6 +68,7 @@ class LanguageModelTask(Task):
     metric = "next-token loss"
     higher_is_better = False
     losses = ("ice", "ice_reference_code", "klu", "neg_entropy")
+    second_order = False     # the fused linear loss returns first derivatives only (no unrolled meta-gradient)
 
     def __init__(self, adapter: Optional[CausalLMAdapter] = None, ignore_index: int = -100,
                  eval_batch_size: int = 32):
