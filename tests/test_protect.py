@@ -1,4 +1,5 @@
 """protect(): reference vs fast parity in fp64, resume, non-finite handling, rollback, bad input."""
+import copy
 import math
 
 import pytest
@@ -463,3 +464,96 @@ def test_a_checkpoint_without_a_newer_config_field_resumes_with_its_default():
     del saved["meta_gradient"]
     assert config_changes(saved, cfg) == []
     assert config_changes(saved, cfg.replace(mode="reference", meta_gradient="unrolled")) == ["meta_gradient", "mode"]
+
+
+def test_reinit_block_draws_a_constant_block_and_sends_the_meta_gradient_below_it(monkeypatch):
+    """A reinit_block trajectory: the block gets no meta-gradient, and the body gets exactly what it gets from a
+    plain trajectory of a model whose block already holds the same fresh values (unrolled, one iteration, SGD
+    outer lr 1: theta0 - theta1 is the meta-gradient)."""
+    from sophon_fast.engine import modes
+    drawn = []
+    real = modes.fresh_parameters
+
+    def record(module, gen):
+        out = real(module, gen)
+        drawn.extend((p, v.detach().clone()) for p, v in out)
+        return out
+
+    monkeypatch.setattr(modes, "fresh_parameters", record)
+    shape = SHAPES[cnn_relu]
+
+    def run(model, **strategy):
+        cfg = sf.ProtectConfig(loss="ice", iterations=1, inner_steps=3, fts_optimizer="sgd", alpha=1e4, clip_norm=None,
+                               ntr_steps=0, mode="reference", meta_gradient="unrolled", progress=False,
+                               strategies=[sf.Strategy("adam", lr=1e-2, batch_size=24, query_size=8, **strategy)])
+        out = sf.protect(model, data(shape, seed=1), data(shape, seed=2), cfg).model
+        run.names = {id(p): n for n, p in out.named_parameters()}
+        return {n: p0.detach() - p1.detach() for (n, p0), p1 in zip(model.named_parameters(), out.parameters())}
+
+    torch.manual_seed(0)
+    model = cnn_relu().double()
+    step = run(model, reinit_block=True)
+    names = run.names
+    block = {names[id(p)] for p, _ in drawn}
+    assert block == {"1.weight", "1.bias", "4.weight", "4.bias", "6.weight", "6.bias"}   # BN, fc, head
+    assert all(step[n].abs().max() == 0 for n in block)
+    assert step["0.weight"].abs().max() > 0
+    preset = copy.deepcopy(model)
+    with torch.no_grad():
+        for p, v in drawn:
+            dict(preset.named_parameters())[names[id(p)]].copy_(v)
+    got = run(preset, reinit_head=False)
+    assert got["4.weight"].abs().max() > 0          # the preset block is the model's own: it does get one
+    assert rel(step["0.weight"], got["0.weight"]) <= 1e-9       # (the conv bias has none: BatchNorm follows)
+
+
+def test_fresh_parameters_follow_the_default_initialisation():
+    from sophon_fast.tasks.base import fresh_parameters
+    gen = torch.Generator().manual_seed(0)
+    lin = nn.Linear(400, 30)
+    (w, vw), (b, vb) = fresh_parameters(lin, gen)
+    assert w is lin.weight and b is lin.bias and vw.requires_grad and vw.is_leaf
+    vw, vb = vw.detach(), vb.detach()
+    assert 0.045 < vw.abs().max() <= 0.05 and vb.abs().max() <= 0.05 and abs(float(vw.mean())) < 0.002
+    bn = nn.BatchNorm1d(7)
+    assert [v.tolist() for _, v in fresh_parameters(bn, gen)] == [[1.0] * 7, [0.0] * 7]
+    with pytest.raises(ValueError, match="Linear and norm layers"):
+        fresh_parameters(nn.Conv2d(1, 2, 3), gen)
+
+
+def test_reinit_block_errors():
+    with pytest.raises(ValueError, match="mode='reference'"):
+        sf.ProtectConfig(strategies=[sf.Strategy(reinit_block=True)])
+    with pytest.raises(ValueError, match="head afresh too"):
+        sf.Strategy(reinit_block=True, reinit_head=False)
+    with pytest.raises(ValueError, match="needs a classifier block"):
+        _protect(mlp, "reference", iterations=1, strategies=[sf.Strategy("sgd", lr=1e-2, batch_size=24, query_size=8,
+                                                                            reinit_block=True)])
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="among the protected params"):
+        _protect(cnn_relu, "reference", iterations=1, params=["0.*", "4.*", "6.*"],
+                 strategies=[sf.Strategy("sgd", lr=1e-2, batch_size=24, query_size=8, reinit_block=True)])
+
+
+@pytest.mark.parametrize("strategy", [dict(reinit_block=True), dict(reinit_head=True), dict(reinit_head=False)])
+def test_skip_trajectory_makes_the_draws_of_the_trajectory(strategy):
+    """Another rank's trajectory is skipped with the same random draws (head or block, K batches)."""
+    from sophon_fast.engine.modes import ReferenceMode
+    from sophon_fast.engine.streams import BatchStream
+    from sophon_fast.tasks.classification import ClassificationTask
+    torch.manual_seed(0)
+    model = cnn_relu().double()
+    x, y = data(SHAPES[cnn_relu])
+    s = sf.Strategy("sgd", lr=1e-2, batch_size=24, query_size=8, **strategy)
+    states = []
+    for run in ("trajectory", "skip_trajectory"):
+        mode = ReferenceMode(model, ClassificationTask(), list(model.parameters()))
+        gen = torch.Generator().manual_seed(0)
+        stream = BatchStream((x, y), gen)
+        mode.begin_iteration()
+        if run == "trajectory":
+            mode.trajectory(s, stream, "ice", [0.5, 0.5], gen)
+        else:
+            mode.skip_trajectory(s, stream, 2, gen)
+        states.append((gen.get_state(), stream.pos, stream.perm.clone()))
+    assert torch.equal(states[0][0], states[1][0]) and states[0][1] == states[1][1] and torch.equal(states[0][2], states[1][2])

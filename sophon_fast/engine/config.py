@@ -39,8 +39,12 @@ class Strategy:
     optimizer: "sgd" | "momentum" | "adam" (torch semantics; momentum uses ``momentum`` as beta, dampening 0).
     lr: its learning rate. batch_size: restricted samples per inner step, of which the last ``query_size``
     form the query batch. reinit_head: re-initialise the clone's head (xavier_uniform weight, zero bias)
-    before the trajectory; None: the loss's default (ICE True, the reference ICE script). steps: inner
-    steps K (None: the config's ``inner_steps``).
+    before the trajectory; None: the loss's default (ICE True, the reference ICE script). reinit_block: start
+    the trajectory from a freshly drawn classifier block (``Task.block``: every parameterised layer after the
+    last convolution / pooling, the head included; PyTorch's default initialisation), the adaptive
+    ``reinit_block`` attack; the fresh block is a constant, so the trajectory's meta-gradient reaches the layers
+    below it only (mode="reference"; with meta_gradient="unrolled" through the attacker's steps, docs/experiments.md
+    e44). steps: inner steps K (None: the config's ``inner_steps``).
     """
     optimizer: str = "sgd"
     lr: float = 1e-4
@@ -52,9 +56,12 @@ class Strategy:
     eps: float = 1e-8
     weight_decay: float = 0.0
     steps: Optional[int] = None
+    reinit_block: bool = False
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
+        if self.reinit_block and self.reinit_head is False:
+            raise ValueError("Strategy: reinit_block draws the head afresh too; leave reinit_head None or True")
         if self.optimizer not in INNER_OPTIMIZERS:
             raise ValueError(f"Strategy.optimizer must be one of {INNER_OPTIMIZERS}, got {self.optimizer!r}")
         if not self.lr > 0:
@@ -166,6 +173,9 @@ class ProtectConfig:
             self.strategies = [s if isinstance(s, Strategy) else Strategy(**s) for s in self.strategies]
             if not self.strategies:
                 raise ValueError("ProtectConfig.strategies is empty (None gives the reference strategy)")
+            if self.mode != "reference" and any(s.reinit_block for s in self.strategies):
+                raise ValueError("ProtectConfig: a strategy with reinit_block needs mode='reference' (the fast modes' "
+                                 "flat buffers have no slot for a block that is not the model's)")
         if isinstance(self.evaluation, dict):
             self.evaluation = Evaluation(**self.evaluation)
         if isinstance(self.checkpoint, dict):

@@ -56,7 +56,7 @@ from sophon_fast.engine.streams import split
 from sophon_fast.ops.inner_step import inner_step_
 from sophon_fast.reference.inner_step import ADAM, KINDS, MOMENTUM
 from sophon_fast.reference.inner_step import inner_step_ as inner_step_reference
-from sophon_fast.tasks.base import reinit_linear_
+from sophon_fast.tasks.base import fresh_parameters, reinit_linear_
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -141,10 +141,21 @@ class _Mode:
     def grad_norm(self, grads: List[Tensor]) -> Tensor:
         return _norm_and_clip(grads, None)
 
+    def _fresh_block(self, gen) -> List[tuple]:
+        """[(parameter, fresh value)] for every parameter of ``task.block(model)`` (``Strategy.reinit_block``),
+        drawn from ``gen``; ValueError when one of them is not protected (a frozen layer would not be redrawn)."""
+        protected = {id(p) for p in self.params}
+        out = [pair for mod in self.task.block(self.model) for pair in fresh_parameters(mod, gen)]
+        if any(id(p) not in protected for p, _ in out):
+            raise ValueError("protect: reinit_block needs every parameter of the classifier block among the protected params")
+        return out
+
     def skip_trajectory(self, strategy, stream, steps: int, gen) -> None:
-        """Make the random draws of ``trajectory`` (head re-initialisation, K batches) without running it:
-        another rank runs it, and the streams and generator stay in step on every rank."""
-        if strategy.reinit_head:
+        """Make the random draws of ``trajectory`` (head or block re-initialisation, K batches) without running
+        it: another rank runs it, and the streams and generator stay in step on every rank."""
+        if strategy.reinit_block:
+            self._fresh_block(gen)
+        elif strategy.reinit_head:
             w, b = self._head_tensors({id(p): p for p in self.params})
             reinit_linear_(torch.empty_like(w), None, gen)
         for _ in range(steps):
@@ -201,7 +212,10 @@ class ReferenceMode(_Mode):
 
     def trajectory(self, strategy, stream, loss_name: str, weights: Sequence[float], gen) -> Tensor:
         fast = {self.names[id(p)]: p.clone() for p in self.params}          # graph-connected clone
-        if strategy.reinit_head:
+        if strategy.reinit_block:                                              # constants: no meta-gradient
+            for p, value in self._fresh_block(gen):
+                fast[self.names[id(p)]] = value
+        elif strategy.reinit_head:
             w, b = self._head_tensors({id(p): fast[self.names[id(p)]] for p in self.params})
             reinit_linear_(w, b, gen)
         kind, b1, b2 = _inner_hparams(strategy)

@@ -21,7 +21,9 @@ Implementations: ``classification.ClassificationTask`` (logits (N, C), labels), 
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import math
+
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -67,6 +69,11 @@ class Task:
         """The module a strategy's ``reinit_head`` re-initialises (None: the task has no head)."""
         return None
 
+    def block(self, model: nn.Module) -> List[nn.Module]:
+        """The modules a strategy's ``reinit_block`` draws afresh (classification: the classifier block, every
+        parameterised layer after the last convolution / pooling). Raises ValueError where none is defined."""
+        raise ValueError(f"{self.name} task: no classifier block is defined for reinit_block")
+
     def reinit_head(self, model: nn.Module, gen: torch.Generator) -> None:
         """Re-initialise ``head(model)`` in place from ``gen`` (see :func:`reinit_linear_`)."""
         head = self.head(model)
@@ -82,3 +89,24 @@ def reinit_linear_(weight: Tensor, bias: Optional[Tensor], gen: Optional[torch.G
     nn.init.xavier_uniform_(weight, generator=gen)
     if bias is not None:
         bias.zero_()
+
+
+_FRESH_ONES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
+
+
+def fresh_parameters(module: nn.Module, gen: torch.Generator) -> List[Tuple[nn.Parameter, Tensor]]:
+    """[(parameter, fresh value)] of ``module`` as its ``reset_parameters()`` would draw them, from ``gen``:
+    nn.Linear's default (weight and bias uniform in +-1/sqrt(fan_in)), norm layers' ones and zeros; the values
+    are new leaf tensors that require grad. ValueError for any other module."""
+    if isinstance(module, nn.Linear):
+        w, b = module.weight, module.bias
+        bound = 1.0 / math.sqrt(w.shape[1])
+        out = [(w, (torch.rand(w.shape, generator=gen, device=w.device, dtype=w.dtype) * 2 - 1) * bound)]
+        if b is not None:
+            out.append((b, (torch.rand(b.shape, generator=gen, device=b.device, dtype=b.dtype) * 2 - 1) * bound))
+    elif isinstance(module, _FRESH_ONES):
+        out = [(p, torch.ones_like(p) if name == "weight" else torch.zeros_like(p))
+               for name, p in module.named_parameters(recurse=False)]
+    else:
+        raise ValueError(f"reinit_block: cannot draw a fresh {type(module).__name__} (Linear and norm layers only)")
+    return [(p, t.detach().requires_grad_(True)) for p, t in out]

@@ -93,3 +93,12 @@ class ClassificationTask(Task):
 
     def head(self, model: nn.Module) -> nn.Linear:
         return find_head(model, self.head_name)
+
+    def block(self, model: nn.Module):
+        """The classifier block the adaptive ``reinit_block`` attack resets (one finder for both)."""
+        from sophon_fast.attacks.adaptive import classifier_block
+        try:
+            return classifier_block(model)
+        except ValueError as e:
+            raise ValueError(f"protect: reinit_block needs a classifier block (parameterised layers after the last "
+                             f"convolution / pooling): {e}") from None
