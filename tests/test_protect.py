@@ -466,8 +466,8 @@ def test_a_checkpoint_without_a_newer_config_field_resumes_with_its_default():
     assert config_changes(saved, cfg.replace(mode="reference", meta_gradient="unrolled")) == ["meta_gradient", "mode"]
 
 
-def test_reinit_block_draws_a_constant_block_and_sends_the_meta_gradient_below_it(monkeypatch):
-    """A reinit_block trajectory: the block gets no meta-gradient, and the body gets exactly what it gets from a
+def test_a_fresh_block_is_a_constant_and_the_meta_gradient_goes_below_it(monkeypatch):
+    """A fresh="block" trajectory: the block gets no meta-gradient, and the body gets exactly what it gets from a
     plain trajectory of a model whose block already holds the same fresh values (unrolled, one iteration, SGD
     outer lr 1: theta0 - theta1 is the meta-gradient)."""
     from sophon_fast.engine import modes
@@ -492,7 +492,7 @@ def test_reinit_block_draws_a_constant_block_and_sends_the_meta_gradient_below_i
 
     torch.manual_seed(0)
     model = cnn_relu().double()
-    step = run(model, reinit_block=True)
+    step = run(model, fresh="block")
     names = run.names
     block = {names[id(p)] for p, _ in drawn}
     assert block == {"1.weight", "1.bias", "4.weight", "4.bias", "6.weight", "6.bias"}   # BN, fc, head
@@ -521,21 +521,42 @@ def test_fresh_parameters_follow_the_default_initialisation():
         fresh_parameters(nn.Conv2d(1, 2, 3), gen)
 
 
-def test_reinit_block_errors():
+def test_fresh_head_draws_only_the_head():
+    from sophon_fast.engine import modes
+    drawn = []
+    real = modes.fresh_parameters
+    try:
+        modes.fresh_parameters = lambda m, g: drawn.append(m) or real(m, g)
+        torch.manual_seed(0)
+        model, res = _protect(cnn_relu, "reference", iterations=1, meta_gradient="unrolled", ntr_steps=0,
+                              strategies=[sf.Strategy("sgd", lr=1e-2, batch_size=24, query_size=8, fresh="head")])
+    finally:
+        modes.fresh_parameters = real
+    assert len(drawn) == 1 and isinstance(drawn[0], nn.Linear) and drawn[0].out_features == 5
+    moved = [n for (n, a), b in zip(model.named_parameters(), res.model.parameters()) if not torch.equal(a, b)]
+    assert "6.weight" not in moved and "4.weight" in moved      # the head is a constant, the layer under it is not
+
+
+def test_fresh_layer_errors():
     with pytest.raises(ValueError, match="mode='reference'"):
-        sf.ProtectConfig(strategies=[sf.Strategy(reinit_block=True)])
-    with pytest.raises(ValueError, match="head afresh too"):
-        sf.Strategy(reinit_block=True, reinit_head=False)
+        sf.ProtectConfig(strategies=[sf.Strategy(fresh="block")])
+    with pytest.raises(ValueError, match="set one of them"):
+        sf.Strategy(fresh="block", reinit_head=True)
+    with pytest.raises(ValueError, match="'head' or 'block'"):
+        sf.Strategy(fresh="body")
+    assert sf.ProtectConfig(loss="ice", mode="reference", strategies=[sf.Strategy(fresh="head")]).resolved() \
+        .strategies[0].reinit_head is False
     with pytest.raises(ValueError, match="needs a classifier block"):
         _protect(mlp, "reference", iterations=1, strategies=[sf.Strategy("sgd", lr=1e-2, batch_size=24, query_size=8,
-                                                                            reinit_block=True)])
+                                                                            fresh="block")])
     torch.manual_seed(0)
     with pytest.raises(ValueError, match="among the protected params"):
         _protect(cnn_relu, "reference", iterations=1, params=["0.*", "4.*", "6.*"],
-                 strategies=[sf.Strategy("sgd", lr=1e-2, batch_size=24, query_size=8, reinit_block=True)])
+                 strategies=[sf.Strategy("sgd", lr=1e-2, batch_size=24, query_size=8, fresh="block")])
 
 
-@pytest.mark.parametrize("strategy", [dict(reinit_block=True), dict(reinit_head=True), dict(reinit_head=False)])
+@pytest.mark.parametrize("strategy", [dict(fresh="block"), dict(fresh="head"), dict(reinit_head=True),
+                                      dict(reinit_head=False)])
 def test_skip_trajectory_makes_the_draws_of_the_trajectory(strategy):
     """Another rank's trajectory is skipped with the same random draws (head or block, K batches)."""
     from sophon_fast.engine.modes import ReferenceMode

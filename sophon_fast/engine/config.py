@@ -39,12 +39,13 @@ class Strategy:
     optimizer: "sgd" | "momentum" | "adam" (torch semantics; momentum uses ``momentum`` as beta, dampening 0).
     lr: its learning rate. batch_size: restricted samples per inner step, of which the last ``query_size``
     form the query batch. reinit_head: re-initialise the clone's head (xavier_uniform weight, zero bias)
-    before the trajectory; None: the loss's default (ICE True, the reference ICE script). reinit_block: start
-    the trajectory from a freshly drawn classifier block (``Task.block``: every parameterised layer after the
-    last convolution / pooling, the head included; PyTorch's default initialisation), the adaptive
-    ``reinit_block`` attack; the fresh block is a constant, so the trajectory's meta-gradient reaches the layers
-    below it only (mode="reference"; with meta_gradient="unrolled" through the attacker's steps, docs/experiments.md
-    e44). steps: inner steps K (None: the config's ``inner_steps``).
+    before the trajectory; None: the loss's default (ICE True, the reference ICE script). fresh: "head" or
+    "block" starts the trajectory from a freshly drawn head (``Task.head``) or classifier block (``Task.block``:
+    every parameterised layer after the last convolution / pooling, the head included), with PyTorch's default
+    initialisation, as the adaptive attacks that re-initialise them do; unlike ``reinit_head`` (the reference
+    code's), the fresh layers are constants, so the trajectory's meta-gradient reaches the layers below them only
+    (mode="reference"; with meta_gradient="unrolled" through the attacker's steps, docs/experiments.md e44).
+    steps: inner steps K (None: the config's ``inner_steps``).
     """
     optimizer: str = "sgd"
     lr: float = 1e-4
@@ -56,12 +57,14 @@ class Strategy:
     eps: float = 1e-8
     weight_decay: float = 0.0
     steps: Optional[int] = None
-    reinit_block: bool = False
+    fresh: Optional[str] = None
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
-        if self.reinit_block and self.reinit_head is False:
-            raise ValueError("Strategy: reinit_block draws the head afresh too; leave reinit_head None or True")
+        if self.fresh not in (None, "head", "block"):
+            raise ValueError(f"Strategy.fresh must be None, 'head' or 'block', got {self.fresh!r}")
+        if self.fresh and self.reinit_head:
+            raise ValueError("Strategy: fresh and reinit_head both re-initialise the head; set one of them")
         if self.optimizer not in INNER_OPTIMIZERS:
             raise ValueError(f"Strategy.optimizer must be one of {INNER_OPTIMIZERS}, got {self.optimizer!r}")
         if not self.lr > 0:
@@ -173,9 +176,9 @@ class ProtectConfig:
             self.strategies = [s if isinstance(s, Strategy) else Strategy(**s) for s in self.strategies]
             if not self.strategies:
                 raise ValueError("ProtectConfig.strategies is empty (None gives the reference strategy)")
-            if self.mode != "reference" and any(s.reinit_block for s in self.strategies):
-                raise ValueError("ProtectConfig: a strategy with reinit_block needs mode='reference' (the fast modes' "
-                                 "flat buffers have no slot for a block that is not the model's)")
+            if self.mode != "reference" and any(s.fresh for s in self.strategies):
+                raise ValueError("ProtectConfig: a strategy with fresh layers needs mode='reference' (the fast modes' "
+                                 "flat buffers have no slot for layers that are not the model's)")
         if isinstance(self.evaluation, dict):
             self.evaluation = Evaluation(**self.evaluation)
         if isinstance(self.checkpoint, dict):
@@ -201,8 +204,8 @@ class ProtectConfig:
         """A copy with every loss-dependent default filled in from the final settings."""
         alpha, beta, ntr_steps, reinit = LOSS_DEFAULTS[self.loss]
         strategies = self.strategies or [Strategy()]
-        strategies = [dataclasses.replace(s, reinit_head=reinit if s.reinit_head is None else s.reinit_head)
-                      for s in strategies]
+        strategies = [dataclasses.replace(s, reinit_head=(False if s.fresh else reinit) if s.reinit_head is None
+                                          else s.reinit_head) for s in strategies]
         return dataclasses.replace(
             self, strategies=strategies, alpha=alpha if self.alpha is None else self.alpha,
             beta=beta if self.beta is None else self.beta,

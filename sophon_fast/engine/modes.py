@@ -141,20 +141,27 @@ class _Mode:
     def grad_norm(self, grads: List[Tensor]) -> Tensor:
         return _norm_and_clip(grads, None)
 
-    def _fresh_block(self, gen) -> List[tuple]:
-        """[(parameter, fresh value)] for every parameter of ``task.block(model)`` (``Strategy.reinit_block``),
+    def _fresh(self, strategy, gen) -> List[tuple]:
+        """[(parameter, fresh value)] for every parameter of the head or the classifier block (``Strategy.fresh``),
         drawn from ``gen``; ValueError when one of them is not protected (a frozen layer would not be redrawn)."""
+        if strategy.fresh == "head":
+            head = self.task.head(self.model)
+            if head is None:
+                raise ValueError(f"protect: fresh='head' needs a head, and the {self.task.name} task has none")
+            modules = [head]
+        else:
+            modules = self.task.block(self.model)
         protected = {id(p) for p in self.params}
-        out = [pair for mod in self.task.block(self.model) for pair in fresh_parameters(mod, gen)]
+        out = [pair for mod in modules for pair in fresh_parameters(mod, gen)]
         if any(id(p) not in protected for p, _ in out):
-            raise ValueError("protect: reinit_block needs every parameter of the classifier block among the protected params")
+            raise ValueError(f"protect: fresh={strategy.fresh!r} needs every parameter it draws among the protected params")
         return out
 
     def skip_trajectory(self, strategy, stream, steps: int, gen) -> None:
         """Make the random draws of ``trajectory`` (head or block re-initialisation, K batches) without running
         it: another rank runs it, and the streams and generator stay in step on every rank."""
-        if strategy.reinit_block:
-            self._fresh_block(gen)
+        if strategy.fresh:
+            self._fresh(strategy, gen)
         elif strategy.reinit_head:
             w, b = self._head_tensors({id(p): p for p in self.params})
             reinit_linear_(torch.empty_like(w), None, gen)
@@ -212,8 +219,8 @@ class ReferenceMode(_Mode):
 
     def trajectory(self, strategy, stream, loss_name: str, weights: Sequence[float], gen) -> Tensor:
         fast = {self.names[id(p)]: p.clone() for p in self.params}          # graph-connected clone
-        if strategy.reinit_block:                                              # constants: no meta-gradient
-            for p, value in self._fresh_block(gen):
+        if strategy.fresh:                                                     # constants: no meta-gradient
+            for p, value in self._fresh(strategy, gen):
                 fast[self.names[id(p)]] = value
         elif strategy.reinit_head:
             w, b = self._head_tensors({id(p): fast[self.names[id(p)]] for p in self.params})

@@ -70,9 +70,9 @@ class Task:
         return None
 
     def block(self, model: nn.Module) -> List[nn.Module]:
-        """The modules a strategy's ``reinit_block`` draws afresh (classification: the classifier block, every
+        """The modules a strategy with ``fresh='block'`` draws afresh (classification: the classifier block, every
         parameterised layer after the last convolution / pooling). Raises ValueError where none is defined."""
-        raise ValueError(f"{self.name} task: no classifier block is defined for reinit_block")
+        raise ValueError(f"{self.name} task: no classifier block is defined for fresh='block'")
 
     def reinit_head(self, model: nn.Module, gen: torch.Generator) -> None:
         """Re-initialise ``head(model)`` in place from ``gen`` (see :func:`reinit_linear_`)."""
@@ -108,5 +108,5 @@ def fresh_parameters(module: nn.Module, gen: torch.Generator) -> List[Tuple[nn.P
         out = [(p, torch.ones_like(p) if name == "weight" else torch.zeros_like(p))
                for name, p in module.named_parameters(recurse=False)]
     else:
-        raise ValueError(f"reinit_block: cannot draw a fresh {type(module).__name__} (Linear and norm layers only)")
+        raise ValueError(f"fresh_parameters: cannot draw a fresh {type(module).__name__} (Linear and norm layers only)")
     return [(p, t.detach().requires_grad_(True)) for p, t in out]

@@ -100,5 +100,5 @@ class ClassificationTask(Task):
         try:
             return classifier_block(model)
         except ValueError as e:
-            raise ValueError(f"protect: reinit_block needs a classifier block (parameterised layers after the last "
+            raise ValueError(f"protect: fresh='block' needs a classifier block (parameterised layers after the last "
                              f"convolution / pooling): {e}") from None
