@@ -578,3 +578,45 @@ def test_skip_trajectory_makes_the_draws_of_the_trajectory(strategy):
             mode.skip_trajectory(s, stream, 2, gen)
         states.append((gen.get_state(), stream.pos, stream.perm.clone()))
     assert torch.equal(states[0][0], states[1][0]) and states[0][1] == states[1][1] and torch.equal(states[0][2], states[1][2])
+
+
+def test_train_fresh_only_is_a_probe_attacker_differentiated_exactly(monkeypatch):
+    """fresh="head", train="fresh", unrolled: only the fresh head takes the inner SGD steps, and the meta-gradient
+    of the body is torch.func's derivative of sum_k ICE(body, head_k(body)) / K with head_0 the drawn head."""
+    from torch.func import functional_call, grad
+    from sophon_fast.engine import modes
+    from sophon_fast.reference.losses import inverse_cross_entropy
+    drawn = []
+    real = modes.fresh_parameters
+    monkeypatch.setattr(modes, "fresh_parameters", lambda m, g: [drawn.append(v.detach().clone()) or (p, v)
+                                                                 for p, v in real(m, g)])
+    torch.manual_seed(0)
+    model = mlp().double()
+    xr, yr = data((20,), n=24 * 3, seed=2)
+    lr, K = 0.5, 3
+    res = sf.protect(model, data((20,), seed=1), (xr, yr), mode="reference", meta_gradient="unrolled", loss="ice",
+                     iterations=1, inner_steps=K, fts_optimizer="sgd", alpha=1e4, clip_norm=None, ntr_steps=0,
+                     progress=False, strategies=[sf.Strategy("sgd", lr=lr, batch_size=24, query_size=8, fresh="head",
+                                                             train="fresh")])
+    perm = torch.randperm(len(xr), generator=torch.Generator().manual_seed(0))
+    body0 = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("1.")}
+
+    def objective(body):
+        head = {"3.weight": drawn[0], "3.bias": drawn[1]}
+        ce = lambda h, x, y: torch.nn.functional.cross_entropy(functional_call(model, {**body, **h}, (x,)), y)  # noqa
+        total = 0.0
+        for k in range(K):
+            idx = perm[24 * k:24 * (k + 1)]
+            g = grad(ce)(head, xr[idx][:-8], yr[idx][:-8])
+            head = {n: head[n] - lr * g[n] for n in head}
+            total = total + inverse_cross_entropy(functional_call(model, {**body, **head}, (xr[idx][-8:],)),
+                                                  yr[idx][-8:]) / K
+        return total
+
+    want = grad(objective)(body0)
+    after = dict(res.model.named_parameters())
+    for n in body0:
+        assert rel(body0[n] - after[n].detach(), want[n]) <= 1e-9, n
+    assert torch.equal(after["3.weight"].detach(), model[3].weight.detach())    # the model's own head: untouched
+    with pytest.raises(ValueError, match="train must be"):
+        sf.Strategy(train="fresh")

@@ -45,7 +45,9 @@ class Strategy:
     initialisation, as the adaptive attacks that re-initialise them do; unlike ``reinit_head`` (the reference
     code's), the fresh layers are constants, so the trajectory's meta-gradient reaches the layers below them only
     (mode="reference"; with meta_gradient="unrolled" through the attacker's steps, docs/experiments.md e44).
-    steps: inner steps K (None: the config's ``inner_steps``).
+    train: "all" (every protected parameter takes the inner steps) or "fresh" (only the fresh layers do, the rest
+    stays as it is: a probe or last-layer attacker; needs ``fresh``). steps: inner steps K (None: the config's
+    ``inner_steps``).
     """
     optimizer: str = "sgd"
     lr: float = 1e-4
@@ -58,11 +60,15 @@ class Strategy:
     weight_decay: float = 0.0
     steps: Optional[int] = None
     fresh: Optional[str] = None
+    train: str = "all"
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
         if self.fresh not in (None, "head", "block"):
             raise ValueError(f"Strategy.fresh must be None, 'head' or 'block', got {self.fresh!r}")
+        if self.train not in ("all", "fresh") or (self.train == "fresh" and not self.fresh):
+            raise ValueError(f"Strategy.train must be 'all', or 'fresh' with fresh set; got train={self.train!r}, "
+                             f"fresh={self.fresh!r}")
         if self.fresh and self.reinit_head:
             raise ValueError("Strategy: fresh and reinit_head both re-initialise the head; set one of them")
         if self.optimizer not in INNER_OPTIMIZERS:

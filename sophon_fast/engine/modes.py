@@ -219,29 +219,35 @@ class ReferenceMode(_Mode):
 
     def trajectory(self, strategy, stream, loss_name: str, weights: Sequence[float], gen) -> Tensor:
         fast = {self.names[id(p)]: p.clone() for p in self.params}          # graph-connected clone
+        trained = list(fast)
         if strategy.fresh:                                                     # constants: no meta-gradient
+            drawn = []
             for p, value in self._fresh(strategy, gen):
                 fast[self.names[id(p)]] = value
+                drawn.append(self.names[id(p)])
+            if strategy.train == "fresh":                                      # a probe / last-layer attacker
+                trained = drawn
         elif strategy.reinit_head:
             w, b = self._head_tensors({id(p): fast[self.names[id(p)]] for p in self.params})
             reinit_linear_(w, b, gen)
         kind, b1, b2 = _inner_hparams(strategy)
-        state = {n: [torch.zeros_like(w), torch.zeros_like(w)] for n, w in fast.items()}
+        state = {n: [torch.zeros_like(fast[n]), torch.zeros_like(fast[n])] for n in trained}
         total, losses = 0.0, []
         for k, (support, query) in enumerate(self._steps(strategy, stream, weights)):
             loss = self._call(fast, self.task.attacker_loss, support, gen)
             if self.unrolled:
-                grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
-                for (n, w), g in zip(list(fast.items()), grads):
-                    fast[n], state[n] = differentiable_step(w, g, state[n], kind, strategy.lr, b1, b2, strategy.eps,
+                grads = torch.autograd.grad(loss, [fast[n] for n in trained], create_graph=True)
+                for n, g in zip(trained, grads):
+                    fast[n], state[n] = differentiable_step(fast[n], g, state[n], kind, strategy.lr, b1, b2, strategy.eps,
                                                             strategy.weight_decay, k + 1)
                 lq = self._call(fast, self.task.suppression_loss, query, loss_name, gen)
                 total = total + weights[k] * lq
                 losses.append(lq.detach())
                 continue
-            grads = torch.autograd.grad(loss, list(fast.values()))             # first order: detached
-            new = {}
-            for (n, w), g in zip(fast.items(), grads):
+            grads = torch.autograd.grad(loss, [fast[n] for n in trained])      # first order: detached
+            new = dict(fast)
+            for n, g in zip(trained, grads):
+                w = fast[n]
                 with torch.no_grad():
                     w_new = w.detach().clone()
                     inner_step_reference(w_new, g, *state[n], kind, strategy.lr, b1, b2, strategy.eps,
