@@ -28,7 +28,7 @@ from torch import nn
 
 from sophon_fast.engine.config import ProtectConfig
 from sophon_fast.distributed import World
-from sophon_fast.engine.modes import MODES, ShardedMode, is_sharded, select_params
+from sophon_fast.engine.modes import FastMode, ReferenceMode, ShardedMode, is_sharded, select_params
 from sophon_fast.engine.state import RunState, config_changes  # noqa: F401  (config_changes: public helper)
 from sophon_fast.tasks import make_task
 
@@ -231,8 +231,12 @@ def protect(model: nn.Module, original, restricted, config: Optional[ProtectConf
         with torch.random.fork_rng(devices=rng_devices):            # the caller's global RNG is untouched
             torch.manual_seed(cfg.seed)                               # dropout and other global-RNG layers
             world = World(sharded=sharded)
-            mode = (ShardedMode(model, task, params, world) if sharded else
-                    MODES[cfg.mode](model, task, params, **({'unrolled': True} if cfg.meta_gradient == 'unrolled' else {})))
+            if sharded:
+                mode = ShardedMode(model, task, params, world)
+            elif cfg.mode == "reference":
+                mode = ReferenceMode(model, task, params, unrolled=cfg.meta_gradient == "unrolled")
+            else:
+                mode = FastMode(model, task, params)
             restore_divide = _sum_reduction(model) if sharded else None
             run = RunState.start(cfg, task, mode, prepared, world)
             _iterate(run)

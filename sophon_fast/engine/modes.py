@@ -235,25 +235,17 @@ class ReferenceMode(_Mode):
         total, losses = 0.0, []
         for k, (support, query) in enumerate(self._steps(strategy, stream, weights)):
             loss = self._call(fast, self.task.attacker_loss, support, gen)
-            if self.unrolled:
-                grads = torch.autograd.grad(loss, [fast[n] for n in trained], create_graph=True)
-                for n, g in zip(trained, grads):
-                    fast[n], state[n] = differentiable_step(fast[n], g, state[n], kind, strategy.lr, b1, b2, strategy.eps,
-                                                            strategy.weight_decay, k + 1)
-                lq = self._call(fast, self.task.suppression_loss, query, loss_name, gen)
-                total = total + weights[k] * lq
-                losses.append(lq.detach())
-                continue
-            grads = torch.autograd.grad(loss, [fast[n] for n in trained])      # first order: detached
-            new = dict(fast)
+            grads = torch.autograd.grad(loss, [fast[n] for n in trained], create_graph=self.unrolled)
             for n, g in zip(trained, grads):
-                w = fast[n]
-                with torch.no_grad():
-                    w_new = w.detach().clone()
+                if self.unrolled:                                              # differentiable in theta
+                    fast[n], state[n] = differentiable_step(fast[n], g, state[n], kind, strategy.lr, b1, b2,
+                                                            strategy.eps, strategy.weight_decay, k + 1)
+                    continue
+                with torch.no_grad():                                          # first order: g detached
+                    w_new = fast[n].detach().clone()
                     inner_step_reference(w_new, g, *state[n], kind, strategy.lr, b1, b2, strategy.eps,
                                          strategy.weight_decay, k + 1, False)
-                new[n] = w - (w.detach() - w_new)                               # d theta'_k / d theta = I
-            fast = new
+                fast[n] = fast[n] - (fast[n].detach() - w_new)                 # d theta'_k / d theta = I
             lq = self._call(fast, self.task.suppression_loss, query, loss_name, gen)
             total = total + weights[k] * lq                                    # K graphs stay alive
             losses.append(lq.detach())
@@ -626,5 +618,3 @@ def bytes_per_parameter(dtype: torch.dtype, inner: str = "adam", outer_adam: int
     lowp_extra = 8 if dtype in LOW_PRECISION else 0
     return 4 * b + outer_adam * 2 * master + master + inner_state + lowp_extra
 
-
-MODES = {"reference": ReferenceMode, "fast": FastMode}

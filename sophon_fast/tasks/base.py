@@ -22,7 +22,6 @@ Implementations: ``classification.ClassificationTask`` (logits (N, C), labels), 
 from __future__ import annotations
 
 import math
-
 from typing import List, Optional, Tuple
 
 import torch
