@@ -63,40 +63,48 @@ def bands(data):
     print(json.dumps(out), flush=True)
 
 
+def score(data, model, x):
+    """Restricted eps-MSE (uniform t) of ``model`` on ``x``, rounded as the log prints it."""
+    return round(float(eps_mse(model, data.schedule, x, "uniform")), 4)
+
+
+def models_of(data, protected):
+    return {"protected": protected, "unprotected": data.unprotected, "scratch": scratch(data.unprotected, 0)}
+
+
+def early_steps(data, models, steps):
+    """{optimizer: {model: [eps-MSE after each count in ``steps``]}}: the first restricted momentum 1e-2 and Adam 1e-3
+    steps (batch 32, uniform t) from each model, scored on the restricted test images."""
+    return {opt: {key: [score(data, fine_tuned(data, base, data.restricted_train, opt, lr, k), data.restricted_test)
+                        for k in steps] for key, base in models.items()}
+            for opt, lr in (("momentum", 1e-2), ("adam", 1e-3))}
+
+
 def recovery(data, protected):
     """How fast the suppression goes: benign (original-domain) fine-tuning of the protected model, the first 1-5
     restricted momentum and Adam steps, and an attacker with only 32 or 256 restricted images, against the unprotected
     model and scratch. Restricted eps-MSE (uniform t) on the test images."""
-    models = {"protected": protected, "unprotected": data.unprotected, "scratch": scratch(data.unprotected, 0)}
-    score = lambda m, x: round(float(eps_mse(m, data.schedule, x, "uniform")), 4)  # noqa: E731
-    tuned = lambda *args: fine_tuned(data, *args)                                 # noqa: E731
-
-    out = {"benign": {}, "early_momentum": {}, "early_adam": {}, "few_images_adam": {}}
+    models = models_of(data, protected)
+    out = {"benign": {}, "few_images_adam": {}}
     for opt, lr in (("adam", 1e-4), ("adam", 1e-3), ("momentum", 1e-2)):
         for steps in (10, 50):
-            m = tuned(protected, data.original_train, opt, lr, steps)
-            out["benign"][f"{opt} {lr:g}, {steps} steps"] = [score(m, data.restricted_test), score(m, data.original_test)]
+            m = fine_tuned(data, protected, data.original_train, opt, lr, steps)
+            out["benign"][f"{opt} {lr:g}, {steps} steps"] = [score(data, m, data.restricted_test),
+                                                           score(data, m, data.original_test)]
+    for opt, rows in early_steps(data, models, (1, 2, 3, 5)).items():
+        out[f"early_{opt}"] = rows
     for key, base in models.items():
-        for opt, lr in (("momentum", 1e-2), ("adam", 1e-3)):
-            out[f"early_{opt}"][key] = [score(tuned(base, data.restricted_train, opt, lr, k), data.restricted_test)
-                                        for k in (1, 2, 3, 5)]
         for n in (32, 256):
-            out["few_images_adam"][f"{key}, {n} images"] = [score(tuned(base, data.restricted_train[:n], "adam", 1e-3, k),
-                                                                  data.restricted_test) for k in (0, 50, 150)]
+            out["few_images_adam"][f"{key}, {n} images"] = [
+                score(data, fine_tuned(data, base, data.restricted_train[:n], "adam", 1e-3, k), data.restricted_test)
+                for k in (0, 50, 150)]
     print(json.dumps(out), flush=True)
 
 
-def early(data, protected, steps=(1, 2, 3, 5, 10)):
-    """The first restricted momentum 1e-2 and Adam 1e-3 steps (batch 32, uniform t) from the protected model, the
-    unprotected model and scratch: restricted eps-MSE (uniform t) on the test images after each count of steps."""
-    models = {"protected": protected, "unprotected": data.unprotected, "scratch": scratch(data.unprotected, 0)}
-    out = {}
-    for opt, lr in (("momentum", 1e-2), ("adam", 1e-3)):
-        for key, base in models.items():
-            out[f"{opt}_{key}"] = [round(float(eps_mse(fine_tuned(data, base, data.restricted_train, opt, lr, k),
-                                                       data.schedule, data.restricted_test, "uniform")), 4)
-                                   for k in (0,) + tuple(steps)]
-    print(json.dumps(out), flush=True)
+def early(data, protected, steps=(0, 1, 2, 3, 5, 10)):
+    """A quick-size run's first restricted steps: :func:`early_steps` of the protected model, the unprotected model
+    and scratch."""
+    print(json.dumps(early_steps(data, models_of(data, protected), steps)), flush=True)
 
 
 def main(argv):

@@ -466,20 +466,26 @@ def test_a_checkpoint_without_a_newer_config_field_resumes_with_its_default():
     assert config_changes(saved, cfg.replace(mode="reference", meta_gradient="unrolled")) == ["meta_gradient", "mode"]
 
 
-def test_a_fresh_block_is_a_constant_and_the_meta_gradient_goes_below_it(monkeypatch):
-    """A fresh="block" trajectory: the block gets no meta-gradient, and the body gets exactly what it gets from a
-    plain trajectory of a model whose block already holds the same fresh values (unrolled, one iteration, SGD
-    outer lr 1: theta0 - theta1 is the meta-gradient)."""
+@pytest.fixture
+def fresh_draws(monkeypatch):
+    """Every fresh layer the engine draws, as (module, parameter, copy of the fresh value), in draw order."""
     from sophon_fast.engine import modes
     drawn = []
     real = modes.fresh_parameters
 
     def record(module, gen):
         out = real(module, gen)
-        drawn.extend((p, v.detach().clone()) for p, v in out)
+        drawn.extend((module, p, v.detach().clone()) for p, v in out)
         return out
 
     monkeypatch.setattr(modes, "fresh_parameters", record)
+    return drawn
+
+
+def test_a_fresh_block_is_a_constant_and_the_meta_gradient_goes_below_it(fresh_draws):
+    """A fresh="block" trajectory: the block gets no meta-gradient, and the body gets exactly what it gets from a
+    plain trajectory of a model whose block already holds the same fresh values (unrolled, one iteration, SGD
+    outer lr 1: theta0 - theta1 is the meta-gradient)."""
     shape = SHAPES[cnn_relu]
 
     def run(model, **strategy):
@@ -494,13 +500,13 @@ def test_a_fresh_block_is_a_constant_and_the_meta_gradient_goes_below_it(monkeyp
     model = cnn_relu().double()
     step = run(model, fresh="block")
     names = run.names
-    block = {names[id(p)] for p, _ in drawn}
+    block = {names[id(p)] for _, p, _ in fresh_draws}
     assert block == {"1.weight", "1.bias", "4.weight", "4.bias", "6.weight", "6.bias"}   # BN, fc, head
     assert all(step[n].abs().max() == 0 for n in block)
     assert step["0.weight"].abs().max() > 0
     preset = copy.deepcopy(model)
     with torch.no_grad():
-        for p, v in drawn:
+        for _, p, v in fresh_draws:
             dict(preset.named_parameters())[names[id(p)]].copy_(v)
     got = run(preset, reinit_head=False)
     assert got["4.weight"].abs().max() > 0          # the preset block is the model's own: it does get one
@@ -521,17 +527,11 @@ def test_fresh_parameters_follow_the_default_initialisation():
         fresh_parameters(nn.Conv2d(1, 2, 3), gen)
 
 
-def test_fresh_head_draws_only_the_head():
-    from sophon_fast.engine import modes
-    drawn = []
-    real = modes.fresh_parameters
-    try:
-        modes.fresh_parameters = lambda m, g: drawn.append(m) or real(m, g)
-        torch.manual_seed(0)
-        model, res = _protect(cnn_relu, "reference", iterations=1, meta_gradient="unrolled", ntr_steps=0,
-                              strategies=[sf.Strategy("sgd", lr=1e-2, batch_size=24, query_size=8, fresh="head")])
-    finally:
-        modes.fresh_parameters = real
+def test_fresh_head_draws_only_the_head(fresh_draws):
+    torch.manual_seed(0)
+    model, res = _protect(cnn_relu, "reference", iterations=1, meta_gradient="unrolled", ntr_steps=0,
+                          strategies=[sf.Strategy("sgd", lr=1e-2, batch_size=24, query_size=8, fresh="head")])
+    drawn = [m for m, p, _ in fresh_draws if p is m.weight]           # one entry per drawn layer
     assert len(drawn) == 1 and isinstance(drawn[0], nn.Linear) and drawn[0].out_features == 5
     moved = [n for (n, a), b in zip(model.named_parameters(), res.model.parameters()) if not torch.equal(a, b)]
     assert "6.weight" not in moved and "4.weight" in moved      # the head is a constant, the layer under it is not
@@ -580,16 +580,11 @@ def test_skip_trajectory_makes_the_draws_of_the_trajectory(strategy):
     assert torch.equal(states[0][0], states[1][0]) and states[0][1] == states[1][1] and torch.equal(states[0][2], states[1][2])
 
 
-def test_train_fresh_only_is_a_probe_attacker_differentiated_exactly(monkeypatch):
+def test_train_fresh_only_is_a_probe_attacker_differentiated_exactly(fresh_draws):
     """fresh="head", train="fresh", unrolled: only the fresh head takes the inner SGD steps, and the meta-gradient
     of the body is torch.func's derivative of sum_k ICE(body, head_k(body)) / K with head_0 the drawn head."""
     from torch.func import functional_call, grad
-    from sophon_fast.engine import modes
     from sophon_fast.reference.losses import inverse_cross_entropy
-    drawn = []
-    real = modes.fresh_parameters
-    monkeypatch.setattr(modes, "fresh_parameters", lambda m, g: [drawn.append(v.detach().clone()) or (p, v)
-                                                                 for p, v in real(m, g)])
     torch.manual_seed(0)
     model = mlp().double()
     xr, yr = data((20,), n=24 * 3, seed=2)
@@ -602,7 +597,7 @@ def test_train_fresh_only_is_a_probe_attacker_differentiated_exactly(monkeypatch
     body0 = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("1.")}
 
     def objective(body):
-        head = {"3.weight": drawn[0], "3.bias": drawn[1]}
+        head = {"3.weight": fresh_draws[0][2], "3.bias": fresh_draws[1][2]}
         ce = lambda h, x, y: torch.nn.functional.cross_entropy(functional_call(model, {**body, **h}, (x,)), y)  # noqa
         total = 0.0
         for k in range(K):
