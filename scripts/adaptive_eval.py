@@ -4,12 +4,15 @@
         --unprotected runs/exp/cache/fashion_mnist_cnn_small_p3_s0.safetensors [--pair fashion_mnist:mnist] \
         [--seeds 0] [--attacks reinit_block-adam,full-adam] [--no-probes] [--no-finetune] [--threads 1]
         [--eval-steps 1 2 5 10 20 40] [--baselines runs/adaptive/EARLIER.json]
-    .venv/bin/python scripts/adaptive_eval.py NAME --merge runs/adaptive/A.json runs/adaptive/B.json
+    .venv/bin/python scripts/adaptive_eval.py NAME --merge runs/adaptive/A.json runs/adaptive/B.json [--replicates]
 
 Writes runs/adaptive/NAME.json (every curve and per-step loss) and prints a markdown summary (the
 tables of docs/experiments.md): per (attack, rate) the three models at a few steps, the excess over
 scratch where the unprotected model has a head start, the gradient-masking signatures; per probe the
-best accuracy over rates and epochs; and the issue's targets, worst case over the sweep.
+best accuracy over rates and epochs; and the issue's targets: per replicate (a protected model and an
+attack seed) the worst case over the rate sweep, then the median over replicates (and the worst).
+`--merge --replicates`: the reports are of different protected models (e.g. three protection seeds), so
+each report's rows form their own replicates even where the attack seeds repeat.
 """
 import argparse
 import dataclasses
@@ -74,7 +77,8 @@ def markdown(report):
                        f"{_pct(b['scratch'])} |")
         out.append("")
     met = [t for t in report["targets"] if t["met"] is not None]
-    out += [f"Targets (worst case over rates and seeds): {sum(t['met'] for t in met)} of {len(met)} met"
+    out += [f"Targets (per replicate the worst case over rates, then the median over replicates): "
+            f"{sum(t['met'] for t in met)} of {len(met)} met"
             + (f", {len(report['targets']) - len(met)} without a head start to remove"
                if len(met) < len(report["targets"]) else "") + ".", ""]
     for t in report["targets"]:
@@ -83,8 +87,14 @@ def markdown(report):
     return "\n".join(out)
 
 
-def merge(paths):
+def merge(paths, replicates=False):
+    """One report from finished ones; ``replicates``: each report is another protected model, so its rows
+    get ``"replicate": index`` (see ``sophon_fast.attacks.adaptive.replicate``)."""
     reports = [json.load(open(p)) for p in paths]
+    if replicates:
+        for i, rep in enumerate(reports):
+            for r in rep["finetune"] + rep["probes"]:
+                r["replicate"] = i
     merged = {"finetune": [r for rep in reports for r in rep["finetune"]],
               "probes": [r for rep in reports for r in rep["probes"]],
               "seeds": sorted({s for rep in reports for s in rep["seeds"]}), "config": reports[0]["config"],
@@ -110,10 +120,12 @@ def main():
     ap.add_argument("--baselines", default=None,
                     help="an earlier NAME.json with the same unprotected model: reuse its unprotected/scratch runs")
     ap.add_argument("--merge", nargs="+", default=None, help="combine finished NAME.json reports instead of running")
+    ap.add_argument("--replicates", action="store_true",
+                    help="with --merge: the reports are of different protected models (one replicate each)")
     a = ap.parse_args()
     os.makedirs(ROOT, exist_ok=True)
     if a.merge:
-        report = merge(a.merge)
+        report = merge(a.merge, a.replicates)
     else:
         if not (a.protected and a.unprotected):
             ap.error("--protected and --unprotected are required unless --merge is given")

@@ -148,6 +148,30 @@ def test_check_targets_worst_case_and_envelope():
     assert out[0]["met"] is False and out[0]["value"] == pytest.approx(0.2)
 
 
+def test_check_targets_median_over_replicates():
+    u = [0.1, 0.9]
+    # three attack seeds of one protected model: excess +0.3, -0.1, +0.01 -> median +0.01 (met), worst +0.3
+    rows = [_row("a", [0.1, 0.6], u, [0.1, 0.3], seed=0), _row("a", [0.1, 0.2], u, [0.1, 0.3], seed=1),
+            _row("a", [0.1, 0.31], u, [0.1, 0.3], seed=2)]
+    probes = [{"block": "x", "kind": "linear", "seed": s, "curves": {"protected": [p], "unprotected": [0.9],
+                                                                   "scratch": [0.5]}}
+              for s, p in ((0, 0.9), (1, 0.5), (2, 0.51))]
+    t, pr = check_targets({"finetune": rows, "probes": probes, "seeds": [0, 1, 2]}, AdaptiveConfig())
+    assert t["met"] is True and t["value"] == pytest.approx(0.01) and t["worst"] == pytest.approx(0.3)
+    assert sorted(v for *_, v in t["per_replicate"]) == pytest.approx([-0.1, 0.01, 0.3])
+    assert pr["met"] is True and pr["value"] == pytest.approx(0.01) and pr["worst"] == pytest.approx(0.4)
+    # a replicate's value is its worst over rates: a second rate at seed 1 with +0.2 moves the median to +0.2
+    rows.append(_row("a", [0.1, 0.5], u, [0.1, 0.3], seed=1))
+    t = check_targets({"finetune": rows, "probes": [], "seeds": [0, 1, 2]}, AdaptiveConfig())[0]
+    assert t["met"] is False and t["value"] == pytest.approx(0.2)
+    # two protected models attacked with the same seed are two replicates, not one: the median of +0.3 and
+    # -0.1 is their mean
+    two = [dict(_row("a", [0.1, 0.6], u, [0.1, 0.3]), replicate=0), dict(_row("a", [0.1, 0.2], u, [0.1, 0.3]),
+                                                                          replicate=1)]
+    t = check_targets({"finetune": two, "probes": [], "seeds": [0]}, AdaptiveConfig())[0]
+    assert len(t["per_replicate"]) == 2 and t["value"] == pytest.approx(0.1)
+
+
 def test_evaluate_adaptive_end_to_end():
     prot, unprot = models.build("cnn_small", num_classes=4, seed=0), models.build("cnn_small", num_classes=4, seed=1)
     cfg = AdaptiveConfig(attacks=(AdaptiveAttack("rb", "reinit_block", "adam", (1e-3,), batch_size=16),

@@ -327,38 +327,68 @@ def envelope(rows: Sequence[dict], body: str) -> List[float]:
     return [max(v) for v in zip(*(r["curves"][body] for r in rows))]
 
 
+def replicate(row: dict) -> Tuple[int, int]:
+    """The replicate a row belongs to: ``(row["replicate"], row["seed"])``; ``replicate`` numbers the
+    protected models of a merged report (0 when absent), ``seed`` is the attack's seed."""
+    return row.get("replicate", 0), row.get("seed", 0)
+
+
 def check_targets(report: dict, config: AdaptiveConfig) -> List[dict]:
-    """The issue's targets, one entry per attack and per (block, probe kind), worst case over rates and
-    seeds: ``{"target", "met", "detail", "value"}`` (``met`` None when the attack gives the unprotected
-    model no head start of ``eligible_gap`` anywhere, so there is nothing to remove)."""
+    """The issue's targets, one entry per attack and per (block, probe kind): ``{"target", "met",
+    "detail", "value", "worst", "per_replicate"}``. Per replicate (a protected model and an attack seed,
+    :func:`replicate`) an attack's value is its worst excess over rates and over the best-rate envelope,
+    a probe's the gap between the protected and the random body's best accuracy over rates and epochs;
+    ``value`` (what ``met`` judges) is the median over replicates, as the issue states its targets, and
+    ``worst`` the largest. ``met`` is None when no replicate gives the unprotected model a head start of
+    ``eligible_gap`` anywhere, so there is nothing to remove."""
     out = []
     by_attack: Dict[str, List[dict]] = {}
     for r in report["finetune"]:
         by_attack.setdefault(r["attack"], []).append(r)
     for name, rows in by_attack.items():
-        env = []
-        for seed in report["seeds"]:
-            rs = [r for r in rows if r["seed"] == seed]
-            e = excess(*(envelope(rs, b) for b in BODIES), config)[0] if rs else None
-            env += [e] if e is not None else []
-        values = [r["excess"] for r in rows if r["excess"] is not None] + env
-        value = max(values) if values else None
+        per, envs = {}, []
+        for rep in sorted({replicate(r) for r in rows}):
+            rs = [r for r in rows if replicate(r) == rep]
+            env = excess(*(envelope(rs, b) for b in BODIES), config)[0]
+            envs += [env] if env is not None else []
+            values = [r["excess"] for r in rs if r["excess"] is not None] + ([env] if env is not None else [])
+            if values:
+                per[rep] = max(values)
+        value = _median(list(per.values()))
+        worst = max(per.values()) if per else None
         sig = {k: sum(r["signatures"]["protected"][k] for r in rows) for k in rows[0]["signatures"]["protected"]}
-        detail = (f"worst excess {_pts(value)} points over {len(rows)} runs "
-                  f"(best-rate envelope {_pts(max(env) if env else None)}); protected signatures: "
+        detail = (f"median over {len(per)} replicates {_pts(value)} points (worst {_pts(worst)}, {len(rows)} runs; "
+                  f"best-rate envelope worst {_pts(max(envs) if envs else None)}); protected signatures: "
                   + ", ".join(f"{k} {v}/{len(rows)}" for k, v in sig.items()))
         out.append({"target": f"{name}: protected <= scratch + {100 * config.max_excess:g} where unprotected >= "
                               f"scratch + {100 * config.eligible_gap:g}",
                     "met": None if value is None else value <= config.max_excess + 1e-9, "value": value,
-                    "detail": detail})
+                    "worst": worst, "per_replicate": [[*k, v] for k, v in per.items()], "detail": detail})
     by_probe: Dict[Tuple[str, str], List[dict]] = {}
     for r in report["probes"]:
         by_probe.setdefault((r["block"], r["kind"]), []).append(r)
     for (block, kind), rows in by_probe.items():
-        best = {k: max(max(r["curves"][k]) for r in rows) for k in rows[0]["curves"]}
-        gap = best["protected"] - best["scratch"]
+        per, bests = {}, []
+        for rep in sorted({replicate(r) for r in rows}):
+            rs = [r for r in rows if replicate(r) == rep]
+            best = {k: max(max(r["curves"][k]) for r in rs) for k in rs[0]["curves"]}
+            per[rep] = best["protected"] - best["scratch"]
+            bests.append(best)
+        value = _median(list(per.values()))
+        mid = {k: _median([b[k] for b in bests]) for k in bests[0]}
         out.append({"target": f"{kind} probe on {block}: protected <= random body + {100 * config.probe_margin:g}",
-                    "met": gap <= config.probe_margin + 1e-9, "value": gap,
-                    "detail": f"best over rates/epochs: protected {100 * best['protected']:.1f}, unprotected "
-                              f"{100 * best['unprotected']:.1f}, random body {100 * best['scratch']:.1f}"})
+                    "met": value <= config.probe_margin + 1e-9, "value": value, "worst": max(per.values()),
+                    "per_replicate": [[*k, v] for k, v in per.items()],
+                    "detail": f"best over rates/epochs, median over {len(per)} replicates: protected "
+                              f"{100 * mid['protected']:.1f}, unprotected {100 * mid['unprotected']:.1f}, random "
+                              f"body {100 * mid['scratch']:.1f} (gap worst {_pts(max(per.values()))})"})
     return out
+
+
+def _median(xs: Sequence[float]) -> Optional[float]:
+    """The median (the mean of the middle two for an even count); None for no values."""
+    if not xs:
+        return None
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
