@@ -8,7 +8,8 @@ The core ("row losses") works on one row of logits ``z`` (length C) at a time:
     z' = scale * z                                   (scale = -1 gives the reference code's ICE)
     m_x, S_x = max and sum(exp(z'_c - m_x)) over c != y   (over all c when the row has no target)
     lse_x = m_x + log(S_x)                           ("lse without y": finite for finite logits)
-    lse   = logaddexp(z'_y, lse_x)                   (lse_x when the row has no target)
+    lse   = logaddexp(z'_y, lse_x)                   (lse_x when the row has no target; = logsumexp_c z'_c,
+                                                      which is how this reference computes it)
     p_c   = exp(z'_c - lse)
 
     CE      = lse - z'_y
@@ -70,7 +71,10 @@ def _row_terms(logits: torch.Tensor, target: Optional[torch.Tensor], scale: floa
     z_x = z.masked_fill(onehot, -math.inf)
     lse_x = torch.logsumexp(z_x, dim=1)
     z_y = z.gather(1, y[:, None]).squeeze(1)
-    lse = torch.where(has_y, torch.logaddexp(z_y, lse_x), lse_x)
+    # = logaddexp(z_y, lse_x) (lse_x for rows without a target); as logsumexp its second derivative stays finite
+    # (logaddexp's backward overflows exp(a - b) for a logit gap above ~88 in fp32, and the unrolled
+    # meta-gradient's double backward then turns 0 * inf into NaN)
+    lse = torch.logsumexp(z, dim=1)
     logp = z - lse[:, None]
     p = logp.exp()
     negent = (p * logp).sum(1)
