@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import statistics
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -386,9 +387,5 @@ def check_targets(report: dict, config: AdaptiveConfig) -> List[dict]:
 
 
 def _median(xs: Sequence[float]) -> Optional[float]:
-    """The median (the mean of the middle two for an even count); None for no values."""
-    if not xs:
-        return None
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+    """statistics.median (the mean of the middle two for an even count); None for no values."""
+    return statistics.median(xs) if xs else None
