@@ -315,6 +315,54 @@ def test_attack_is_deterministic_and_rejects_bad_settings():
         lm_attacks.LMAttack(steps=2, evals=3)
 
 
+def test_simulated_lora_adapts_the_layers_peft_adapts_the_same_way():
+    """Task.lora_targets names exactly the layers the LoRA attack adapts (peft, all-linear, head excluded, tied or
+    untied), and lora_weight (W + 2 B A, transposed for GPT-2's Conv1D) computes what peft computes."""
+    from torch.func import functional_call
+    from sophon_fast.tasks.base import lora_weight
+    for untie in (False, True):
+        model, task, (ids, _) = _gpt2().double(), LanguageModelTask(), _batch()
+        if untie:
+            lm.untie_head(model)
+        targets = task.lora_targets(model)
+        plain = model(ids).logits
+        peft_model = lm_attacks._lora(model, lm_attacks.LMAttack(method="lora", rank=2))
+        adapted = {n.replace("base_model.model.", "").replace(".base_layer", ""): m
+                   for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+        assert sorted(n[:-len(".weight")] for n, _, _ in targets) == sorted(adapted)
+        assert not any("lm_head" in n or "wte" in n for n, _, _ in targets)
+        g = torch.Generator().manual_seed(0)
+        weights = {}
+        for n, w, transposed in targets:
+            layer = adapted[n[:-len(".weight")]]
+            a = torch.randn(layer.lora_A["default"].weight.shape, generator=g, dtype=torch.float64)
+            b = torch.randn(layer.lora_B["default"].weight.shape, generator=g, dtype=torch.float64)
+            with torch.no_grad():
+                layer.lora_A["default"].weight.copy_(a)
+                layer.lora_B["default"].weight.copy_(b)
+            weights[n] = lora_weight(w.detach(), a, b, transposed)
+        want = peft_model(ids).logits
+        assert not torch.allclose(want, plain)                  # the factors change the function
+        peft_model.unload()                                     # peft adapted ``model`` in place: back to plain
+        got = functional_call(model, weights, (ids,)).logits
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_protect_with_a_simulated_lora_attacker():
+    import sophon_fast as sf
+    from sophon_fast.engine.config import Strategy
+    model = _gpt2().double()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = sf.ProtectConfig(task="lm", loss="ice", mode="reference", iterations=2, inner_steps=3, progress=False,
+                           strategies=[Strategy("adam", lr=1e-2, batch_size=6, query_size=2, lora=2)], ntr_steps=0)
+    res = sf.protect(model, _batch(n=16, seed=4), _batch(n=16, seed=5), cfg, task=LanguageModelTask())
+    assert len(res.history) == 2 and all(math.isfinite(r["fts_loss"]) for r in res.history)
+    after = dict(res.model.named_parameters())
+    assert all(not torch.equal(after[n], before[n]) for n in ("transformer.h.0.attn.c_attn.weight",
+                                                              "transformer.wte.weight"))
+    assert sorted(after) == sorted(before)          # no factor is left in the model
+
+
 # ---- protect on a tiny GPT-2 ------------------------------------------------------------------
 def _protect(model, mode="fast", loss="ice", reinit_head=False, iterations=2, **kw):
     import sophon_fast as sf

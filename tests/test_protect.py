@@ -556,7 +556,7 @@ def test_fresh_layer_errors():
 
 
 @pytest.mark.parametrize("strategy", [dict(fresh="block"), dict(fresh="head"), dict(reinit_head=True),
-                                      dict(reinit_head=False)])
+                                      dict(reinit_head=False), dict(lora=2)])
 def test_skip_trajectory_makes_the_draws_of_the_trajectory(strategy):
     """Another rank's trajectory is skipped with the same random draws (head or block, K batches)."""
     from sophon_fast.engine.modes import ReferenceMode
@@ -615,3 +615,85 @@ def test_train_fresh_only_is_a_probe_attacker_differentiated_exactly(fresh_draws
     assert torch.equal(after["3.weight"].detach(), model[3].weight.detach())    # the model's own head: untouched
     with pytest.raises(ValueError, match="train must be"):
         sf.Strategy(train="fresh")
+
+
+def mlp3():
+    return nn.Sequential(nn.Flatten(), nn.Linear(20, 16), nn.Tanh(), nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 5))
+
+
+@pytest.mark.parametrize("meta", ["first_order", "unrolled"])
+def test_lora_attacker_trains_only_the_factors_and_the_meta_gradient_is_taken_at_the_adapted_weights(meta, monkeypatch):
+    """Strategy(lora=r): the inner Adam steps move only fresh factors A (drawn) and B (zero) of every linear layer but
+    the head, the model computes with W + 2 B A, and the meta-gradient is torch.func's derivative of
+    sum_k ICE(theta + 2 B_k A_k) / K: with B_k, A_k constants (first order) or differentiated through the steps
+    (A's first gradient is exactly 0 with B = 0: Adam's sqrt(v) is taken at v clamped to 1e-30, as the engine does)."""
+    from torch.func import functional_call, grad
+    from sophon_fast.engine import modes
+    from sophon_fast.reference.losses import inverse_cross_entropy
+    drawn = []
+    real = modes.lora_factors
+
+    def record(w, t, r, gen):
+        a, b = real(w, t, r, gen)
+        drawn.append((a.detach().clone(), b.detach().clone()))
+        return a, b
+
+    monkeypatch.setattr(modes, "lora_factors", record)
+    torch.manual_seed(0)
+    model = mlp3().double()
+    xr, yr = data((20,), n=24 * 3, seed=2)
+    lr, K, b1, b2, eps = 5e-2, 3, 0.9, 0.999, 1e-8
+    res = sf.protect(model, data((20,), seed=1), (xr, yr), mode="reference", meta_gradient=meta, loss="ice",
+                     iterations=1, inner_steps=K, fts_optimizer="sgd", alpha=1e4, clip_norm=None, ntr_steps=0,
+                     progress=False, strategies=[sf.Strategy("adam", lr=lr, batch_size=24, query_size=8, lora=2)])
+    targets = ["1.weight", "3.weight"]                        # the head (5.weight) is never adapted
+    assert len(drawn) == 2 and [tuple(a.shape) for a, _ in drawn] == [(2, 20), (2, 16)]
+    assert all(not b.any() for _, b in drawn)
+    perm = torch.randperm(len(xr), generator=torch.Generator().manual_seed(0))
+    theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def adapted(theta, ab):
+        return {**theta, **{n: theta[n] + 2.0 * ab[n + ".B"] @ ab[n + ".A"] for n in targets}}
+
+    def trajectory(theta):
+        ab = {n + x: t.clone() for n, (a, b) in zip(targets, drawn) for x, t in ((".A", a), (".B", b))}
+        m = {n: torch.zeros_like(t) for n, t in ab.items()}
+        v = {n: torch.zeros_like(t) for n, t in ab.items()}
+        out = []
+        for k in range(K):
+            idx = perm[24 * k:24 * (k + 1)]
+            ce = lambda f, x, y: torch.nn.functional.cross_entropy(functional_call(model, adapted(theta, f), (x,)), y)  # noqa
+            g = grad(ce)(ab, xr[idx][:-8], yr[idx][:-8])
+            for n in ab:
+                m[n] = b1 * m[n] + (1 - b1) * g[n]
+                v[n] = b2 * v[n] + (1 - b2) * g[n] * g[n]
+                ab[n] = ab[n] - lr / (1 - b1 ** (k + 1)) * m[n] / (v[n].clamp_min(1e-30).sqrt() / math.sqrt(1 - b2 ** (k + 1)) + eps)
+            out.append((idx, dict(ab)))
+        return out
+
+    def objective(theta):
+        steps = trajectory(theta)
+        if meta == "first_order":
+            steps = [(idx, {n: t.detach() for n, t in ab.items()}) for idx, ab in steps]
+        return sum(inverse_cross_entropy(functional_call(model, adapted(theta, ab), (xr[idx][-8:],)), yr[idx][-8:])
+                   for idx, ab in steps) / K
+
+    want = grad(objective)(theta0)
+    after = dict(res.model.named_parameters())
+    for n in theta0:
+        assert rel(theta0[n] - after[n].detach(), want[n]) <= 1e-9, (meta, n)
+
+
+def test_lora_attacker_errors():
+    with pytest.raises(ValueError, match="mode='reference'"):
+        sf.ProtectConfig(strategies=[sf.Strategy(lora=4)])
+    for bad in (dict(lora=0), dict(lora=True), dict(lora=2.0), dict(lora=2, fresh="head"), dict(lora=2, reinit_head=True)):
+        with pytest.raises(ValueError, match="Strategy.lora"):
+            sf.Strategy(**bad)
+    assert sf.ProtectConfig(loss="ice", mode="reference", strategies=[sf.Strategy(lora=4)]).resolved() \
+        .strategies[0].reinit_head is False
+    one_layer = nn.Sequential(nn.Flatten(), nn.Linear(20, 5))      # its only linear layer is the head
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="names none"):
+        sf.protect(one_layer.double(), data((20,), seed=1), data((20,), seed=2), mode="reference", iterations=1,
+                   inner_steps=1, progress=False, strategies=[sf.Strategy("sgd", batch_size=24, query_size=8, lora=2)])

@@ -47,7 +47,9 @@ class Strategy:
     (mode="reference"; with meta_gradient="unrolled" through the attacker's steps, docs/experiments.md e44).
     train: "all" (every protected parameter takes the inner steps) or "fresh" (only the fresh layers do, the rest
     stays as it is: a probe or last-layer attacker; needs ``fresh``). steps: inner steps K (None: the config's
-    ``inner_steps``).
+    ``inner_steps``). lora: a LoRA attacker of this rank: only fresh low-rank factors (peft's initialisation and
+    scale, lora_alpha = 2 * rank) on every linear layer but the head (``Task.lora_targets``) take the inner steps,
+    the model's own weights stay as they are; the meta-gradient is taken at the adapted weights (mode="reference").
     """
     optimizer: str = "sgd"
     lr: float = 1e-4
@@ -61,6 +63,7 @@ class Strategy:
     steps: Optional[int] = None
     fresh: Optional[str] = None
     train: str = "all"
+    lora: Optional[int] = None
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
@@ -69,6 +72,10 @@ class Strategy:
         if self.train not in ("all", "fresh") or (self.train == "fresh" and not self.fresh):
             raise ValueError(f"Strategy.train must be 'all', or 'fresh' with fresh set; got train={self.train!r}, "
                              f"fresh={self.fresh!r}")
+        if self.lora is not None and (isinstance(self.lora, bool) or not isinstance(self.lora, int) or self.lora < 1
+                                      or self.fresh or self.reinit_head):
+            raise ValueError(f"Strategy.lora must be a rank >= 1, without fresh or reinit_head; got lora={self.lora!r}, "
+                             f"fresh={self.fresh!r}, reinit_head={self.reinit_head!r}")
         if self.fresh and self.reinit_head:
             raise ValueError("Strategy: fresh and reinit_head both re-initialise the head; set one of them")
         if self.optimizer not in INNER_OPTIMIZERS:
@@ -182,9 +189,9 @@ class ProtectConfig:
             self.strategies = [s if isinstance(s, Strategy) else Strategy(**s) for s in self.strategies]
             if not self.strategies:
                 raise ValueError("ProtectConfig.strategies is empty (None gives the reference strategy)")
-            if self.mode != "reference" and any(s.fresh for s in self.strategies):
-                raise ValueError("ProtectConfig: a strategy with fresh layers needs mode='reference' (the fast modes' "
-                                 "flat buffers have no slot for layers that are not the model's)")
+            if self.mode != "reference" and any(s.fresh or s.lora for s in self.strategies):
+                raise ValueError("ProtectConfig: a strategy with fresh layers or LoRA factors needs mode='reference' "
+                                 "(the fast modes' flat buffers have no slot for tensors that are not the model's)")
         if isinstance(self.evaluation, dict):
             self.evaluation = Evaluation(**self.evaluation)
         if isinstance(self.checkpoint, dict):
@@ -210,7 +217,7 @@ class ProtectConfig:
         """A copy with every loss-dependent default filled in from the final settings."""
         alpha, beta, ntr_steps, reinit = LOSS_DEFAULTS[self.loss]
         strategies = self.strategies or [Strategy()]
-        strategies = [dataclasses.replace(s, reinit_head=(False if s.fresh else reinit) if s.reinit_head is None
+        strategies = [dataclasses.replace(s, reinit_head=(False if s.fresh or s.lora else reinit) if s.reinit_head is None
                                           else s.reinit_head) for s in strategies]
         return dataclasses.replace(
             self, strategies=strategies, alpha=alpha if self.alpha is None else self.alpha,

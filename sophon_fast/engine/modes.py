@@ -56,7 +56,7 @@ from sophon_fast.engine.streams import split
 from sophon_fast.ops.inner_step import inner_step_
 from sophon_fast.reference.inner_step import ADAM, KINDS, MOMENTUM
 from sophon_fast.reference.inner_step import inner_step_ as inner_step_reference
-from sophon_fast.tasks.base import fresh_parameters, reinit_linear_
+from sophon_fast.tasks.base import fresh_parameters, lora_factors, lora_weight, reinit_linear_
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -157,10 +157,21 @@ class _Mode:
             raise ValueError(f"protect: fresh={strategy.fresh!r} needs every parameter it draws among the protected params")
         return out
 
+    def _lora(self, strategy, gen) -> List[tuple]:
+        """[(weight name, transposed, A, B)]: fresh LoRA factors of rank ``strategy.lora`` for every weight the task
+        names (``Task.lora_targets``), drawn from ``gen``; ValueError when it names none."""
+        targets = self.task.lora_targets(self.model)
+        if not targets:
+            raise ValueError(f"protect: Strategy.lora needs linear layers to adapt, and the {self.task.name} task "
+                             f"names none in this model")
+        return [("model." + n, t, *lora_factors(w, t, strategy.lora, gen)) for n, w, t in targets]
+
     def skip_trajectory(self, strategy, stream, steps: int, gen) -> None:
-        """Make the random draws of ``trajectory`` (head or block re-initialisation, K batches) without running
-        it: another rank runs it, and the streams and generator stay in step on every rank."""
-        if strategy.fresh:
+        """Make the random draws of ``trajectory`` (head or block re-initialisation, LoRA factors, K batches)
+        without running it: another rank runs it, and the streams and generator stay in step on every rank."""
+        if strategy.lora:
+            self._lora(strategy, gen)
+        elif strategy.fresh:
             self._fresh(strategy, gen)
         elif strategy.reinit_head:
             w, b = self._head_tensors({id(p): p for p in self.params})
@@ -217,10 +228,26 @@ class ReferenceMode(_Mode):
     def _call(self, fast, fn, *args):
         return functional_call(self.bound, fast, (fn, *args))
 
+    @staticmethod
+    def _adapted(fast, lora):
+        """The weights the model runs with: ``fast``, each LoRA-adapted weight replaced by W + scale * B A."""
+        if not lora:
+            return fast
+        out = {n: t for n, t in fast.items() if not n.startswith("lora:")}
+        for n, transposed, _, _ in lora:
+            out[n] = lora_weight(out[n], fast["lora:A:" + n], fast["lora:B:" + n], transposed)
+        return out
+
     def trajectory(self, strategy, stream, loss_name: str, weights: Sequence[float], gen) -> Tensor:
         fast = {self.names[id(p)]: p.clone() for p in self.params}          # graph-connected clone
         trained = list(fast)
-        if strategy.fresh:                                                     # constants: no meta-gradient
+        lora = self._lora(strategy, gen) if strategy.lora else []
+        if lora:                                           # only the factors train; weights not protected stay constant
+            for n, _, a, b in lora:
+                fast.setdefault(n, self.model.get_parameter(n[len("model."):]).detach())
+                fast["lora:A:" + n], fast["lora:B:" + n] = a, b
+            trained = [k for n, *_ in lora for k in ("lora:A:" + n, "lora:B:" + n)]
+        elif strategy.fresh:                                                     # constants: no meta-gradient
             drawn = []
             for p, value in self._fresh(strategy, gen):
                 fast[self.names[id(p)]] = value
@@ -234,7 +261,7 @@ class ReferenceMode(_Mode):
         state = {n: [torch.zeros_like(fast[n]), torch.zeros_like(fast[n])] for n in trained}
         total, losses = 0.0, []
         for k, (support, query) in enumerate(self._steps(strategy, stream, weights)):
-            loss = self._call(fast, self.task.attacker_loss, support, gen)
+            loss = self._call(self._adapted(fast, lora), self.task.attacker_loss, support, gen)
             grads = torch.autograd.grad(loss, [fast[n] for n in trained], create_graph=self.unrolled)
             for n, g in zip(trained, grads):
                 if self.unrolled:                                              # differentiable in theta
@@ -246,7 +273,7 @@ class ReferenceMode(_Mode):
                     inner_step_reference(w_new, g, *state[n], kind, strategy.lr, b1, b2, strategy.eps,
                                          strategy.weight_decay, k + 1, False)
                 fast[n] = fast[n] - (fast[n].detach() - w_new)                 # d theta'_k / d theta = I
-            lq = self._call(fast, self.task.suppression_loss, query, loss_name, gen)
+            lq = self._call(self._adapted(fast, lora), self.task.suppression_loss, query, loss_name, gen)
             total = total + weights[k] * lq                                    # K graphs stay alive
             losses.append(lq.detach())
         total.backward()

@@ -73,6 +73,11 @@ class Task:
         parameterised layer after the last convolution / pooling). Raises ValueError where none is defined."""
         raise ValueError(f"{self.name} task: no classifier block is defined for fresh='block'")
 
+    def lora_targets(self, model: nn.Module) -> List[Tuple[str, nn.Parameter, bool]]:
+        """The weights a simulated LoRA attacker (``Strategy.lora``) adapts: :func:`linear_weights` of the model
+        without the head, as peft's ``target_modules="all-linear"`` chooses them."""
+        return linear_weights(model, exclude=self.head(model))
+
     def reinit_head(self, model: nn.Module, gen: torch.Generator) -> None:
         """Re-initialise ``head(model)`` in place from ``gen`` (see :func:`reinit_linear_`)."""
         head = self.head(model)
@@ -88,6 +93,37 @@ def reinit_linear_(weight: Tensor, bias: Optional[Tensor], gen: Optional[torch.G
     nn.init.xavier_uniform_(weight, generator=gen)
     if bias is not None:
         bias.zero_()
+
+
+def linear_weights(model: nn.Module, exclude: Optional[nn.Module] = None) -> List[Tuple[str, nn.Parameter, bool]]:
+    """[(name, weight, transposed)] of every ``nn.Linear`` and every transformers-style ``Conv1D`` (GPT-2's, weight
+    stored (in, out): ``transposed=True``) in ``model`` except the module ``exclude`` (and any sharing its weight)."""
+    skip = id(exclude.weight) if exclude is not None else None
+    out = []
+    for name, m in model.named_modules():
+        conv1d = type(m).__name__ == "Conv1D" and hasattr(m, "nf")
+        if (isinstance(m, nn.Linear) or conv1d) and id(m.weight) != skip:
+            out.append((f"{name}.weight" if name else "weight", m.weight, conv1d))
+    return out
+
+
+LORA_SCALE = 2.0     # lora_alpha / rank of the simulated LoRA attacker: peft with lora_alpha = 2 * rank (sf.attacks.lm)
+
+
+def lora_factors(weight: Tensor, transposed: bool, rank: int, gen: Optional[torch.Generator]) -> Tuple[Tensor, Tensor]:
+    """Fresh LoRA factors for ``weight`` as peft draws them: A (rank, in) kaiming-uniform (bound 1/sqrt(in)), B
+    (out, rank) zeros, new leaves that require grad; the adapted weight is :func:`lora_weight`."""
+    n_out, n_in = (weight.shape[1], weight.shape[0]) if transposed else weight.shape
+    bound = 1.0 / math.sqrt(n_in)
+    a = (torch.rand((rank, n_in), generator=gen, device=weight.device, dtype=weight.dtype) * 2 - 1) * bound
+    b = torch.zeros((n_out, rank), device=weight.device, dtype=weight.dtype)
+    return a.requires_grad_(True), b.requires_grad_(True)
+
+
+def lora_weight(weight: Tensor, a: Tensor, b: Tensor, transposed: bool) -> Tensor:
+    """``weight + LORA_SCALE * B @ A`` (transposed for a Conv1D weight), differentiable in all three."""
+    delta = LORA_SCALE * (b @ a)
+    return weight + (delta.t() if transposed else delta)
 
 
 _FRESH_ONES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)

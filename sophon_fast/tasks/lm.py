@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from sophon_fast import functional
 from sophon_fast.models.lm import CausalLMAdapter, adapter_for
-from sophon_fast.tasks.base import Batch, Task
+from sophon_fast.tasks.base import Batch, Task, linear_weights
 
 # loss name -> fused_loss weights (the mapping of functional.SUPPRESSION_LOSSES, plus CE)
 _FUSED_WEIGHTS = {
@@ -185,6 +185,10 @@ class LanguageModelTask(Task):
         embedding (re-initialising it would re-initialise the embedding; see the module docstring)."""
         adapter = self._adapter(model)
         return None if adapter.is_tied(model) else adapter.head(model)
+
+    def lora_targets(self, model: nn.Module):
+        """Every linear layer of the decoder (GPT-2's Conv1D included), never the output head, tied or not."""
+        return linear_weights(model, exclude=self._adapter(model).head(model))
 
     def reinit_head(self, model: nn.Module, gen: torch.Generator) -> None:
         """Re-initialise the untied head (xavier_uniform weight from ``gen``, zero bias). Raises

@@ -1,0 +1,63 @@
+"""One language-model protection experiment: protect the LM demo's pre-trained GPT-2 against Python with
+``lm_demo.demo_config`` (+ JSON overrides), attack it with the demo's attacks, and print the gaps.
+
+    .venv/bin/python scripts/lm_experiment.py NAME [--quick] [--set '{"iterations": 240}'] [--threads 1]
+
+Writes runs/lm/NAME.json: the settings, protect time, stop reason, the restricted loss before the attacks and
+the demo's report (``lm_demo.attack_all``). Prints one line per attack: protected minus scratch restricted loss
+at each evaluation (the issue's target is >= 0 everywhere), and the English loss against the unprotected model.
+The pre-trained model and tokenizer are cached under --cache (docs/domains.md, "Language models").
+"""
+import argparse
+import json
+import os
+import time
+
+import torch
+
+import sophon_fast as sf
+from sophon_fast import lm_demo
+from sophon_fast.tasks.lm import LanguageModelTask
+
+
+def gaps(report):
+    """[(attack name, [protected - scratch per evaluation])]."""
+    return [(a["name"], [p - s for p, s in zip(a["protected"], a["scratch"])]) for a in report["attacks"]]
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("name")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--set", default="{}", help="JSON overrides of lm_demo.demo_config")
+    p.add_argument("--cache", default="runs/lm_cache")
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    os.makedirs("runs/lm", exist_ok=True)
+    prep = lm_demo.prepare(a.quick, 0, a.cache)
+    settings = {**lm_demo.demo_config(a.quick), **json.loads(a.set)}
+    task = LanguageModelTask()
+    t0 = time.perf_counter()
+    res = sf.protect(prep.model, prep.original_train, prep.restricted_train,
+                     sf.ProtectConfig(**settings, progress=False), task=task, original_test=prep.original_test)
+    seconds = time.perf_counter() - t0
+    before = task.evaluate(res.model, task.prepare(res.model, prep.restricted_test, "restricted test"))
+    print(f"[{a.name}] protect {seconds:.0f} s, stop {res.stop_reason}, restricted loss before attacks {before:.3f}",
+          flush=True)
+    report = lm_demo.attack_all(res.model, prep, a.quick, 0)
+    out = {"name": a.name, "quick": a.quick, "settings": settings, "protect_seconds": seconds,
+           "stop": res.stop_reason, "restricted_before_attack": before, "report": report}
+    tmp = f"runs/lm/{a.name}.json.tmp"
+    with open(tmp, "w") as f:
+        json.dump(out, f)
+    os.replace(tmp, f"runs/lm/{a.name}.json")
+    o = report["original"]
+    print(f"[{a.name}] English loss {o['unprotected']:.3f} -> {o['protected']:.3f} "
+          f"({100 * (o['protected'] / o['unprotected'] - 1):+.1f}%)")
+    for name, g in gaps(report):
+        print(f"[{a.name}] {name:24s} gap " + " ".join(f"{x:+.2f}" for x in g))
+
+
+if __name__ == "__main__":
+    main()
