@@ -9,6 +9,7 @@ at each evaluation (the issue's target is >= 0 everywhere), and the English loss
 The pre-trained model and tokenizer are cached under --cache (docs/domains.md, "Language models").
 """
 import argparse
+import copy
 import json
 import os
 import time
@@ -37,11 +38,18 @@ def main():
     os.makedirs("runs/lm", exist_ok=True)
     prep = lm_demo.prepare(a.quick, 0, a.cache)
     settings = {**lm_demo.demo_config(a.quick), **json.loads(a.set)}
-    task = LanguageModelTask()
+    unrolled = settings.get("meta_gradient") == "unrolled"
+    task = LanguageModelTask(second_order=unrolled)
+    model = copy.deepcopy(prep.model)
+    if unrolled:        # twice-differentiable losses and attention (docs of LanguageModelTask)
+        model.set_attn_implementation("eager")
     t0 = time.perf_counter()
-    res = sf.protect(prep.model, prep.original_train, prep.restricted_train,
-                     sf.ProtectConfig(**settings, progress=False), task=task, original_test=prep.original_test)
+    res = sf.protect(model, prep.original_train, prep.restricted_train,
+                     sf.ProtectConfig(**settings, progress=False, in_place=True), task=task,
+                     original_test=prep.original_test)
     seconds = time.perf_counter() - t0
+    res.model.set_attn_implementation(prep.model.config._attn_implementation)   # the attacks run as on the others
+    task = LanguageModelTask()
     before = task.evaluate(res.model, task.prepare(res.model, prep.restricted_test, "restricted test"))
     print(f"[{a.name}] protect {seconds:.0f} s, stop {res.stop_reason}, restricted loss before attacks {before:.3f}",
           flush=True)

@@ -36,6 +36,10 @@ def _llama(**kw):
     return lm.llama(V, n_layer=1, hidden=16, n_head=2, n_kv_head=1, max_positions=T, seed=0, **kw)
 
 
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
 def _batch(n=4, seed=1, pad_rows=2):
     """(input_ids, labels): random tokens; the last ``pad_rows`` rows end in padding (-100 labels)."""
     g = torch.Generator().manual_seed(seed)
@@ -385,8 +389,46 @@ def test_protect_fast_matches_reference_fp64(loss):
 
 
 def test_unrolled_meta_gradient_is_refused_for_language_models():
-    with pytest.raises(ValueError, match="no second derivative"):
+    with pytest.raises(ValueError, match="no second derivative.*second_order=True"):
         _protect(_gpt2(), "reference", meta_gradient="unrolled", iterations=1)
+
+
+def test_unrolled_meta_gradient_for_a_language_model_is_the_exact_derivative():
+    """LanguageModelTask(second_order=True), eager attention: theta0 - theta1 (outer SGD, lr 1) equals the
+    derivative of sum_k ICE(theta'_k(theta)) / K written out here: the attacker's SGD steps on next-token CE
+    (create_graph; torch's cross_entropy with ignore_index on the shifted logits: transformers' own loss casts them to
+    fp32) and the reference ICE over the shifted, unpadded logits."""
+    import sophon_fast as sf
+    from torch.func import functional_call
+    from sophon_fast.engine.config import Strategy
+    from sophon_fast.reference.losses import inverse_cross_entropy
+    model = _gpt2(attn_implementation="eager").double()
+    train = _batch(n=18, seed=5)
+    K, lr = 3, 0.5
+    task = LanguageModelTask(second_order=True)
+    res = sf.protect(model, _batch(n=8, seed=4), train, task=task, mode="reference", meta_gradient="unrolled",
+                     loss="ice", iterations=1, inner_steps=K, fts_optimizer="sgd", alpha=1e4, clip_norm=None,
+                     ntr_steps=0, progress=False, strategies=[Strategy("sgd", lr=lr, batch_size=6, query_size=2,
+                                                                    reinit_head=False)])
+    perm = torch.randperm(18, generator=torch.Generator().manual_seed(0))
+    names = [n for n, _ in model.named_parameters()]
+    theta0 = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+
+    def logits(theta, ids):
+        return functional_call(model, dict(zip(names, theta)), (ids,)).logits[:, :-1].reshape(-1, V)
+
+    theta, total = theta0, 0.0
+    for k in range(K):
+        idx = perm[6 * k:6 * (k + 1)]
+        ids, labels = train[0][idx], train[1][idx]
+        ce = nn.functional.cross_entropy(logits(theta, ids[:4]), labels[:4, 1:].reshape(-1), ignore_index=-100)
+        g = torch.autograd.grad(ce, theta, create_graph=True)
+        theta = [t - lr * gi for t, gi in zip(theta, g)]
+        z, y = logits(theta, ids[4:]), labels[4:, 1:].reshape(-1)
+        total = total + inverse_cross_entropy(z[y != -100], y[y != -100]) / K
+    want = torch.autograd.grad(total, theta0)
+    for n, t0, p, w in zip(names, theta0, res.model.parameters(), want):
+        assert rel(t0.detach() - p.detach(), w) <= 1e-9, n
 
 
 def test_protect_tied_head_reinit_is_refused_and_untie_allows_it():

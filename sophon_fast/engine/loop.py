@@ -202,7 +202,8 @@ def protect(model: nn.Module, original, restricted, config: Optional[ProtectConf
         raise ValueError(f"protect: loss {cfg.loss!r} is not one of the {task.name} task's {task.losses}")
     if cfg.meta_gradient == "unrolled" and not task.second_order:
         raise ValueError(f"protect: meta_gradient='unrolled' differentiates the attacker's loss twice, and the "
-                         f"{task.name} task's loss has no second derivative; use meta_gradient='first_order'")
+                         f"{task.name} task's loss has no second derivative; use meta_gradient='first_order'"
+                         + (" or LanguageModelTask(second_order=True)" if task.name == "lm" else ""))
     sharded = is_sharded(model)
     if sharded:
         _check_sharded(cfg)

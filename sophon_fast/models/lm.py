@@ -41,8 +41,9 @@ def _seeded(seed: Optional[int]):
 
 
 def gpt2(vocab_size: int, n_layer: int = 2, n_embd: int = 128, n_head: int = 4, n_positions: int = 128,
-         seed: Optional[int] = None, **config) -> nn.Module:
-    """A GPT-2 causal LM (``GPT2LMHeadModel``) from a config in code; dropout 0, SDPA attention.
+         seed: Optional[int] = None, attn_implementation: str = "sdpa", **config) -> nn.Module:
+    """A GPT-2 causal LM (``GPT2LMHeadModel``) from a config in code; dropout 0, SDPA attention ("eager" for a
+    model whose losses must be twice differentiable: ``meta_gradient="unrolled"``).
 
     ``seed`` makes the initialisation reproducible without touching the global RNG; ``config`` adds
     or overrides ``GPT2Config`` fields. The head is tied to the token embedding (GPT-2's default).
@@ -52,7 +53,7 @@ def gpt2(vocab_size: int, n_layer: int = 2, n_embd: int = 128, n_head: int = 4, 
     cfg = GPT2Config(vocab_size=vocab_size, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
                      **config)
-    cfg._attn_implementation = "sdpa"
+    cfg._attn_implementation = attn_implementation
     with _seeded(seed):
         return GPT2LMHeadModel(cfg)
 

@@ -68,13 +68,16 @@ class LanguageModelTask(Task):
     metric = "next-token loss"
     higher_is_better = False
     losses = ("ice", "ice_reference_code", "klu", "neg_entropy")
-    second_order = False     # the fused linear loss returns first derivatives only (no unrolled meta-gradient)
-
     def __init__(self, adapter: Optional[CausalLMAdapter] = None, ignore_index: int = -100,
-                 eval_batch_size: int = 32):
+                 eval_batch_size: int = 32, second_order: bool = False):
         if eval_batch_size < 1:
             raise ValueError(f"eval_batch_size must be >= 1, got {eval_batch_size}")
         self.adapter, self.ignore_index, self.eval_batch_size = adapter, int(ignore_index), eval_batch_size
+        # The fused linear loss forms its gradients in the forward: first derivatives only. second_order=True takes
+        # every loss through the materialised (rows, V) logits and the twice-differentiable fused_loss instead, for
+        # meta_gradient="unrolled" (the model's attention must have a double backward too: for transformers models,
+        # attn_implementation="eager"; PyTorch's fused CPU/flash attention kernels have none).
+        self.second_order = bool(second_order)
 
     def _adapter(self, model: nn.Module) -> CausalLMAdapter:
         return adapter_for(model, self.adapter)
@@ -133,7 +136,7 @@ class LanguageModelTask(Task):
         states' dtype; module docstring: which path)."""
         hidden, target, weight, bias = self._rows(model, batch)
         fused_linear = getattr(functional, "linear_suppression_loss", None)
-        if fused_linear is not None and loss in getattr(functional, "LINEAR_LOSSES", ()):
+        if fused_linear is not None and loss in getattr(functional, "LINEAR_LOSSES", ()) and not self.second_order:
             return fused_linear(hidden, weight, target, loss=loss, bias=bias, ignore_index=self.ignore_index,
                                 reduction=reduction)
         logits = nn.functional.linear(hidden, weight, bias)
