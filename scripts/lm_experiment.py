@@ -3,7 +3,7 @@
 
     .venv/bin/python scripts/lm_experiment.py NAME [--quick] [--set '{"iterations": 240}'] [--threads 1]
 
-Writes runs/lm/NAME.json: the settings, protect time, stop reason, the restricted loss before the attacks and
+Writes runs/lm/NAME.json (the protected model: runs/lm/NAME_model, save_pretrained): the settings, protect time, stop reason, the restricted loss before the attacks and
 the demo's report (``lm_demo.attack_all``). Prints one line per attack: protected minus scratch restricted loss
 at each evaluation (the issue's target is >= 0 everywhere), and the English loss against the unprotected model.
 The pre-trained model and tokenizer are cached under --cache (docs/domains.md, "Language models").
@@ -53,6 +53,7 @@ def main():
     before = task.evaluate(res.model, task.prepare(res.model, prep.restricted_test, "restricted test"))
     print(f"[{a.name}] protect {seconds:.0f} s, stop {res.stop_reason}, restricted loss before attacks {before:.3f}",
           flush=True)
+    res.model.save_pretrained(f"runs/lm/{a.name}_model")
     report = lm_demo.attack_all(res.model, prep, a.quick, 0)
     out = {"name": a.name, "quick": a.quick, "settings": settings, "protect_seconds": seconds,
            "stop": res.stop_reason, "restricted_before_attack": before, "report": report}

@@ -311,8 +311,16 @@ def test_full_attack_trains_frozen_parameters_too():
 
 def test_attack_is_deterministic_and_rejects_bad_settings():
     model, data = _gpt2(), _batch(n=6)
-    attack = lm_attacks.LMAttack(lr=1e-2, steps=3, batch_size=2, evals=3)
-    assert lm_attacks.run(model, data, data, attack, seed=5) == lm_attacks.run(model, data, data, attack, seed=5)
+    for method in ("full", "lora"):       # LoRA's factors too, whatever the global RNG's state
+        attack = lm_attacks.LMAttack(method=method, lr=1e-2, steps=3, batch_size=2, evals=3)
+        torch.manual_seed(1)
+        first = lm_attacks.run(model, data, data, attack, seed=5)
+        state = torch.get_rng_state()
+        assert lm_attacks.run(model, data, data, attack, seed=5) == first, method
+        assert torch.equal(torch.get_rng_state(), state), method       # the caller's global RNG is untouched
+        torch.manual_seed(2)
+        assert lm_attacks.run(model, data, data, attack, seed=5) == first, method
+        assert lm_attacks.run(model, data, data, attack, seed=6) != first, method
     with pytest.raises(ValueError, match="method"):
         lm_attacks.LMAttack(method="prefix")
     with pytest.raises(ValueError, match="hyper-parameters"):

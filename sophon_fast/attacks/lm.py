@@ -110,8 +110,11 @@ def run(model: nn.Module, train, test, attack: LMAttack, seed: int = 0, task: Op
     train, test = task.prepare(m, train, "attack train"), task.prepare(m, test, "attack test")
     for p in m.parameters():   # the attacker trains everything, whatever the model had frozen
         p.requires_grad_(True)
-    if attack.method == "lora":
-        m = _lora(m, attack)
+    if attack.method == "lora":    # peft draws lora_A from the global RNG: seeded here, the caller's RNG untouched
+        dev = next(m.parameters()).device
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(seed)
+            m = _lora(m, attack)
     target = m.get_base_model() if attack.method == "lora" else m
     params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=attack.lr, weight_decay=attack.weight_decay)
