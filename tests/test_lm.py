@@ -360,6 +360,26 @@ def test_simulated_lora_adapts_the_layers_peft_adapts_the_same_way():
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+def test_fresh_block_of_a_language_model_keeps_only_the_embeddings():
+    """fresh="block" for an LM draws every layer between the embeddings and the head (GPT-2's Conv1D as
+    transformers initialises it): the meta-gradient of such a trajectory reaches only the embeddings."""
+    import sophon_fast as sf
+    from sophon_fast.engine.config import Strategy
+    from sophon_fast.tasks.base import fresh_parameters
+    model, task = _gpt2(attn_implementation="eager").double(), LanguageModelTask(second_order=True)
+    block = task.block(model)
+    assert len(block) == 7 and model.transformer.wte not in block and model.lm_head not in block
+    g = torch.Generator().manual_seed(0)
+    (w, vw), (b, vb) = fresh_parameters(model.transformer.h[0].mlp.c_fc, g)
+    assert vw.shape == w.shape and abs(float(vw.std()) - 0.02) < 0.003 and not vb.any()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    res = sf.protect(model, _batch(n=8, seed=4), _batch(n=18, seed=5), task=task, mode="reference",
+                     meta_gradient="unrolled", loss="ice", iterations=1, inner_steps=2, ntr_steps=0, progress=False,
+                     strategies=[Strategy("adam", lr=1e-2, batch_size=6, query_size=2, fresh="block")])
+    for n, p in res.model.named_parameters():
+        assert torch.equal(p, before[n]) != n.startswith(("transformer.wte", "transformer.wpe")), n
+
+
 def test_protect_with_a_simulated_lora_attacker():
     import sophon_fast as sf
     from sophon_fast.engine.config import Strategy

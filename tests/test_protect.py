@@ -523,7 +523,7 @@ def test_fresh_parameters_follow_the_default_initialisation():
     assert 0.045 < vw.abs().max() <= 0.05 and vb.abs().max() <= 0.05 and abs(float(vw.mean())) < 0.002
     bn = nn.BatchNorm1d(7)
     assert [v.tolist() for _, v in fresh_parameters(bn, gen)] == [[1.0] * 7, [0.0] * 7]
-    with pytest.raises(ValueError, match="Linear and norm layers"):
+    with pytest.raises(ValueError, match="Conv1D and norm layers"):
         fresh_parameters(nn.Conv2d(1, 2, 3), gen)
 
 

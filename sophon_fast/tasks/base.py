@@ -131,17 +131,24 @@ _FRESH_ONES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
 
 def fresh_parameters(module: nn.Module, gen: torch.Generator) -> List[Tuple[nn.Parameter, Tensor]]:
     """[(parameter, fresh value)] of ``module`` as its ``reset_parameters()`` would draw them, from ``gen``:
-    nn.Linear's default (weight and bias uniform in +-1/sqrt(fan_in)), norm layers' ones and zeros; the values
-    are new leaf tensors that require grad. ValueError for any other module."""
+    nn.Linear's default (weight and bias uniform in +-1/sqrt(fan_in)), GPT-2's Conv1D as transformers initialises it
+    (weight normal(0, 0.02), bias zero), norm layers' ones and zeros (RMSNorm's included); the values are new leaf
+    tensors that require grad. ValueError for any other module."""
     if isinstance(module, nn.Linear):
         w, b = module.weight, module.bias
         bound = 1.0 / math.sqrt(w.shape[1])
         out = [(w, (torch.rand(w.shape, generator=gen, device=w.device, dtype=w.dtype) * 2 - 1) * bound)]
         if b is not None:
             out.append((b, (torch.rand(b.shape, generator=gen, device=b.device, dtype=b.dtype) * 2 - 1) * bound))
-    elif isinstance(module, _FRESH_ONES):
+    elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):      # GPT-2's: transformers' normal(0, 0.02)
+        w, b = module.weight, module.bias
+        out = [(w, torch.randn(w.shape, generator=gen, device=w.device, dtype=w.dtype) * 0.02)]
+        if b is not None:
+            out.append((b, torch.zeros_like(b)))
+    elif isinstance(module, _FRESH_ONES) or type(module).__name__.endswith("RMSNorm"):
         out = [(p, torch.ones_like(p) if name == "weight" else torch.zeros_like(p))
                for name, p in module.named_parameters(recurse=False)]
     else:
-        raise ValueError(f"fresh_parameters: cannot draw a fresh {type(module).__name__} (Linear and norm layers only)")
+        raise ValueError(f"fresh_parameters: cannot draw a fresh {type(module).__name__} (Linear, GPT-2's Conv1D and "
+                         f"norm layers only)")
     return [(p, t.detach().requires_grad_(True)) for p, t in out]
