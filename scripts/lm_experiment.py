@@ -33,11 +33,17 @@ def main():
     p.add_argument("--set", default="{}", help="JSON overrides of lm_demo.demo_config")
     p.add_argument("--cache", default="runs/lm_cache")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--model", default=None, help="attack this saved protected model (save_pretrained) instead of "
+                                                 "protecting; --set is then only recorded")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     os.makedirs("runs/lm", exist_ok=True)
     prep = lm_demo.prepare(a.quick, 0, a.cache)
     settings = {**lm_demo.demo_config(a.quick), **json.loads(a.set)}
+    if a.model:
+        from transformers import GPT2LMHeadModel
+        attack_only(a, prep, settings, GPT2LMHeadModel.from_pretrained(a.model))
+        return
     unrolled = settings.get("meta_gradient") == "unrolled"
     task = LanguageModelTask(second_order=unrolled)
     model = copy.deepcopy(prep.model)
@@ -54,9 +60,21 @@ def main():
     print(f"[{a.name}] protect {seconds:.0f} s, stop {res.stop_reason}, restricted loss before attacks {before:.3f}",
           flush=True)
     res.model.save_pretrained(f"runs/lm/{a.name}_model")
-    report = lm_demo.attack_all(res.model, prep, a.quick, 0)
-    out = {"name": a.name, "quick": a.quick, "settings": settings, "protect_seconds": seconds,
-           "stop": res.stop_reason, "restricted_before_attack": before, "report": report}
+    finish(a, prep, res.model, {"settings": settings, "protect_seconds": seconds, "stop": res.stop_reason,
+                                "restricted_before_attack": before})
+
+
+def attack_only(a, prep, settings, model):
+    task = LanguageModelTask()
+    before = task.evaluate(model, task.prepare(model, prep.restricted_test, "restricted test"))
+    finish(a, prep, model, {"settings": settings, "protect_seconds": 0.0, "stop": f"loaded {a.model}",
+                            "restricted_before_attack": before})
+
+
+def finish(a, prep, model, info):
+    """Attack ``model`` with the demo's attacks; write runs/lm/NAME.json and print the gaps."""
+    report = lm_demo.attack_all(model, prep, a.quick, 0)
+    out = {"name": a.name, "quick": a.quick, **info, "report": report}
     tmp = f"runs/lm/{a.name}.json.tmp"
     with open(tmp, "w") as f:
         json.dump(out, f)
