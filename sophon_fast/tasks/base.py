@@ -95,15 +95,19 @@ def reinit_linear_(weight: Tensor, bias: Optional[Tensor], gen: Optional[torch.G
         bias.zero_()
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2's linear layer, weight stored (in, out)), without importing transformers."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
 def linear_weights(model: nn.Module, exclude: Optional[nn.Module] = None) -> List[Tuple[str, nn.Parameter, bool]]:
     """[(name, weight, transposed)] of every ``nn.Linear`` and every transformers-style ``Conv1D`` (GPT-2's, weight
     stored (in, out): ``transposed=True``) in ``model`` except the module ``exclude`` (and any sharing its weight)."""
     skip = id(exclude.weight) if exclude is not None else None
     out = []
     for name, m in model.named_modules():
-        conv1d = type(m).__name__ == "Conv1D" and hasattr(m, "nf")
-        if (isinstance(m, nn.Linear) or conv1d) and id(m.weight) != skip:
-            out.append((f"{name}.weight" if name else "weight", m.weight, conv1d))
+        if (isinstance(m, nn.Linear) or _is_conv1d(m)) and id(m.weight) != skip:
+            out.append((f"{name}.weight" if name else "weight", m.weight, _is_conv1d(m)))
     return out
 
 
@@ -140,7 +144,7 @@ def fresh_parameters(module: nn.Module, gen: torch.Generator) -> List[Tuple[nn.P
         out = [(w, (torch.rand(w.shape, generator=gen, device=w.device, dtype=w.dtype) * 2 - 1) * bound)]
         if b is not None:
             out.append((b, (torch.rand(b.shape, generator=gen, device=b.device, dtype=b.dtype) * 2 - 1) * bound))
-    elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):      # GPT-2's: transformers' normal(0, 0.02)
+    elif _is_conv1d(module):                                               # GPT-2's: transformers' normal(0, 0.02)
         w, b = module.weight, module.bias
         out = [(w, torch.randn(w.shape, generator=gen, device=w.device, dtype=w.dtype) * 0.02)]
         if b is not None:

@@ -17,7 +17,8 @@ The training losses go through ``sophon_fast.functional.linear_suppression_loss`
 weight, bias) when that fused op exists and computes the loss ("ce", "ice", "klu", "neg_entropy": the
 (rows, V) logits are never held at once), else through the materialised logits and
 ``sophon_fast.functional.fused_loss`` with the weights of ``functional.SUPPRESSION_LOSSES`` (which
-also skips ignored rows for the label-free losses); "ice_reference_code" always takes the second path.
+also skips ignored rows for the label-free losses); "ice_reference_code" always takes the second path, and so
+does every loss of a task built with ``second_order=True`` (the fused op has no second derivative).
 
 Tied heads (GPT-2 ties its head to the token embedding): re-initialising such a head would also
 re-initialise the embedding, so the task refuses: :meth:`head` returns None for a tied model (the
@@ -68,6 +69,7 @@ class LanguageModelTask(Task):
     metric = "next-token loss"
     higher_is_better = False
     losses = ("ice", "ice_reference_code", "klu", "neg_entropy")
+
     def __init__(self, adapter: Optional[CausalLMAdapter] = None, ignore_index: int = -100,
                  eval_batch_size: int = 32, second_order: bool = False):
         if eval_batch_size < 1:
