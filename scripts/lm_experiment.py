@@ -18,6 +18,7 @@ import torch
 
 import sophon_fast as sf
 from sophon_fast import lm_demo
+from sophon_fast._atomic import atomic_path
 from sophon_fast.tasks.lm import LanguageModelTask
 
 
@@ -42,7 +43,8 @@ def main():
     settings = {**lm_demo.demo_config(a.quick), **json.loads(a.set)}
     if a.model:
         from transformers import GPT2LMHeadModel
-        attack_only(a, prep, settings, GPT2LMHeadModel.from_pretrained(a.model))
+        finish(a, prep, GPT2LMHeadModel.from_pretrained(a.model),
+               {"settings": settings, "protect_seconds": 0.0, "stop": f"loaded {a.model}"})
         return
     unrolled = settings.get("meta_gradient") == "unrolled"
     task = LanguageModelTask(second_order=unrolled)
@@ -55,30 +57,20 @@ def main():
                      original_test=prep.original_test)
     seconds = time.perf_counter() - t0
     res.model.set_attn_implementation(prep.model.config._attn_implementation)   # the attacks run as on the others
-    task = LanguageModelTask()
-    before = task.evaluate(res.model, task.prepare(res.model, prep.restricted_test, "restricted test"))
-    print(f"[{a.name}] protect {seconds:.0f} s, stop {res.stop_reason}, restricted loss before attacks {before:.3f}",
-          flush=True)
     res.model.save_pretrained(f"runs/lm/{a.name}_model")
-    finish(a, prep, res.model, {"settings": settings, "protect_seconds": seconds, "stop": res.stop_reason,
-                                "restricted_before_attack": before})
-
-
-def attack_only(a, prep, settings, model):
-    task = LanguageModelTask()
-    before = task.evaluate(model, task.prepare(model, prep.restricted_test, "restricted test"))
-    finish(a, prep, model, {"settings": settings, "protect_seconds": 0.0, "stop": f"loaded {a.model}",
-                            "restricted_before_attack": before})
+    finish(a, prep, res.model, {"settings": settings, "protect_seconds": seconds, "stop": res.stop_reason})
 
 
 def finish(a, prep, model, info):
     """Attack ``model`` with the demo's attacks; write runs/lm/NAME.json and print the gaps."""
+    task = LanguageModelTask()
+    before = task.evaluate(model, task.prepare(model, prep.restricted_test, "restricted test"))
+    print(f"[{a.name}] protect {info['protect_seconds']:.0f} s, stop {info['stop']}, restricted loss before attacks "
+          f"{before:.3f}", flush=True)
     report = lm_demo.attack_all(model, prep, a.quick, 0)
-    out = {"name": a.name, "quick": a.quick, **info, "report": report}
-    tmp = f"runs/lm/{a.name}.json.tmp"
-    with open(tmp, "w") as f:
-        json.dump(out, f)
-    os.replace(tmp, f"runs/lm/{a.name}.json")
+    out = {"name": a.name, "quick": a.quick, **info, "restricted_before_attack": before, "report": report}
+    with atomic_path(f"runs/lm/{a.name}.json") as tmp:
+        tmp.write_text(json.dumps(out))
     o = report["original"]
     print(f"[{a.name}] English loss {o['unprotected']:.3f} -> {o['protected']:.3f} "
           f"({100 * (o['protected'] / o['unprotected'] - 1):+.1f}%)")
