@@ -12,7 +12,10 @@ embedding that serves English. ``--rows`` adds two more hybrids that take the pr
 only some rows of the token embedding (scratch's for the others, scratch's blocks): "shared rows", the tokens at
 least 1/4 as frequent (relatively) in the English training blocks as in the Python ones (scripts/lm_head_start.py's
 "shared" group), and "other rows", the rest. ``--protected PATH`` adds "protected embeddings": a protected model's
-token and position embeddings with scratch's blocks.
+token and position embeddings with scratch's blocks. ``--controls`` adds models that know no English: the same
+configuration pre-trained by the demo's recipe on structureless versions of the English training blocks: "shuffled
+order" (each block's tokens randomly permuted: which tokens occur together, no order) and "unigram" (every token
+drawn independently from the English token frequencies).
 """
 import argparse
 import copy
@@ -38,12 +41,32 @@ def hybrid(take_from, rest_from, prefixes):
     return out
 
 
+def structureless(kind, blocks, seed=0):
+    """``(input_ids, labels)`` like ``blocks`` with the order taken out: ``shuffled`` permutes each block's tokens
+    (padding stays at the tail), ``unigram`` draws every token from the blocks' token frequencies."""
+    ids, labels = blocks
+    gen = torch.Generator().manual_seed(seed)
+    out = ids.clone()
+    real = labels >= 0
+    if kind == "shuffled":
+        for i in range(ids.shape[0]):
+            n = int(real[i].sum())
+            out[i, :n] = ids[i, :n][torch.randperm(n, generator=gen)]
+    elif kind == "unigram":
+        freq = torch.bincount(ids[real]).double()
+        out[real] = torch.multinomial(freq, int(real.sum()), replacement=True, generator=gen)
+    else:
+        raise ValueError(f"unknown control {kind!r} (shuffled, unigram)")
+    return out, torch.where(real, out, labels)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--full", action="store_true")
     p.add_argument("--attacks", nargs="*", default=None, help="attack names (default: all the demo's)")
     p.add_argument("--cache", default="runs/lm_cache")
     p.add_argument("--rows", action="store_true", help="also the shared-rows / other-rows hybrids")
+    p.add_argument("--controls", action="store_true", help="also GPT-2s pre-trained on order-free English")
     p.add_argument("--protected", default=None, help="a protected model (save_pretrained): its embeddings + scratch")
     a = p.parse_args()
     torch.set_num_threads(1)
@@ -67,6 +90,12 @@ def main():
             with torch.no_grad():
                 m.transformer.wte.weight[rows] = prep.model.transformer.wte.weight[rows]
             models[name] = m
+    if a.controls:        # the demo's pre-training recipe on English with its order taken out
+        for kind, name in (("shuffled", "shuffled order"), ("unigram", "unigram")):
+            base = lm_models.fresh_like(prep.model, 0)
+            curve, models[name] = lm_demo.pretrain(base, structureless(kind, prep.original_train),
+                                                   prep.original_test, prep.sizes, 0)
+            print(json.dumps({"control": name, "english_test_loss": [round(x, 3) for x in curve]}), flush=True)
     for atk in lm_demo.demo_attacks(not a.full):
         if a.attacks and atk.name not in a.attacks:
             continue
