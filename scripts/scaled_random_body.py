@@ -22,14 +22,14 @@ with torch.no_grad():
     for tag, m in (("pre-trained", pre), ("scaled random", rand), ("random", scratch(pre, 0))):
         h = m.features(x) if hasattr(m, "features") else None
         if h is not None:
-            print(f"pool-2 feature RMS on MNIST, {tag}: {h.pow(2).mean().sqrt():.3f}")
+            print(f"head-input (model.features) RMS on MNIST, {tag}: {h.pow(2).mean().sqrt():.3f}")
     # then conv2's weight and bias by one factor (ReLU and max-pooling are positively homogeneous), so that the
-    # pool-2 features on MNIST have the pre-trained model's RMS
+    # head-input features (model.features: up to fc64's ReLU) on MNIST have the pre-trained model's RMS
     c = pre.features(x).pow(2).mean().sqrt() / rand.features(x).pow(2).mean().sqrt()
     rand.features[3].weight.mul_(c)
     rand.features[3].bias.mul_(c)
-    print(f"conv2 scaled by {c:.2f}: pool-2 RMS now {rand.features(x).pow(2).mean().sqrt():.3f}")
+    print(f"conv2 scaled by {c:.2f}: head-input RMS now {rand.features(x).pow(2).mean().sqrt():.3f}")
     if len(sys.argv) > 3:
         sh = load_model(sys.argv[3])
-        print(f"pool-2 feature RMS on MNIST, {sys.argv[3]}: {sh.features(x).pow(2).mean().sqrt():.3f}")
+        print(f"head-input RMS on MNIST, {sys.argv[3]}: {sh.features(x).pow(2).mean().sqrt():.3f}")
 save_model(rand, sys.argv[2])
