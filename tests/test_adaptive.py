@@ -89,8 +89,34 @@ def test_prepare_preps():
     assert not torch.equal(moved.head.weight, a.head.weight)
 
 
+def test_block_input_rms_rescales_the_fresh_block_input():
+    a = models.build("cnn_small", seed=0)
+    x = torch.rand(40, 1, 28, 28)
+    restricted = (x, torch.randint(0, 10, (40,)))
+    att = AdaptiveAttack("r", "reinit_block", block_input_rms=0.5)
+    with pytest.raises(ValueError):
+        prepare(a, att, seed=0)                       # needs the restricted data
+    m = prepare(a, att, seed=0, restricted=restricted)
+    plain = prepare(a, AdaptiveAttack("r", "reinit_block"), seed=0)
+    torch.testing.assert_close(m.features[7].weight, plain.features[7].weight)   # same fresh draws
+    seen = []
+    m.features[7].register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach()))
+    m.eval()
+    with torch.no_grad():
+        out = m(x)
+        unscaled = plain.eval().features[:7](x)
+    assert abs(float(seen[0].pow(2).mean().sqrt()) - 0.5) < 1e-4
+    ratio = float(seen[0].norm() / unscaled.norm())
+    torch.testing.assert_close(seen[0], unscaled * ratio)    # a constant factor, nothing else
+    assert torch.isfinite(out).all()
+    assert not a.features[7]._forward_pre_hooks and not plain.features[7]._forward_pre_hooks
+    fit = run(m, restricted, restricted, Attack("ft", "full", "adam", lr=1e-3, batch_size=20, epochs=1), seed=0)
+    assert len(fit) == 2 and all(0.0 <= v <= 1.0 for v in fit)   # the hook survives run's deep copy
+
+
 def test_attack_validation():
-    for kw in ({"prep": "nope"}, {"optimizer": "lbfgs"}, {"lrs": ()}, {"lrs": (0.0,)}, {"reinit_last": 0}):
+    for kw in ({"prep": "nope"}, {"optimizer": "lbfgs"}, {"lrs": ()}, {"lrs": (0.0,)}, {"reinit_last": 0},
+               {"block_input_rms": 1.0}, {"prep": "reinit_block", "block_input_rms": 0.0}):
         with pytest.raises(ValueError):
             AdaptiveAttack("x", **kw)
     with pytest.raises(ValueError):

@@ -9,7 +9,9 @@ early head start shows. Preparations (``AdaptiveAttack.prep``):
 - ``none``: plain full fine-tuning (with the sign-like optimisers: Adagrad lr 0.1, Adam lr 1e-2,
   sign-SGD / Lion-style momentum);
 - ``reinit_block``: re-initialise the classifier block (every parameterised module after the last
-  convolution / pooling layer, or the last ``reinit_last`` of them), RTAL-style;
+  convolution / pooling layer, or the last ``reinit_last`` of them), RTAL-style; with ``block_input_rms``
+  the attacker also puts a fixed scale in front of the fresh block so that its input has that RMS on the
+  restricted training inputs (undoing a protection that shrinks the features);
 - ``zero_bias``: set every bias to zero; ``noise``: add Gaussian noise of ``noise_std`` x each
   tensor's std to every parameter;
 - ``benign_first``: ``benign_steps`` Adam steps on original-domain data first.
@@ -46,7 +48,9 @@ class AdaptiveAttack:
     """A preparation (one of :data:`PREPS`) followed by full fine-tuning with ``optimizer`` at each of
     ``lrs`` (batch ``batch_size``, weight decay ``weight_decay``, for ``AdaptiveConfig.eval_steps[-1]``
     steps). ``reinit_last``: for ``reinit_block``, re-initialise the last N parameterised leaf modules
-    instead of everything after the last convolution / pooling. ``noise_std``: for ``noise``, relative
+    instead of everything after the last convolution / pooling. ``block_input_rms``: for ``reinit_block``,
+    a constant factor in front of the fresh block, chosen so that the block's input has this RMS on (up to
+    1,000 of) the restricted training inputs. ``noise_std``: for ``noise``, relative
     to each parameter tensor's std. ``benign_steps``/``benign_lr``: for ``benign_first``, Adam steps on
     original-domain data (batch ``batch_size``) before the restricted fine-tuning."""
 
@@ -57,6 +61,7 @@ class AdaptiveAttack:
     batch_size: int = 200
     weight_decay: float = 1e-4
     reinit_last: Optional[int] = None
+    block_input_rms: Optional[float] = None
     noise_std: float = 0.1
     benign_steps: int = 100
     benign_lr: float = 1e-3
@@ -73,6 +78,9 @@ class AdaptiveAttack:
         if self.batch_size < 1 or self.weight_decay < 0 or self.noise_std < 0 or self.benign_steps < 1 \
                 or not self.benign_lr > 0 or (self.reinit_last is not None and self.reinit_last < 1):
             raise ValueError(f"invalid AdaptiveAttack hyper-parameters: {self}")
+        if self.block_input_rms is not None and (self.prep != "reinit_block" or not self.block_input_rms > 0):
+            raise ValueError(f"AdaptiveAttack.block_input_rms must be positive and needs prep 'reinit_block', "
+                             f"got {self.block_input_rms!r} with prep {self.prep!r}")
 
 
 def default_attacks() -> Tuple[AdaptiveAttack, ...]:
@@ -80,6 +88,8 @@ def default_attacks() -> Tuple[AdaptiveAttack, ...]:
     adam, mom = (1e-4, 1e-3, 1e-2), (1e-3, 1e-2, 1e-1)
     return (AdaptiveAttack("reinit_block-adam", "reinit_block", "adam", adam),
             AdaptiveAttack("reinit_block-momentum", "reinit_block", "momentum", mom),
+            AdaptiveAttack("reinit_block_rms-adam", "reinit_block", "adam", adam, block_input_rms=1.0),
+            AdaptiveAttack("reinit_block_rms-momentum", "reinit_block", "momentum", mom, block_input_rms=1.0),
             AdaptiveAttack("zero_bias-adam", "zero_bias", "adam", adam),
             AdaptiveAttack("noise0.1-adam", "noise", "adam", adam, noise_std=0.1),
             AdaptiveAttack("benign_first-adam", "benign_first", "adam", adam),
@@ -149,20 +159,53 @@ def classifier_block(model: nn.Module, last: Optional[int] = None) -> List[nn.Mo
     return block
 
 
+class _InputScale:
+    """Forward pre-hook: multiply a module's first input by a constant."""
+
+    def __init__(self, factor: float):
+        self.factor = factor
+
+    def __call__(self, module: nn.Module, args: tuple) -> tuple:
+        return (args[0] * self.factor, *args[1:])
+
+
+def _block_input_rms(model: nn.Module, first: nn.Module, inputs: Tensor) -> float:
+    """RMS of ``first``'s input over ``inputs`` (eval mode, no gradient; the model's mode is restored)."""
+    grabbed: List[Tensor] = []
+    handle = first.register_forward_pre_hook(lambda mod, args: grabbed.append(args[0].detach()))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(inputs)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return float(grabbed[0].float().pow(2).mean().sqrt())
+
+
 def prepare(model: nn.Module, attack: AdaptiveAttack, seed: int,
-            original: Optional[Tuple[Tensor, Tensor]] = None) -> nn.Module:
+            original: Optional[Tuple[Tensor, Tensor]] = None,
+            restricted: Optional[Tuple[Tensor, Tensor]] = None) -> nn.Module:
     """A prepared deep copy of ``model`` (``model`` is untouched) for ``attack.prep``.
 
     Randomness (re-initialisation, noise) is seeded by ``seed`` alone, so the protected, unprotected
     and scratch models of one architecture receive identical draws. ``original`` = (inputs, labels)
-    tensors of the original domain, required for ``benign_first``.
+    tensors of the original domain, required for ``benign_first``; ``restricted`` = the restricted
+    training tensors, required for ``block_input_rms``.
     """
     m = copy.deepcopy(model)
     device = model_device(m)
     if attack.prep == "reinit_block":
+        block = classifier_block(m, attack.reinit_last)
+        if attack.block_input_rms is not None:
+            if restricted is None:
+                raise ValueError("block_input_rms needs the restricted training data (restricted=(inputs, labels))")
+            rms = _block_input_rms(m, block[0], restricted[0][:1000].to(device))
+            block[0].register_forward_pre_hook(_InputScale(attack.block_input_rms / rms if rms > 0 else 1.0))
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
-            for mod in classifier_block(m, attack.reinit_last):
+            for mod in block:
                 if not callable(getattr(mod, "reset_parameters", None)):
                     raise ValueError(f"reinit_block: {type(mod).__name__} has no reset_parameters()")
                 mod.reset_parameters()
@@ -225,7 +268,7 @@ def finetune_row(bodies: Dict[str, nn.Module], train: Tuple[Tensor, Tensor], tes
         if name in reuse:
             continue
         log: List[Tensor] = []
-        m = prepare(body, attack, seed, original)
+        m = prepare(body, attack, seed, original, train)
         curves[name] = run(m, train, test, spec, seed, model_device(m), eval_steps=config.eval_steps, loss_log=log)
         losses[name] = torch.stack(log).tolist()
     ex, n = excess(curves["protected"], curves["unprotected"], curves["scratch"], config)
