@@ -3,7 +3,7 @@
     .venv/bin/python scripts/adaptive_eval.py NAME --protected runs/exp/X/model_s0.safetensors \
         --unprotected runs/exp/cache/fashion_mnist_cnn_small_p3_s0.safetensors [--pair fashion_mnist:mnist] \
         [--seeds 0] [--attacks reinit_block-adam,full-adam] [--no-probes] [--no-finetune] [--threads 1]
-        [--eval-steps 1 2 5 10 20 40] [--baselines runs/adaptive/EARLIER.json]
+        [--eval-steps 1 2 5 10 20 40] [--baselines runs/adaptive/EARLIER.json] [--null-seeds 100 101 102]
     .venv/bin/python scripts/adaptive_eval.py NAME --merge runs/adaptive/A.json runs/adaptive/B.json [--replicates]
 
 Writes runs/adaptive/NAME.json (every curve and per-step loss) and prints a markdown summary (the
@@ -13,6 +13,9 @@ best accuracy over rates and epochs; and the issue's targets: per replicate (a p
 attack seed) the worst case over the rate sweep, then the median over replicates (and the worst).
 `--merge --replicates`: the reports are of different protected models (e.g. three protection seeds), so
 each report's rows form their own replicates even where the attack seeds repeat.
+`--null-seeds`: random initialisations (those seeds) attacked as if each were the protected model; each
+target then also gives the null bodies' values of the same statistic (docs/experiments.md a8). They do not
+depend on the protected model, so a report with them serves as --baselines for the next protected model.
 """
 import argparse
 import dataclasses
@@ -119,6 +122,8 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--baselines", default=None,
                     help="an earlier NAME.json with the same unprotected model: reuse its unprotected/scratch runs")
+    ap.add_argument("--null-seeds", type=int, nargs="+", default=[],
+                    help="random initialisations attacked as if protected: the statistic's value for no knowledge")
     ap.add_argument("--merge", nargs="+", default=None, help="combine finished NAME.json reports instead of running")
     ap.add_argument("--replicates", action="store_true",
                     help="with --merge: the reports are of different protected models (one replicate each)")
@@ -147,7 +152,8 @@ def main():
         report = evaluate_adaptive(prot, unprot, sfdata.load(restr, "train"), sfdata.load(restr, "test"),
                                    sfdata.load(orig, "train"), cfg, a.seeds, probes=not a.no_probes,
                                    say=lambda s: print(s, flush=True),
-                                   baselines=json.load(open(a.baselines)) if a.baselines else None)
+                                   baselines=json.load(open(a.baselines)) if a.baselines else None,
+                                   null_seeds=a.null_seeds)
         report["meta"] = {"protected": a.protected, "unprotected": a.unprotected, "pair": a.pair}
     with open(f"{ROOT}/{a.name}.json", "w") as f:
         json.dump(report, f)

@@ -222,3 +222,50 @@ def test_evaluate_adaptive_end_to_end():
     assert again["finetune"][1]["curves"]["scratch"] == rep["finetune"][1]["curves"]["scratch"]
     assert again["probes"][1]["curves"]["unprotected"] == [-2.0] * 2
     assert again["probes"][0]["curves"] == rep["probes"][0]["curves"]
+
+
+def test_check_targets_reads_the_protected_value_against_null_bodies():
+    u = [0.1, 0.9]
+    rows = []
+    # protected excess +0.1 at each seed; null bodies (random inits attacked as if protected): +0.3, +0.05, -0.2
+    for seed in (0, 1, 2):
+        r = _row("a", [0.1, 0.4], u, [0.1, 0.3], seed=seed)
+        r["curves"].update(null7=[0.1, 0.6], null8=[0.1, 0.35], null9=[0.1, 0.1])
+        rows.append(r)
+    t = check_targets({"finetune": rows, "probes": [], "seeds": [0, 1, 2]}, AdaptiveConfig())[0]
+    assert t["met"] is False and t["value"] == pytest.approx(0.1)          # the literal target is unchanged
+    assert t["null"] == pytest.approx({"null7": 0.3, "null8": 0.05, "null9": -0.2})
+    assert t["null_median"] == pytest.approx(0.05) and t["within_null"] is False
+    assert "above 2 of 3" in t["detail"]
+    # a null body's value is its own worst over rates per seed, then the median over seeds, as the protected one's
+    rows[0]["curves"]["null9"] = [0.1, 0.9]
+    rows[1]["curves"]["null9"] = [0.1, 0.8]
+    t = check_targets({"finetune": rows, "probes": [], "seeds": [0, 1, 2]}, AdaptiveConfig())[0]
+    assert t["null"]["null9"] == pytest.approx(0.5) and t["null_median"] == pytest.approx(0.3)
+    assert t["within_null"] is True and "at or below the null median, above 1 of 3" in t["detail"]
+    # without null curves the entry has no null keys
+    plain = check_targets({"finetune": [_row("a", [0.1, 0.4], u, [0.1, 0.3])], "probes": [], "seeds": [0]},
+                          AdaptiveConfig())[0]
+    assert "null" not in plain and "within_null" not in plain
+
+
+def test_evaluate_adaptive_null_bodies_are_random_inits_attacked_as_protected():
+    prot, unprot = models.build("cnn_small", num_classes=4, seed=0), models.build("cnn_small", num_classes=4, seed=1)
+    cfg = AdaptiveConfig(attacks=(AdaptiveAttack("rb", "reinit_block", "adam", (1e-3,), batch_size=16),),
+                         eval_steps=(1, 2, 4), loss_window=2)
+    data = (_data(32, 0), _data(16, 1))
+    rep = evaluate_adaptive(prot, unprot, *data, None, cfg, seeds=(0,), probes=False, null_seeds=(7,))
+    row = rep["finetune"][0]
+    assert set(row["curves"]) == {"protected", "unprotected", "scratch", "null7"} and rep["null_seeds"] == [7]
+    # the null curve is exactly what the suite measures for a protected model that is scratch(prot, 7)
+    from sophon_fast.attacks.run import scratch
+    direct = evaluate_adaptive(scratch(prot, 7), unprot, *data, None, cfg, seeds=(0,), probes=False)
+    assert direct["finetune"][0]["curves"]["protected"] == row["curves"]["null7"]
+    # baselines carry the null curves over (they do not depend on the protected model)
+    rep["finetune"][0]["curves"]["null7"] = [-1.0] * 4
+    again = evaluate_adaptive(prot, unprot, *data, None, cfg, seeds=(0,), probes=False, null_seeds=(7,),
+                              baselines=rep)
+    assert again["finetune"][0]["curves"]["null7"] == [-1.0] * 4
+    for bad in ((0,), (7, 7)):
+        with pytest.raises(ValueError):
+            evaluate_adaptive(prot, unprot, *data, None, cfg, seeds=(0,), probes=False, null_seeds=bad)

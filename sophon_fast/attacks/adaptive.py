@@ -19,6 +19,12 @@ early head start shows. Preparations (``AdaptiveAttack.prep``):
 Probes (:mod:`sophon_fast.attacks.probes`): a linear and an MLP probe on the frozen output of each
 block, for the protected, unprotected and a randomly initialised body. :func:`check_targets` tests the
 protection-strength issue's targets and :func:`signatures` the gradient-masking signatures.
+
+Null bodies (``evaluate_adaptive(null_seeds=...)``): random initialisations attacked as if each were the
+protected model. A body that knows nothing is exchangeable with scratch, so its expected excess is zero,
+but the statistic (the largest excess over evaluation points and rates of two noisy curves) is not:
+:func:`check_targets` reports each target's value for the null bodies beside the protected model's, so
+that a protected value can be read against what the statistic gives a body with no knowledge at all.
 """
 from __future__ import annotations
 
@@ -41,6 +47,7 @@ PREPS = ("none", "reinit_block", "zero_bias", "noise", "benign_first")
 _BLOCK_ENDS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
                nn.AdaptiveMaxPool2d)
 BODIES = ("protected", "unprotected", "scratch")
+NULL_PREFIX = "null"   # finetune rows' curves of null body seed s are under "null{s}"
 
 
 @dataclass(frozen=True)
@@ -310,7 +317,8 @@ def probe_rows(bodies: Dict[str, nn.Module], train: Tuple[Tensor, Tensor], test:
 
 def evaluate_adaptive(protected: nn.Module, unprotected: nn.Module, train, test, original=None,
                       config: Optional[AdaptiveConfig] = None, seeds: Sequence[int] = (0,), probes: bool = True,
-                      say: Optional[Callable[[str], None]] = None, baselines: Optional[dict] = None) -> dict:
+                      say: Optional[Callable[[str], None]] = None, baselines: Optional[dict] = None,
+                      null_seeds: Sequence[int] = ()) -> dict:
     """Run the adaptive suite on ``protected``, ``unprotected`` and ``scratch(protected, seed)``.
 
     ``train``/``test``: restricted-domain Dataset / DataLoader / (X, Y); ``original``: original-domain
@@ -319,28 +327,37 @@ def evaluate_adaptive(protected: nn.Module, unprotected: nn.Module, train, test,
     "config": ...}``; ``say`` receives one line per finished run. ``baselines``: an earlier report made
     with the same unprotected model, data and steps (e.g. for another protected model of the same
     architecture): its unprotected and scratch curves are reused wherever (attack, lr, seed) or (block,
-    kind, lr, seed) and the evaluation points match.
+    kind, lr, seed) and the evaluation points match, and so are its null bodies' curves.
+    ``null_seeds``: random initialisations ``scratch(protected, s)`` attacked by every fine-tuning attack
+    as if each were the protected model (curves ``"null{s}"`` in each row; see :func:`check_targets`);
+    they must differ from the attack ``seeds``, which seed the scratch models.
     """
     config = config or AdaptiveConfig()
     config.validate()
+    null_seeds = [int(s) for s in null_seeds]
+    if set(null_seeds) & set(seeds) or len(set(null_seeds)) != len(null_seeds):
+        raise ValueError(f"evaluate_adaptive: null_seeds {null_seeds} must be distinct and differ from the attack "
+                         f"seeds {list(seeds)} (a null body with an attack seed is that seed's scratch model)")
     device = model_device(protected)
     train, test = (tuple(t.to(device) for t in as_tensors(d)) for d in (train, test))
     orig = tuple(t.to(device) for t in as_tensors(original)) if original is not None else None
     if orig is None and any(a.prep == "benign_first" for a in config.attacks):
         raise ValueError("evaluate_adaptive: benign_first attacks need original-domain data")
-    report = {"finetune": [], "probes": [], "seeds": list(seeds),
+    report = {"finetune": [], "probes": [], "seeds": list(seeds), "null_seeds": null_seeds,
               "config": dataclasses.asdict(config)}
     base = baselines or {"finetune": [], "probes": []}
     steps = [0, *config.eval_steps]
     old_ft = {(r["attack"], r["lr"], r["seed"]): r for r in base["finetune"] if r["steps"] == steps}
     old_pr = {(r["block"], r["kind"], r["lr"], r["seed"]): r["curves"] for r in base["probes"]
               if len(r["curves"]["scratch"]) == config.probe_epochs + 1}
+    nulls = {f"{NULL_PREFIX}{s}": scratch(protected, s) for s in null_seeds} if config.attacks else {}
     for seed in seeds:
-        bodies = {"protected": protected, "unprotected": unprotected, "scratch": scratch(protected, seed)}
+        bodies = {"protected": protected, "unprotected": unprotected, "scratch": scratch(protected, seed), **nulls}
         for attack in config.attacks:
             for lr in attack.lrs:
                 old = old_ft.get((attack.name, lr, seed))
-                reuse = {b: (old["curves"][b], old["losses"][b]) for b in BODIES[1:]} if old else None
+                reuse = {b: (old["curves"][b], old["losses"][b]) for b in bodies
+                         if b != "protected" and old and b in old["curves"]}
                 row = finetune_row(bodies, train, test, attack, lr, seed, config, orig, reuse)
                 report["finetune"].append(row)
                 if say:
@@ -391,23 +408,31 @@ def check_targets(report: dict, config: AdaptiveConfig) -> List[dict]:
         by_attack.setdefault(r["attack"], []).append(r)
     for name, rows in by_attack.items():
         per, envs = {}, []
-        for rep in sorted({replicate(r) for r in rows}):
-            rs = [r for r in rows if replicate(r) == rep]
-            env = excess(*(envelope(rs, b) for b in BODIES), config)[0]
-            envs += [env] if env is not None else []
-            values = [r["excess"] for r in rs if r["excess"] is not None] + ([env] if env is not None else [])
-            if values:
-                per[rep] = max(values)
+        per, envs = _attack_values(rows, "protected", config)
         value = _median(list(per.values()))
         worst = max(per.values()) if per else None
         sig = {k: sum(r["signatures"]["protected"][k] for r in rows) for k in rows[0]["signatures"]["protected"]}
         detail = (f"median over {len(per)} replicates {_pts(value)} points (worst {_pts(worst)}, {len(rows)} runs; "
                   f"best-rate envelope worst {_pts(max(envs) if envs else None)}); protected signatures: "
                   + ", ".join(f"{k} {v}/{len(rows)}" for k, v in sig.items()))
-        out.append({"target": f"{name}: protected <= scratch + {100 * config.max_excess:g} where unprotected >= "
-                              f"scratch + {100 * config.eligible_gap:g}",
-                    "met": None if value is None else value <= config.max_excess + 1e-9, "value": value,
-                    "worst": worst, "per_replicate": [[*k, v] for k, v in per.items()], "detail": detail})
+        null_names = sorted({b for r in rows for b in r["curves"] if b.startswith(NULL_PREFIX)},
+                            key=lambda b: int(b[len(NULL_PREFIX):]))
+        null = {b: _median(list(_attack_values(rows, b, config)[0].values())) for b in null_names
+                if all(b in r["curves"] for r in rows)}
+        null = {b: v for b, v in null.items() if v is not None}
+        entry = {"target": f"{name}: protected <= scratch + {100 * config.max_excess:g} where unprotected >= "
+                           f"scratch + {100 * config.eligible_gap:g}",
+                 "met": None if value is None else value <= config.max_excess + 1e-9, "value": value,
+                 "worst": worst, "per_replicate": [[*k, v] for k, v in per.items()], "detail": detail}
+        if null and value is not None:
+            vals = sorted(null.values())
+            entry.update(null={b: null[b] for b in null}, null_median=_median(vals),
+                         within_null=value <= _median(vals) + 1e-9)
+            entry["detail"] += (f"; null bodies (random inits attacked as if protected, the same statistic): "
+                                f"median {_pts(entry['null_median'])}, range {_pts(vals[0])} to {_pts(vals[-1])} "
+                                f"over {len(vals)}; protected {'at or below' if entry['within_null'] else 'above'} "
+                                f"the null median, above {sum(v < value for v in vals)} of {len(vals)}")
+        out.append(entry)
     by_probe: Dict[Tuple[str, str], List[dict]] = {}
     for r in report["probes"]:
         by_probe.setdefault((r["block"], r["kind"]), []).append(r)
@@ -427,6 +452,22 @@ def check_targets(report: dict, config: AdaptiveConfig) -> List[dict]:
                               f"{100 * mid['protected']:.1f}, unprotected {100 * mid['unprotected']:.1f}, random "
                               f"body {100 * mid['scratch']:.1f} (gap worst {_pts(max(per.values()))})"})
     return out
+
+
+def _attack_values(rows: Sequence[dict], body: str, config: AdaptiveConfig) -> Tuple[dict, List[float]]:
+    """Per replicate, the worst excess of ``body`` over scratch across ``rows``' rates and their best-rate
+    envelope (only where the unprotected model leads scratch by ``eligible_gap``); and the envelopes' excesses."""
+    per, envs = {}, []
+    for rep in sorted({replicate(r) for r in rows}):
+        rs = [r for r in rows if replicate(r) == rep]
+        env = excess(*(envelope(rs, b) for b in (body, "unprotected", "scratch")), config)[0]
+        envs += [env] if env is not None else []
+        values = [excess(r["curves"][body], r["curves"]["unprotected"], r["curves"]["scratch"], config)[0]
+                  for r in rs]
+        values = [v for v in values if v is not None] + ([env] if env is not None else [])
+        if values:
+            per[rep] = max(values)
+    return per, envs
 
 
 def _median(xs: Sequence[float]) -> Optional[float]:
