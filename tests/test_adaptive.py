@@ -252,11 +252,13 @@ def test_check_targets_reads_the_protected_value_against_null_bodies():
 def test_evaluate_adaptive_null_bodies_are_random_inits_attacked_as_protected():
     prot, unprot = models.build("cnn_small", num_classes=4, seed=0), models.build("cnn_small", num_classes=4, seed=1)
     cfg = AdaptiveConfig(attacks=(AdaptiveAttack("rb", "reinit_block", "adam", (1e-3,), batch_size=16),),
-                         eval_steps=(1, 2, 4), loss_window=2)
+                         eval_steps=(1, 2, 4), loss_window=2, probe_kinds=("linear",), probe_lrs=(1e-2,),
+                         probe_epochs=1, probe_batch_size=16, blocks=(HEAD_INPUT,))
     data = (_data(32, 0), _data(16, 1))
-    rep = evaluate_adaptive(prot, unprot, *data, None, cfg, seeds=(0,), probes=False, null_seeds=(7,))
+    rep = evaluate_adaptive(prot, unprot, *data, None, cfg, seeds=(0,), null_seeds=(7,))
     row = rep["finetune"][0]
     assert set(row["curves"]) == {"protected", "unprotected", "scratch", "null7"} and rep["null_seeds"] == [7]
+    assert [set(r["curves"]) for r in rep["probes"]] == [{"protected", "unprotected", "scratch"}]   # no null probes
     # the null curve is exactly what the suite measures for a protected model that is scratch(prot, 7)
     from sophon_fast.attacks.run import scratch
     direct = evaluate_adaptive(scratch(prot, 7), unprot, *data, None, cfg, seeds=(0,), probes=False)

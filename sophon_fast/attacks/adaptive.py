@@ -366,7 +366,7 @@ def evaluate_adaptive(protected: nn.Module, unprotected: nn.Module, train, test,
                         f"{_path(c['unprotected'])}  scratch {_path(c['scratch'])}  excess {_pts(row['excess'])}")
         if probes:
             reuse = {k[:3]: {b: v[b] for b in BODIES[1:]} for k, v in old_pr.items() if k[3] == seed}
-            for row in probe_rows(bodies, train, test, seed, config, reuse):
+            for row in probe_rows({b: bodies[b] for b in BODIES}, train, test, seed, config, reuse):
                 report["probes"].append(row)
                 if say:
                     say(f"probe {row['kind']:<6} {row['block']:<12} lr {row['lr']:<7g} s{seed}  " + "  ".join(
@@ -401,13 +401,15 @@ def check_targets(report: dict, config: AdaptiveConfig) -> List[dict]:
     a probe's the gap between the protected and the random body's best accuracy over rates and epochs;
     ``value`` (what ``met`` judges) is the median over replicates, as the issue states its targets, and
     ``worst`` the largest. ``met`` is None when no replicate gives the unprotected model a head start of
-    ``eligible_gap`` anywhere, so there is nothing to remove."""
+    ``eligible_gap`` anywhere, so there is nothing to remove. Where the rows carry null bodies' curves
+    (``evaluate_adaptive(null_seeds=...)``), an attack's entry also has ``null`` (each null body's value of
+    the same statistic), ``null_median`` and ``within_null`` (the protected value at or below that median);
+    ``met`` does not change."""
     out = []
     by_attack: Dict[str, List[dict]] = {}
     for r in report["finetune"]:
         by_attack.setdefault(r["attack"], []).append(r)
     for name, rows in by_attack.items():
-        per, envs = {}, []
         per, envs = _attack_values(rows, "protected", config)
         value = _median(list(per.values()))
         worst = max(per.values()) if per else None
