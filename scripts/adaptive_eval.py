@@ -80,10 +80,13 @@ def markdown(report):
                        f"{_pct(b['scratch'])} |")
         out.append("")
     met = [t for t in report["targets"] if t["met"] is not None]
+    nulled = [t for t in report["targets"] if "within_null" in t]
     out += [f"Targets (per replicate the worst case over rates, then the median over replicates): "
             f"{sum(t['met'] for t in met)} of {len(met)} met"
             + (f", {len(report['targets']) - len(met)} without a head start to remove"
-               if len(met) < len(report["targets"]) else "") + ".", ""]
+               if len(met) < len(report["targets"]) else "")
+            + (f"; against the null bodies, {sum(t['within_null'] for t in nulled)} of {len(nulled)} at or below the "
+               f"null median" if nulled else "") + ".", ""]
     for t in report["targets"]:
         state = "n/a" if t["met"] is None else ("met" if t["met"] else "**missed**")
         out.append(f"- {state}: {t['target']}: {t['detail']}")
