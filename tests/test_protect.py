@@ -580,13 +580,29 @@ def test_skip_trajectory_makes_the_draws_of_the_trajectory(strategy):
     assert torch.equal(states[0][0], states[1][0]) and states[0][1] == states[1][1] and torch.equal(states[0][2], states[1][2])
 
 
-def test_train_fresh_only_is_a_probe_attacker_differentiated_exactly(fresh_draws):
+def mlp_bn():
+    """mlp with BatchNorm under the head, its running statistics far from any batch's."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(20, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 5))
+    with torch.no_grad():
+        model[2].running_mean.uniform_(-1, 1)
+        model[2].running_var.uniform_(0.2, 3)
+        model[2].weight.uniform_(0.5, 1.5)
+        model[2].bias.uniform_(-0.5, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("make", [mlp, mlp_bn])
+def test_train_fresh_only_is_a_probe_attacker_differentiated_exactly(fresh_draws, make):
     """fresh="head", train="fresh", unrolled: only the fresh head takes the inner SGD steps, and the meta-gradient
-    of the body is torch.func's derivative of sum_k ICE(body, head_k(body)) / K with head_0 the drawn head."""
+    of the body is torch.func's derivative of sum_k ICE(body, head_k(body)) / K with head_0 the drawn head. The
+    frozen body runs in eval mode, as a last-layer attacker's does (BatchNorm: running statistics), and the
+    model's mode and buffers are as they were afterwards."""
     from torch.func import functional_call, grad
     from sophon_fast.reference.losses import inverse_cross_entropy
     torch.manual_seed(0)
-    model = mlp().double()
+    model = make().double()
+    hd = str(len(model) - 1)                                  # the head's index
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
     xr, yr = data((20,), n=24 * 3, seed=2)
     lr, K = 0.5, 3
     res = sf.protect(model, data((20,), seed=1), (xr, yr), mode="reference", meta_gradient="unrolled", loss="ice",
@@ -594,10 +610,12 @@ def test_train_fresh_only_is_a_probe_attacker_differentiated_exactly(fresh_draws
                      progress=False, strategies=[sf.Strategy("sgd", lr=lr, batch_size=24, query_size=8, fresh="head",
                                                              train="fresh")])
     perm = torch.randperm(len(xr), generator=torch.Generator().manual_seed(0))
-    body0 = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("1.")}
+    body0 = {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith(hd + ".")}
+    assert res.model.training and all(torch.equal(b, buffers[n]) for n, b in res.model.named_buffers())
+    model.eval()
 
     def objective(body):
-        head = {"3.weight": fresh_draws[0][2], "3.bias": fresh_draws[1][2]}
+        head = {hd + ".weight": fresh_draws[0][2], hd + ".bias": fresh_draws[1][2]}
         ce = lambda h, x, y: torch.nn.functional.cross_entropy(functional_call(model, {**body, **h}, (x,)), y)  # noqa
         total = 0.0
         for k in range(K):
@@ -612,7 +630,7 @@ def test_train_fresh_only_is_a_probe_attacker_differentiated_exactly(fresh_draws
     after = dict(res.model.named_parameters())
     for n in body0:
         assert rel(body0[n] - after[n].detach(), want[n]) <= 1e-9, n
-    assert torch.equal(after["3.weight"].detach(), model[3].weight.detach())    # the model's own head: untouched
+    assert torch.equal(after[hd + ".weight"].detach(), model[-1].weight.detach())    # the model's own head: untouched
     with pytest.raises(ValueError, match="train must be"):
         sf.Strategy(train="fresh")
 

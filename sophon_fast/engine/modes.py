@@ -239,6 +239,18 @@ class ReferenceMode(_Mode):
         return out
 
     def trajectory(self, strategy, stream, loss_name: str, weights: Sequence[float], gen) -> Tensor:
+        """One simulated attacker. A probe / last-layer attacker (``train="fresh"``) sees the frozen body in eval
+        mode, as ``sf.attacks``' last-layer attacks and probes do: BatchNorm with its running statistics, not the
+        restricted batch's (docs/experiments.md a9)."""
+        was = self.model.training
+        if strategy.train == "fresh":
+            self.model.eval()
+        try:
+            return self._trajectory(strategy, stream, loss_name, weights, gen)
+        finally:
+            self.model.train(was)
+
+    def _trajectory(self, strategy, stream, loss_name: str, weights: Sequence[float], gen) -> Tensor:
         fast = {self.names[id(p)]: p.clone() for p in self.params}          # graph-connected clone
         trained = list(fast)
         lora = self._lora(strategy, gen) if strategy.lora else []
