@@ -79,12 +79,14 @@ def main():
     ap.add_argument("--model", default=None,
                     help="attack this already-protected model instead of protecting ({seed} is replaced by the seed)")
     ap.add_argument("--shard", default="0/1", help="i/n: run every n-th attack starting at i (parallel processes)")
+    ap.add_argument("--methods", nargs="+", default=None, choices=("full", "reinit_head", "last_layer"),
+                    help="only the attacks of these methods")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     orig, restr = a.pair.split(":")
     o_tr, o_te, r_tr, r_te = (sfdata.load(n, s) for n in (orig, restr) for s in ("train", "test"))
     classes = 1 + max(int(sfdata.as_tensors(d)[1].max()) for d in (o_tr, r_tr))
-    attacks = attack_set(a.attacks, a.epochs_scale)
+    attacks = [atk for atk in attack_set(a.attacks, a.epochs_scale) if a.methods is None or atk.method in a.methods]
     shard, nshards = (int(v) for v in a.shard.split("/"))
     attacks = attacks[shard::nshards]
     os.makedirs(f"{ROOT}/cache", exist_ok=True)
