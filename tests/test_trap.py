@@ -1,4 +1,6 @@
 """The dead-unit trap component (sophon_fast/defences/trap.py)."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -69,6 +71,30 @@ def test_decay_hinge_is_taken_at_soft_thresholded_body_weights():
     assert torch.allclose(got, (hinge(model) + hinge(shrunk)) / 2, rtol=1e-12)
     got.backward()
     assert model.head.weight.grad is None and model.features[0].weight.grad.abs().sum() > 0
+
+
+def test_on_a_batchnorm_model_the_hinge_is_averaged_over_train_and_eval_mode():
+    """The last-layer attacker reads the body in eval mode (running statistics), full fine-tuning in train mode:
+    the hinge covers both, and leaves the model's mode as it was."""
+    model = nn.Sequential(nn.Linear(20, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 5)).double()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.2, 3)
+    x = data(n=12)[0]
+    trap = trap_for(model, x, margin=1.0)
+    hinge = lambda m: torch.relu(m[:2](x) + 1.0).sum(1).mean()  # noqa: E731
+    with torch.no_grad():
+        want_train = hinge(copy.deepcopy(model).train())
+        want_eval = hinge(copy.deepcopy(model).eval())
+    saved = [b.clone() for b in model.buffers()]
+    for was in (True, False):
+        with torch.no_grad():
+            for b, s in zip(model.buffers(), saved):
+                b.copy_(s)
+        model.train(was)
+        got = trap.loss(model, (x,), None, torch.Generator().manual_seed(0))
+        assert torch.allclose(got, (want_train + want_eval) / 2, rtol=1e-12) and model.training == was
+    assert not torch.allclose(want_train, want_eval)
 
 
 def test_robust_margin_is_the_worst_case_of_a_sign_step_on_the_last_body_linear():

@@ -11,6 +11,10 @@ path Adam/RMSprop with L2 weight decay take on dead units, and averages; ``strai
 hinge's gradient through the soft-threshold unchanged (its exact derivative is 0 for weights already
 decayed to 0, so decayed biases would get no push).
 
+On a model whose forward depends on its mode (BatchNorm, dropout) the hinge is averaged over train mode (what
+full fine-tuning sees: each batch's statistics) and eval mode (what a last-layer attacker sees: the running
+statistics), so the units are off for both (docs/experiments.md e74).
+
 Limits (measured): it needs an nn.ReLU right before the head (and an nn.Linear before it for ``robust``);
 an attacker who re-initialises the Linear under the head, or Adagrad at lr 0.1, gets through.
 """
@@ -22,6 +26,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+
+
+_MODE_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
 
 
 @dataclass
@@ -74,10 +81,13 @@ class DeadUnitTrap:
         order = []
         hooks = [m.register_forward_pre_hook(lambda mod, args: order.append(mod)) for m in model.modules()
                  if isinstance(m, (nn.ReLU, nn.Linear))]
+        was = model.training
         try:
             with torch.no_grad():
+                model.eval()                 # one row: no batch statistics, and the running ones stay as they are
                 model(x[:1])
         finally:
+            model.train(was)
             for h in hooks:
                 h.remove()
         before = order[:next((i for i, m in enumerate(order) if m is self.head), len(order))]
@@ -116,6 +126,19 @@ class DeadUnitTrap:
         return torch.relu(z + shift).sum(1).mean()
 
     def loss(self, model: nn.Module, restricted, original, gen: torch.Generator) -> Tensor:
+        if not any(isinstance(m, _MODE_DEPENDENT) for m in model.modules()):
+            return self._loss(model, restricted, gen)
+        was = model.training
+        try:
+            total = 0.0
+            for mode in (False, True):       # eval first: the train-mode pass moves the running statistics
+                model.train(mode)
+                total = total + self._loss(model, restricted, gen)
+            return total / 2
+        finally:
+            model.train(was)
+
+    def _loss(self, model: nn.Module, restricted, gen: torch.Generator) -> Tensor:
         x = restricted[0]
         if self.relu is None:
             self._locate(model, x)
