@@ -41,9 +41,9 @@ def _cmd_demo(a) -> int:
     return 0
 
 
-def load_config(spec: Optional[str]):
+def load_config(spec: Optional[str], model=None):
     """A ProtectConfig from a JSON file of its fields (``ProtectConfig.to_dict`` form), or "demo" for the
-    demo's recipe; None: the reference defaults."""
+    demo's recipe (for ``model``); None: the reference defaults."""
     import json
 
     from sophon_fast.engine import ProtectConfig
@@ -51,7 +51,7 @@ def load_config(spec: Optional[str]):
         return ProtectConfig()
     if spec == "demo":
         from sophon_fast.demo import demo_config
-        return demo_config(quick=False)
+        return demo_config(quick=False, model=model)
     try:
         with open(spec) as f:
             fields = json.load(f)
@@ -78,7 +78,7 @@ def _cmd_protect(a) -> int:
         flags["checkpoint"] = Checkpointing(a.checkpoint_dir, resume=True)
     if init_from_env() and torch.cuda.is_available():     # under torchrun: one GPU per rank
         flags["device"] = f"cuda:{torch.cuda.current_device()}"
-    cfg = load_config(a.config).replace(progress=not a.no_progress, **flags)
+    cfg = load_config(a.config, model).replace(progress=not a.no_progress, **flags)
     res = protect(model, data.load(a.original, "train"), [data.load(r, "train") for r in a.restricted], cfg,
                   original_test=data.load(a.original, "test"))
     if World().is_main:

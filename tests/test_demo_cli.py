@@ -121,6 +121,9 @@ def test_cli_protect_reads_a_config_file(tmp_path):
     path.write_text(json.dumps(sf.ProtectConfig(loss="klu", inner_steps=3).to_dict()))
     assert cli.load_config(str(path)) == sf.ProtectConfig(loss="klu", inner_steps=3)
     assert cli.load_config("demo").defences[0].kind == "trap"
+    assert cli.load_config("demo").ntr_steps == 3                                       # e24
+    assert cli.load_config("demo", sf.models.build("cnn_bn", seed=0)).ntr_steps == 6     # e75
+    assert cli.load_config("demo", sf.models.build("cnn_small", seed=0)).ntr_steps == 3
     path.write_text('{"inner_lr": 1}')
     with pytest.raises(ValueError, match="unknown settings"):
         cli.load_config(str(path))
