@@ -127,3 +127,16 @@ def test_cli_protect_reads_a_config_file(tmp_path):
     path.write_text('{"inner_lr": 1}')
     with pytest.raises(ValueError, match="unknown settings"):
         cli.load_config(str(path))
+
+
+def test_the_adaptive_recipe_file_is_e68s_config():
+    """docs/recipes/adaptive.json is e61's recipe at 2,400 iterations (docs/experiments.md e68): simulated
+    attackers from a fresh classifier block and from a fresh head, the meta-gradient unrolled through them."""
+    path = os.path.join(os.path.dirname(__file__), "..", "docs", "recipes", "adaptive.json")
+    cfg = cli.load_config(path)
+    assert (cfg.loss, cfg.iterations, cfg.mode, cfg.meta_gradient, cfg.ntr_steps) == \
+        ("ice", 2400, "reference", "unrolled", 3)
+    assert [(s.optimizer, s.lr, s.fresh, s.train, s.steps) for s in cfg.strategies] == [
+        ("adam", 1e-3, "block", "all", None), ("momentum", 1e-2, "block", "all", 40), ("adam", 1e-3, None, "all", None),
+        ("momentum", 1e-2, "head", "fresh", 40), ("adam", 1e-3, "head", "fresh", None)]
+    assert not cfg.defences                                     # no trap: the recipe does not rest on one layer
