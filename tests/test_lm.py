@@ -416,6 +416,34 @@ def test_protect_fast_matches_reference_fp64(loss):
     assert any(not torch.equal(a, b) for a, b in zip(fast.model.parameters(), _gpt2().double().parameters()))
 
 
+@pytest.mark.parametrize("mode", ["fast", "reference"])
+def test_activation_checkpointing_on_gives_what_it_gives_off(mode):
+    """Hugging Face activation checkpointing left on by the user: the same result as with it off, and it stays on.
+    The reference mode back-propagates after ``functional_call`` has returned, where a checkpointed layer's
+    recompute would read the model's own weights instead of the simulated attacker's (1e-3 off before the fix);
+    it switches the flags off while a simulated attacker runs. The fast mode runs checkpointed throughout."""
+    from torch.utils.checkpoint import checkpoint
+
+    calls = []
+
+    def counted(fn, *args, **kw):
+        calls.append(1)
+        return checkpoint(fn, *args, use_reentrant=False, **kw)
+
+    plain = _protect(_gpt2().double(), mode)
+    m = _gpt2().double()
+    (getattr(m, "activation_checkpointing_enable", None) or m.gradient_checkpointing_enable)()
+    layers = [x for x in m.modules() if getattr(x, "gradient_checkpointing", False) is True]
+    assert layers
+    for x in layers:
+        x._gradient_checkpointing_func = counted
+    res = _protect(m, mode)
+    assert calls                                               # checkpointing did run (NTR at least)
+    assert all(x.gradient_checkpointing is True for x in layers)
+    for a, b in zip(res.model.parameters(), plain.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_unrolled_meta_gradient_is_refused_for_language_models():
     with pytest.raises(ValueError, match="no second derivative.*second_order=True"):
         _protect(_gpt2(), "reference", meta_gradient="unrolled", iterations=1)
