@@ -416,8 +416,9 @@ def test_protect_fast_matches_reference_fp64(loss):
     assert any(not torch.equal(a, b) for a, b in zip(fast.model.parameters(), _gpt2().double().parameters()))
 
 
+@pytest.mark.parametrize("build", [_gpt2, _llama], ids=["gpt2", "llama"])
 @pytest.mark.parametrize("mode", ["fast", "reference"])
-def test_activation_checkpointing_on_gives_what_it_gives_off(mode):
+def test_activation_checkpointing_on_gives_what_it_gives_off(mode, build):
     """Hugging Face activation checkpointing left on by the user: the same result as with it off, and it stays on.
     The reference mode back-propagates after ``functional_call`` has returned, where a checkpointed layer's
     recompute would read the model's own weights instead of the simulated attacker's (1e-3 off before the fix);
@@ -430,8 +431,8 @@ def test_activation_checkpointing_on_gives_what_it_gives_off(mode):
         calls.append(1)
         return checkpoint(fn, *args, use_reentrant=False, **kw)
 
-    plain = _protect(_gpt2().double(), mode)
-    m = _gpt2().double()
+    plain = _protect(build().double(), mode)
+    m = build().double()
     (getattr(m, "activation_checkpointing_enable", None) or m.gradient_checkpointing_enable)()
     layers = [x for x in m.modules() if getattr(x, "gradient_checkpointing", False) is True]
     assert layers
