@@ -1,7 +1,7 @@
 """Protection-strength experiments (docs/experiments.md): protect with a config, attack, compare.
 
     .venv/bin/python scripts/experiment.py NAME --config '{"loss": "ice", ...}' [--seeds 0 1 2]
-        [--pair fashion_mnist:mnist] [--arch cnn_small] [--attacks core] [--epochs-scale 1]
+        [--pair fashion_mnist:mnist|fashion_mnist:mnist+digits] [--arch cnn_small] [--attacks core] [--epochs-scale 1]
 
 Pre-trained models and the unprotected/scratch curves do not depend on the protection, so they are
 cached per (pair, arch, seed, attack) under runs/exp/cache; each run writes runs/exp/NAME/s{seed}.json
@@ -25,6 +25,15 @@ from sophon_fast.defences.trap import head_preacts
 from sophon_fast.io import load_model, save_model
 
 ROOT = "runs/exp"
+
+
+def load_domain(name, split):
+    """A built-in domain, or several joined by '+' (e.g. ``mnist+digits``: one dataset of both, same labels)."""
+    parts = [sfdata.load(n, split) for n in name.split("+")]
+    if len(parts) == 1:
+        return parts[0]
+    return sfdata.ImageDataset(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]),
+                               name, split, parts[0].classes)
 
 
 def attack_set(name, scale):
@@ -84,7 +93,7 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     orig, restr = a.pair.split(":")
-    o_tr, o_te, r_tr, r_te = (sfdata.load(n, s) for n in (orig, restr) for s in ("train", "test"))
+    o_tr, o_te, r_tr, r_te = (load_domain(n, s) for n in (orig, restr) for s in ("train", "test"))
     classes = 1 + max(int(sfdata.as_tensors(d)[1].max()) for d in (o_tr, r_tr))
     attacks = [atk for atk in attack_set(a.attacks, a.epochs_scale) if a.methods is None or atk.method in a.methods]
     shard, nshards = (int(v) for v in a.shard.split("/"))
