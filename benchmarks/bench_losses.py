@@ -1,5 +1,6 @@
-"""Row-wise suppression losses, forward + backward, fp32: reference composite (eager and
-torch.compile), the sophon_fast fast backends, and a copy_ of the logits as the floor.
+"""Row-wise suppression losses, forward + backward: reference composite (eager and torch.compile), the
+sophon_fast fast backends, and a copy_ of the logits as the floor; on a CUDA machine also the GPU shapes
+(bf16 and fp32 at language-model vocabularies) with Liger-Kernel's cross-entropy as the peer where it imports.
 
 Bytes per fwd+bwd: 2 reads + 1 write of the logits (copy_: 1 read + 1 write). Under
 --benchmark-disable every provider runs once on a small shape (torch.compile on the first only).
@@ -7,36 +8,62 @@ Bytes per fwd+bwd: 2 reads + 1 write of the logits (copy_: 1 read + 1 write). Un
 import pytest
 import torch
 
+from conftest import COMPILED, DEVICES, LIGER, liger_available, provider_names
 from sophon_fast import functional as F
 from sophon_fast.reference import losses as R
 
-# (N, C) measured, and the small stand-in used under --benchmark-disable.
-SHAPES = {"4096x1000": (4096, 1000), "2048x32000": (2048, 32000), "512x128256": (512, 128256)}
-SMALL = {"4096x1000": (64, 1000), "2048x32000": (8, 32000), "512x128256": (2, 128256)}
+FP32, BF16 = torch.float32, torch.bfloat16
+# Per device: name -> (N, C, dtype) measured, and the small stand-in used under --benchmark-disable.
+# GPU: Liger's published shapes (8192x131072 bf16 on H100, 16384x131072 fp32 on A100) and two more.
+SHAPES = {"cpu": {"4096x1000": (4096, 1000, FP32), "2048x32000": (2048, 32000, FP32),
+                  "512x128256": (512, 128256, FP32)},
+          "cuda": {"4096x1000": (4096, 1000, FP32), "8192x32000-bf16": (8192, 32000, BF16),
+                   "8192x131072-bf16": (8192, 131072, BF16), "16384x131072": (16384, 131072, FP32)}}
+SMALL = {"4096x1000": (64, 1000), "2048x32000": (8, 32000), "512x128256": (2, 128256),
+         "8192x32000-bf16": (8, 32000), "8192x131072-bf16": (2, 131072), "16384x131072": (2, 131072)}
 LOSSES = {
     "ice": (lambda z, y: R.inverse_cross_entropy(z, y, variant="paper"),
             lambda z, y: F.inverse_cross_entropy(z, y, variant="paper")),
     "klu": (lambda z, y: R.kl_uniform(z), lambda z, y: F.kl_uniform(z)),
     "ce": (lambda z, y: R.cross_entropy(z, y), lambda z, y: F.cross_entropy(z, y)),
 }
-DEVICE = torch.device("cpu")
 _inputs = {}
 
 
-def _logits(n, c):
-    if (n, c) not in _inputs:
-        _inputs.clear()   # keep one shape alive (the largest is 263 MB)
-        g = torch.Generator().manual_seed(0)
-        _inputs[(n, c)] = (torch.randn(n, c, generator=g) * 3, torch.randint(0, c, (n,), generator=g))
-    return _inputs[(n, c)]
+def _logits(n, c, dtype, device):
+    key = (n, c, dtype, device)
+    if key not in _inputs:
+        _inputs.clear()   # keep one shape alive (the largest is 8.6 GB, on the GPU)
+        g = torch.Generator(device).manual_seed(0)   # drawn where it lives: no host copy of GPU-sized logits
+        z = torch.randn(n, c, generator=g, device=device).mul_(3).to(dtype)
+        _inputs[key] = (z, torch.randint(0, c, (n,), generator=g, device=device))
+    return _inputs[key]
 
 
-@pytest.mark.parametrize("loss", list(LOSSES))
-@pytest.mark.parametrize("shape", list(SHAPES))
-def bench_row_loss_fwd_bwd(measure, fwd_bwd, bench_disabled, shape, loss, provider):
-    if bench_disabled and provider == "compile" and shape != next(iter(SHAPES)):
+def _liger_ce():
+    from liger_kernel.transformers import LigerCrossEntropyLoss
+    return LigerCrossEntropyLoss(ignore_index=R.IGNORE_INDEX)
+
+
+def _cases():
+    out = []
+    for device in DEVICES:
+        providers = provider_names(device) + ([LIGER] if device == "cuda" and liger_available() else [])
+        out += [(device, shape, loss, p) for shape in SHAPES[device] for loss in LOSSES for p in providers
+                if p != LIGER or loss == "ce"]
+    return out
+
+
+@pytest.mark.parametrize("device,shape,loss,provider", _cases(), ids=["-".join(c) for c in _cases()])
+def bench_row_loss_fwd_bwd(measure, fwd_bwd, bench_disabled, device, shape, loss, provider):
+    if bench_disabled and provider == COMPILED and shape != next(iter(SHAPES[device])):
         pytest.skip("torch.compile warm-up is only exercised on the first shape under --benchmark-disable")
-    n, c = (SMALL if bench_disabled else SHAPES)[shape]
-    z, y = _logits(n, c)
-    fn, nbytes = fwd_bwd(*LOSSES[loss], z, y)
-    measure(fn, group=f"{loss} fwd+bwd fp32 {n}x{c}", provider=provider, nbytes=nbytes, device=DEVICE)
+    n, c, dtype = SHAPES[device][shape]
+    if bench_disabled:
+        n, c = SMALL[shape]
+    z, y = _logits(n, c, dtype, device)
+    reference_fn, fast_fn = LOSSES[loss]
+    fn, nbytes = fwd_bwd(reference_fn, _liger_ce() if provider == LIGER else fast_fn, z, y)
+    tag = "fp32" if dtype == FP32 else "bf16"
+    measure(fn, group=f"{loss} fwd+bwd {tag} {n}x{c}" + (" cuda" if device == "cuda" else ""), provider=provider,
+            nbytes=nbytes, device=torch.device(device))

@@ -6,8 +6,9 @@
 Providers of a fwd+bwd op sit side by side in one pytest-benchmark group:
     copy     ``out.copy_(x)`` of the same input: the memory floor (1 read + 1 write)
     eager    the plain-PyTorch reference composite (sophon_fast.reference)
-    compile  the same composite under ``torch.compile``
+    compile  the same composite under ``torch.compile`` (on CUDA: ``dynamic=False``, one compile per shape)
     cpp / triton / cuda   sophon_fast with that backend forced (each one usable on the device)
+    liger    Liger-Kernel's cross-entropy (CUDA, where ``liger_kernel`` imports): the peer kernel
 Each benchmark records GB/s in ``extra_info``; the terminal summary prints, per group, every
 provider's median and its ratio to the copy floor and to torch.compile.
 
@@ -35,13 +36,14 @@ from sophon_fast.quickbench import sync  # noqa: F401  (the package's one device
 THREADS = int(os.environ.get("SOPHON_BENCH_THREADS", "2"))
 torch.set_num_threads(THREADS)
 
-FLOOR, COMPILED = "copy", "compile"
+FLOOR, COMPILED, LIGER = "copy", "compile", "liger"
 FAST_BACKENDS = ("cuda", "triton", "cpp")
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def pytest_configure(config):
     path = config.getoption("benchmark_json", None)
-    if path:   # pytest-benchmark writes it at the very end and does not create the folder
+    if isinstance(path, (str, os.PathLike)):   # written at the very end, folder not created (some versions open it)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
 
@@ -51,9 +53,21 @@ def provider_names(device_type: str = "cpu"):
     return [FLOOR, "eager", COMPILED, *fast]
 
 
+def liger_available() -> bool:
+    """Liger-Kernel (a peer: Triton cross-entropy) importable, on a CUDA machine."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import liger_kernel.transformers  # noqa: F401
+        return True
+    except Exception:  # not installed, or built against another triton
+        return False
+
+
 def pytest_generate_tests(metafunc):
-    # Every benchmark taking a `provider` argument runs once per provider usable on CPU.
-    if "provider" in metafunc.fixturenames:
+    # A benchmark taking `provider` but no `device` runs once per provider usable on CPU; one taking
+    # both parametrizes the pairs itself (bench_losses.py).
+    if "provider" in metafunc.fixturenames and "device" not in metafunc.fixturenames:
         metafunc.parametrize("provider", provider_names("cpu"))
 
 
@@ -61,9 +75,13 @@ def _make(name: str, reference_fn, fast_fn, x: torch.Tensor, *args):
     if name == FLOOR:
         out = torch.empty_like(x)
         return lambda: out.copy_(x)
+    if name == LIGER:      # fast_fn is the peer's function; it writes its gradient into its input
+        x = x.clone()
     xg = x.detach().requires_grad_(True)
-    if name in ("eager", COMPILED):
-        fn = reference_fn if name == "eager" else torch.compile(reference_fn)
+    if name in ("eager", COMPILED, LIGER):
+        # on CUDA each shape gets its own static compile (the strongest torch.compile peer)
+        fn = {"eager": reference_fn, LIGER: fast_fn}.get(name) or torch.compile(
+            reference_fn, **({"dynamic": False} if x.is_cuda else {}))
 
         def run():
             loss = fn(xg, *args)

@@ -11,8 +11,10 @@ never counted) and the fused op's chunk size.
 
 Impls: ``eager`` (the materialised textbook composite, sophon_fast/reference/linear_loss.py),
 ``compile`` (``torch.compile`` of it), ``fused`` (sophon_fast.functional.linear_suppression_loss on the
-automatic backend). Inputs: fp32 hidden (N, H) ~ N(0, 1), weight (V, H) ~ N(0, 1/H), targets uniform,
-gradients for hidden and weight.
+automatic backend), ``liger`` (Liger-Kernel's fused linear cross-entropy: CUDA, ``--loss ce`` only).
+Inputs: hidden (N, H) ~ N(0, 1), weight (V, H) ~ N(0, 1/H) in ``--dtype`` on ``--device``, targets
+uniform, gradients for hidden and weight. On CUDA the time is wall clock after a device sync and the peak
+is ``max_memory_allocated`` above the allocation at the start.
 """
 import argparse
 import json
@@ -28,17 +30,19 @@ from sophon_fast import functional as F
 from sophon_fast.ops.linear_loss import auto_chunk
 from sophon_fast.reference.linear_loss import linear_suppression_loss as textbook
 
-IMPLS = ("eager", "compile", "fused")
+IMPLS = ("eager", "compile", "fused", "liger")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from engine_case import PeakMemory, child_json  # noqa: E402
 
 
-def make_inputs(tokens: int, vocab: int, hidden: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(tokens, hidden, generator=g)
-    w = torch.randn(vocab, hidden, generator=g) / hidden ** 0.5
-    y = torch.randint(0, vocab, (tokens,), generator=g)
+def make_inputs(tokens: int, vocab: int, hidden: int, seed: int = 0, device: str = "cpu",
+                dtype: torch.dtype = torch.float32):
+    g = torch.Generator(device).manual_seed(seed)
+    h = torch.randn(tokens, hidden, generator=g, device=device).to(dtype)
+    w = (torch.randn(vocab, hidden, generator=g, device=device) / hidden ** 0.5).to(dtype)
+    y = torch.randint(0, vocab, (tokens,), generator=g, device=device)
     return h, w, y
 
 
@@ -47,6 +51,14 @@ def fwd_bwd(impl: str, loss: str, chunk_size=None):
     if impl == "fused":
         def fn(h, w, y):
             return F.linear_suppression_loss(h, w, y, loss=loss, chunk_size=chunk_size)
+    elif impl == "liger":
+        if loss != "ce":
+            raise ValueError("impl 'liger' is Liger-Kernel's fused linear cross-entropy: loss must be 'ce'")
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        flce = LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
+
+        def fn(h, w, y):
+            return flce(w, h, y)
     elif impl in ("eager", "compile"):
         def fn(h, w, y):
             return textbook(h, w, y, loss)
@@ -62,29 +74,37 @@ def fwd_bwd(impl: str, loss: str, chunk_size=None):
     return run
 
 
-def run_case(tokens: int, vocab: int, hidden: int, loss: str, impl: str, reps: int = 2) -> dict:
-    h, w, y = make_inputs(tokens, vocab, hidden)
+def run_case(tokens: int, vocab: int, hidden: int, loss: str, impl: str, reps: int = 2, device: str = "cpu",
+             dtype: str = "fp32") -> dict:
+    h, w, y = make_inputs(tokens, vocab, hidden, device=device, dtype=DTYPES[dtype])
     run = fwd_bwd(impl, loss)
+    cuda = torch.device(device).type == "cuda"
+    clock = time.perf_counter if cuda else time.process_time
     run(h, w, y)   # warm-up
-    peak = PeakMemory("cpu")
+    peak = PeakMemory(device)
     peak.start()
     times = []
     for _ in range(reps):
-        t0 = time.process_time()
+        t0 = clock()
         run(h, w, y)
-        times.append(time.process_time() - t0)
-    return {"tokens": tokens, "vocab": vocab, "hidden": hidden, "loss": loss, "impl": impl,
-            "threads": torch.get_num_threads(), "seconds": statistics.median(times), "times": times,
-            "peak_mb": peak.stop(), "peak_kind": peak.kind, "logits_mb": tokens * vocab * 4 / 2 ** 20,
-            "chunk_size": auto_chunk(tokens, vocab, torch.float32) if impl == "fused" else None,
-            "backend": _backend.selected_name("cpu", "linear_loss", torch.float32) if impl == "fused" else None}
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(clock() - t0)
+    return {"tokens": tokens, "vocab": vocab, "hidden": hidden, "loss": loss, "impl": impl, "device": device,
+            "dtype": dtype, "threads": torch.get_num_threads(), "seconds": statistics.median(times), "times": times,
+            "peak_mb": peak.stop(), "peak_kind": peak.kind,
+            "logits_mb": tokens * vocab * DTYPES[dtype].itemsize / 2 ** 20,
+            "chunk_size": auto_chunk(tokens, vocab, DTYPES[dtype]) if impl == "fused" else None,
+            "backend": _backend.selected_name(torch.device(device).type, "linear_loss", DTYPES[dtype])
+            if impl == "fused" else None}
 
 
 def run_in_child(tokens: int, vocab: int, hidden: int, loss: str, impl: str, reps: int = 2, threads: int = 1,
-                 timeout: float = 3600) -> dict:
+                 timeout: float = 3600, device: str = "cpu", dtype: str = "fp32") -> dict:
     """run_case() in a fresh Python process; its JSON result."""
     cmd = [sys.executable, os.path.abspath(__file__), "--tokens", str(tokens), "--vocab", str(vocab),
-           "--hidden", str(hidden), "--loss", loss, "--impl", impl, "--reps", str(reps), "--threads", str(threads)]
+           "--hidden", str(hidden), "--loss", loss, "--impl", impl, "--reps", str(reps), "--threads", str(threads),
+           "--device", device, "--dtype", dtype]
     return child_json(cmd, "linear loss case", timeout)
 
 
@@ -97,9 +117,11 @@ def main():
     ap.add_argument("--impl", required=True, choices=IMPLS)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    print(json.dumps(run_case(a.tokens, a.vocab, a.hidden, a.loss, a.impl, a.reps)))
+    print(json.dumps(run_case(a.tokens, a.vocab, a.hidden, a.loss, a.impl, a.reps, a.device, a.dtype)))
 
 
 if __name__ == "__main__":

@@ -1,16 +1,17 @@
 """Render benchmarks/RESULTS.md from pytest-benchmark JSON (never typed by hand).
 
-    .venv/bin/python benchmarks/render_results.py                      # results/latest.json (+ results/gpu.json)
+    .venv/bin/python benchmarks/render_results.py                      # results/latest.json (+ results/gpu_*.json)
     .venv/bin/python benchmarks/render_results.py A.json B.json --out RESULTS.md
 
 Every table is headed by the machine that produced it (CPU model, cores, torch threads, torch
 version, git sha, date). CPU runs come first; a GPU section appears when a JSON comes from a CUDA
-machine (benchmarks/run_gpu.sh writes results/gpu.json). All numbers are medians of one run,
+machine (benchmarks/run_gpu.sh writes results/gpu_*.json). All numbers are medians of one run,
 compared only within that run.
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
@@ -443,13 +444,13 @@ def short(run) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("json", nargs="*",
-                    help="pytest-benchmark JSON files (default: results/latest.json, results/gpu.json)")
+                    help="pytest-benchmark JSON files (default: results/latest.json, results/gpu_*.json)")
     ap.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
     ap.add_argument("--short", action="store_true",
                     help="print a short table of the given JSON instead of writing --out")
     a = ap.parse_args(argv)
-    paths = a.json or [p for p in (os.path.join(HERE, "results", n) for n in ("latest.json", "gpu.json"))
-                       if os.path.exists(p)]
+    paths = a.json or [p for p in [os.path.join(HERE, "results", "latest.json")]
+                       + sorted(glob.glob(os.path.join(HERE, "results", "gpu_*.json"))) if os.path.exists(p)]
     if not paths:
         print("render_results: no JSON given and none in benchmarks/results/", file=sys.stderr)
         return 1

@@ -1,18 +1,28 @@
 #!/usr/bin/env bash
 # One command on a CUDA machine: build, check, measure, render.
 #   1. setup (venv, packages) and the extension with its CUDA sources (rebuilt when _C lacks them)
-#   2. the CUDA and Triton tests: tests/test_cuda_backend.py, tests/test_triton_kernels.py (real GPU,
-#      not the interpreter), tests/test_cuda_sources.py (nvcc/ptxas compiles)
+#   2. the CUDA and Triton tests: tests/test_cuda_backend.py, tests/test_cuda_engine.py (protect on the GPU),
+#      tests/test_triton_kernels.py (real GPU, not the interpreter), tests/test_cuda_sources.py (nvcc/ptxas)
 #      and, with 2 GPUs or more, tests/test_distributed.py on NCCL (SOPHON_TEST_BACKEND=nccl)
-#   3. the benchmark suite on the GPU -> benchmarks/results/gpu.json (kernel GB/s in extra_info, a
-#      256 MiB device-to-device copy as the measured floor; engine cases on cuda, peak memory from
-#      max_memory_allocated in a child process per case)
+#   3. the benchmark suite on the GPU, one pytest run (one JSON) per part so that finished parts survive a cut
+#      later one: gpu_losses.json (row losses at LM vocabularies in bf16/fp32, Liger-Kernel's cross-entropy
+#      as the peer where it imports), gpu_inner_step.json (with a 256 MiB device-to-device copy as the
+#      measured floor), gpu_linear_loss.json (fused linear + loss, Liger's fused linear CE as the peer),
+#      gpu_engine.json (protect on cuda; peak memory from max_memory_allocated in a child process per case)
 #   4. benchmarks/RESULTS.md re-rendered (CPU tables from results/latest.json when present + GPU tables)
 #      and a short table printed last.
-# Usage: bash benchmarks/run_gpu.sh [extra pytest args for the benchmark run, e.g. -k inner_step]
+# Usage: bash benchmarks/run_gpu.sh [extra pytest args for both benchmark runs, e.g. --benchmark-max-time=0.2]
+# Environment:
+#   PY=python3                 the interpreter (default .venv/bin/python, made by scripts/setup.sh)
+#   SOPHON_GPU_SETUP=0         skip scripts/setup.sh (a machine whose python already has torch with CUDA)
+#   SOPHON_GPU_BUILD=0         use sophon_fast as installed (no rebuild even when _C lacks the CUDA kernels)
+#   SOPHON_GPU_OUT=DIR         where the JSON go (default benchmarks/results)
+#   SOPHON_GPU_TEST_ARGS=...   extra pytest args for the tests (e.g. "-n 8" with pytest-xdist)
+#   SOPHON_GPU_ENGINE_K=EXPR   a pytest -k expression limiting the engine run (default: every case)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=.venv/bin/python
+PY="${PY:-.venv/bin/python}"
+OUT_DIR="${SOPHON_GPU_OUT:-benchmarks/results}"
 
 if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
   echo "run_gpu.sh: no CUDA device (nvidia-smi -L failed); this script is for a GPU machine" >&2
@@ -20,15 +30,19 @@ if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; t
 fi
 nvidia-smi -L
 
-bash scripts/setup.sh
-if ! $PY -c "import sys, torch, sophon_fast._C as C; sys.exit(0 if torch.cuda.is_available() and C.has_cuda() else 1)"; then
+if [ "${SOPHON_GPU_SETUP:-1}" = 1 ]; then
+  bash scripts/setup.sh
+fi
+if [ "${SOPHON_GPU_BUILD:-1}" = 1 ] && ! $PY -c "import sys, torch, sophon_fast._C as C; sys.exit(0 if torch.cuda.is_available() and C.has_cuda() else 1)" 2>/dev/null; then
   echo "[run_gpu] building sophon_fast with its CUDA sources"
-  $PY -m pip install -q --disable-pip-version-check --no-build-isolation -e .
+  MAX_JOBS="${MAX_JOBS:-$(nproc)}" $PY -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
 fi
 $PY -c "import sophon_fast; sophon_fast.backend_report()"
 
 echo "[run_gpu] CUDA and Triton tests"
-env -u TRITON_INTERPRET $PY -m pytest -q tests/test_cuda_backend.py tests/test_triton_kernels.py tests/test_cuda_sources.py
+# shellcheck disable=SC2086  # SOPHON_GPU_TEST_ARGS is a list of words
+env -u TRITON_INTERPRET $PY -m pytest -q ${SOPHON_GPU_TEST_ARGS:-} tests/test_cuda_backend.py tests/test_cuda_engine.py \
+  tests/test_triton_kernels.py tests/test_cuda_sources.py || echo "[run_gpu] TESTS FAILED (benchmarks still run)"
 
 if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
   echo "[run_gpu] torch.distributed on NCCL (2 ranks, one GPU each; data-parallel and FSDP2)"
@@ -37,10 +51,15 @@ else
   echo "[run_gpu] NCCL tests need 2 GPUs; this machine has 1: skipped"
 fi
 
-echo "[run_gpu] benchmark suite on the GPU"
-mkdir -p benchmarks/results
-env -u TRITON_INTERPRET SOPHON_BENCH_THREADS="${SOPHON_BENCH_THREADS:-1}" \
-  $PY -m pytest benchmarks -q --benchmark-json=benchmarks/results/gpu.json "$@"
+mkdir -p "$OUT_DIR"
+BENCH="env -u TRITON_INTERPRET SOPHON_BENCH_THREADS=${SOPHON_BENCH_THREADS:-1} $PY -m pytest -q -p no:cacheprovider"
+for part in losses inner_step linear_loss; do
+  echo "[run_gpu] benchmarks on the GPU: $part"
+  $BENCH "benchmarks/bench_$part.py" -k cuda --benchmark-json="$OUT_DIR/gpu_$part.json" "$@"
+done
+echo "[run_gpu] benchmarks on the GPU: engine (protect on cuda)"
+$BENCH benchmarks/bench_engine.py benchmarks/bench_lm_engine.py ${SOPHON_GPU_ENGINE_K:+-k "$SOPHON_GPU_ENGINE_K"} \
+  --benchmark-json="$OUT_DIR/gpu_engine.json" "$@"
 
-$PY benchmarks/render_results.py
-$PY benchmarks/render_results.py benchmarks/results/gpu.json --short
+[ "$OUT_DIR" = benchmarks/results ] && $PY benchmarks/render_results.py
+$PY benchmarks/render_results.py "$OUT_DIR"/gpu_*.json --short
