@@ -84,21 +84,41 @@ def best_fast(provs):
     return min(names, key=lambda p: med(provs[p])) if names else None
 
 
+def _is_gpu(run) -> bool:
+    return bool(run["machine_info"].get("cuda_device"))
+
+
+def peak_text(run) -> str:
+    """How the run's peak memory was measured, in words."""
+    return ("the GPU's max_memory_allocated above the allocation at the start" if _is_gpu(run)
+            else "RSS high-water above the baseline")
+
+
 def losses_section(run) -> str:
     gs = groups(run, test="bench_row_loss")
     if not gs:
         return ""
+    liger = any("liger" in p for p in gs.values())
     rows = []
     for g, p in gs.items():
         f = best_fast(p)
+        gbs, floor = (p[f]["extra_info"].get("GB/s") if f else None), p.get("copy", {}).get("extra_info", {}).get("GB/s")
         rows.append([g, *(ms(med(p.get(n))) for n in ("copy", "eager", "compile")),
-                     f"{f} {ms(med(p[f]))}" if f else "—",
-                     f"{p[f]['extra_info'].get('GB/s', '—')}" if f else "—",
-                     ratio(med(p.get("compile")), med(p.get(f))), ratio(med(p.get(f)), med(p.get("copy")))])
-    return ("## 1. Loss ops: forward + backward\n\n" + caption(run) + "\n\n" + table(
-        ["op, dtype, N x C", "copy_ ms", "eager ms", "torch.compile ms", "fast ms", "fast GB/s (2R+1W)",
-         "fast vs compile", "fast / copy_"], rows) +
-        "\n\nTargets (docs/performance.md): fast >= 2x faster than torch.compile and <= 3x the copy_ time.\n")
+                     f"{f} {ms(med(p[f]))}" if f else "—", gbs or "—",
+                     f"{100 * gbs / floor:.0f}%" if gbs and floor else "—",
+                     ratio(med(p.get("compile")), med(p.get(f)))]
+                    + ([ms(med(p.get("liger"))), ratio(med(p.get("liger")), med(p.get(f)))] if liger else [])
+                    + [ratio(med(p.get(f)), med(p.get("copy")))])
+    head = (["op, dtype, N x C", "copy_ ms", "eager ms", "torch.compile ms", "fast ms", "fast GB/s (2R+1W)",
+             "of copy_ GB/s", "fast vs compile"] + (["Liger CE ms", "fast vs Liger"] if liger else [])
+            + ["fast / copy_"])
+    target = ("Targets (docs/performance.md), GPU: >= 80% of the measured copy bandwidth for 2R+1W (the `of copy_ "
+              "GB/s` column: fast GB/s over copy_'s GB/s of the same logits) and faster than Liger's CE on the same "
+              "shape. Liger's cross-entropy writes the gradient into its input during the forward (1R+1W in all); "
+              "sophon_fast's ops keep the logits and read them again in the backward (2R+1W). torch.compile: one "
+              "static compile per shape." if _is_gpu(run) else
+              "Targets (docs/performance.md): fast >= 2x faster than torch.compile and <= 3x the copy_ time.")
+    return "## 1. Loss ops: forward + backward\n\n" + caption(run) + "\n\n" + table(head, rows) + f"\n\n{target}\n"
 
 
 def inner_step_section(run) -> str:
@@ -178,8 +198,8 @@ def engine_section(run) -> str:
             table(ENGINE_HEAD, body) +
             "\n\nt_model_passes: the same forward+backward passes (K x (support 130 + query 20) + one NTR 150) "
             "run bare in the same process; a mode's time is one protect() call of one outer iteration minus a "
-            "protect() call of zero iterations (its setup, last column). Peak MB: RSS high-water above the "
-            "baseline, each case in its own child process after a warm-up (benchmarks/engine_case.py). On a shared "
+            f"protect() call of zero iterations (its setup, last column). Peak MB: {peak_text(run)}, "
+            "each case in its own child process after a warm-up (benchmarks/engine_case.py). On a shared "
             "machine, compare ratios across runs only beyond a few percent (rounds are in the JSON).\n")
     if growth:
         text += "\nPeak memory growth with K:\n\n" + caption(run) + "\n\n" + table(
@@ -282,27 +302,29 @@ def scaling_section(run) -> str:
 
 
 def linear_loss_section(run) -> str:
-    """Fused linear + loss: time and peak memory of eager / compiled materialised losses and the fused op."""
+    """Fused linear + loss: time and peak memory of eager / compiled materialised losses and the fused op
+    (and Liger-Kernel's fused linear cross-entropy where the run has it)."""
     gs = groups(run, layer="linear_loss")
     if not gs:
         return ""
+    impls = ("eager", "compile", "fused") + (("liger",) if any("liger" in p for p in gs.values()) else ())
     rows = []
     for g, p in gs.items():
-        peak = {n: p[n]["extra_info"].get("peak_mb") if n in p else None for n in ("eager", "compile", "fused")}
+        peak = {n: p[n]["extra_info"].get("peak_mb") if n in p else None for n in impls}
         f = p.get("fused", {}).get("extra_info", {})
-        mb = [("—" if peak[n] is None else f"{peak[n]:.0f}") for n in ("eager", "compile", "fused")]
-        rows.append([g.replace(" fwd+bwd fp32", ""), f.get("logits_mb", "—"),
-                     *(ms(med(p.get(n))) for n in ("eager", "compile", "fused")),
+        mb = [("—" if peak[n] is None else f"{peak[n]:.0f}") for n in impls]
+        rows.append([g.replace(" fwd+bwd fp32", ""), f.get("logits_mb", "—"), *(ms(med(p.get(n))) for n in impls),
                      ratio(med(p.get("compile")), med(p.get("fused"))), *mb,
                      ratio(peak["eager"], peak["fused"], "{:.1f}x") if peak["fused"] else "—",
                      f"{f.get('backend', '—')}, {f.get('chunk_size', '—')}"])
+    names = {"eager": "eager", "compile": "compile", "fused": "fused", "liger": "Liger FLCE"}
     return ("## Fused linear + loss: forward + backward\n\n" + caption(run) + "\n\n" + table(
-        ["case", "logits MB", "eager ms", "compile ms", "fused ms", "fused speed-up vs compile", "eager peak MB",
-         "compile peak MB", "fused peak MB", "eager / fused memory", "fused backend, chunk"], rows) +
-        "\n\nPeak MB: RSS high-water above the baseline, each case in its own process (warm-up excluded). "
-        "Target (docs/performance.md): at 4096 x 128256 x 512 the fused op needs <= 1/10 of the materialised "
+        ["case", "logits MB", *(f"{names[n]} ms" for n in impls), "fused speed-up vs compile",
+         *(f"{names[n]} peak MB" for n in impls), "eager / fused memory", "fused backend, chunk"], rows) +
+        f"\n\nPeak MB: {peak_text(run)}, each case in its own process (warm-up excluded). "
+        "Target (docs/performance.md): at vocabulary 128k the fused op needs <= 1/10 of the materialised "
         "path's extra memory and is no slower than torch.compile of it. The `ce` rows are a Liger-style fused "
-        "linear cross-entropy (the same op with loss=\"ce\").\n")
+        "linear cross-entropy (the same op with loss=\"ce\"); `Liger FLCE` is Liger-Kernel's own (CE only).\n")
 
 
 def render_section(title: str, rs) -> str:
@@ -335,14 +357,15 @@ EMPTY = {"CPU": "# CPU\n\nNo CPU run rendered yet.\n",
          SCALE: f"# {SCALE}\n\nNo run of benchmarks/bench_distributed.py rendered yet.\n",
          SHARDED: f"# {SHARDED}\n\nNo run of benchmarks/bench_sharded.py rendered yet.\n",
          "GPU": "# GPU\n\nNo GPU run has been made: `bash benchmarks/run_gpu.sh` on a CUDA machine writes "
-                "benchmarks/results/gpu.json and renders its tables here.\n"}
+                "benchmarks/results/gpu_*.json and renders its tables here.\n"}
 
 
 def _standalone(run):
-    """The block title of a run of one standalone benchmark file (every benchmark of one STANDALONE layer),
-    else None."""
+    """The block title of a run of one standalone benchmark file (every benchmark of one STANDALONE layer;
+    a GPU run's block is its own: ``TITLE (GPU)``), else None."""
     layers = {b.get("extra_info", {}).get("layer") for b in run["benchmarks"]}
-    return STANDALONE.get(layers.pop()) if len(layers) == 1 else None
+    title = STANDALONE.get(layers.pop()) if len(layers) == 1 else None
+    return f"{title} (GPU)" if title and _is_gpu(run) else title
 
 
 def lm_memory_section(run) -> str:
@@ -357,8 +380,8 @@ def lm_memory_section(run) -> str:
     return (f"## {LM}: one iteration, reference vs fast\n\n" + caption(run) + "\n\n" +
             table(["K", "reference peak MB", "fast peak MB", "reference / fast"], rows) +
             "\n\nGPT-2, 2 layers, width 128, vocabulary 32,768 (tied head), blocks of 128 tokens, an Adam attacker on "
-            "6 support + 2 query blocks, ICE over the vocabulary through the fused linear op. Peak: RSS high-water above "
-            "the process baseline, each case in its own process after a warm-up.\n")
+            "6 support + 2 query blocks, ICE over the vocabulary through the fused linear op. Peak: "
+            f"{peak_text(run)}, each case in its own process after a warm-up.\n")
 
 
 def distributed_section(run) -> str:
@@ -403,9 +426,10 @@ def _markers(title):
 def render(runs, previous: str = "") -> str:
     """The whole file. A machine kind (CPU / GPU) with no JSON given keeps its section from
     ``previous`` (the file as it was), so a GPU-only run never drops the CPU tables."""
-    kinds = {"CPU": [r for r in runs if not r["machine_info"].get("cuda_device") and not _standalone(r)],
-             "GPU": [r for r in runs if r["machine_info"].get("cuda_device") and not _standalone(r)],
-             **{t: [r for r in runs if _standalone(r) == t] for t in STANDALONE.values()}}
+    kinds = {"CPU": [r for r in runs if not _is_gpu(r) and not _standalone(r)],
+             "GPU": [r for r in runs if _is_gpu(r) and not _standalone(r)],
+             **{t: [r for r in runs if _standalone(r) == t] for base in STANDALONE.values()
+                for t in (base, f"{base} (GPU)")}}
     parts = [HEADER]
     for title, rs in kinds.items():
         begin, end = _markers(title)
@@ -413,8 +437,10 @@ def render(runs, previous: str = "") -> str:
             body = render_section(title, rs)
         elif begin in previous and end in previous:
             body = previous[previous.index(begin) + len(begin):previous.index(end)].strip("\n")
-        else:
+        elif title in EMPTY:
             body = EMPTY[title]
+        else:
+            continue                     # a GPU block never run: nothing to say
         parts.append(f"{begin}\n{body.rstrip()}\n{end}\n")
     return "\n".join(parts)
 
