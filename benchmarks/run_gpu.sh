@@ -16,6 +16,9 @@
 #   PY=python3                 the interpreter (default .venv/bin/python, made by scripts/setup.sh)
 #   SOPHON_GPU_SETUP=0         skip scripts/setup.sh (a machine whose python already has torch with CUDA)
 #   SOPHON_GPU_BUILD=0         use sophon_fast as installed (no rebuild even when _C lacks the CUDA kernels)
+#   SOPHON_GPU_BUILD=inplace   build with `setup.py build_ext --inplace` (no pip: a machine without a registry,
+#                              where `pip install -e .` reaches for build dependencies); wheels in .whl/ are
+#                              installed first (e.g. liger-kernel, diffusers: the peers and optional models)
 #   SOPHON_GPU_OUT=DIR         where the JSON go (default benchmarks/results)
 #   SOPHON_GPU_TEST_ARGS=...   extra pytest args for the tests (e.g. "-n 8" with pytest-xdist)
 #   SOPHON_GPU_ENGINE_K=EXPR   a pytest -k expression limiting the engine run (default: every case)
@@ -23,6 +26,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PY:-.venv/bin/python}"
 OUT_DIR="${SOPHON_GPU_OUT:-benchmarks/results}"
+mkdir -p "$OUT_DIR"
 
 if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
   echo "run_gpu.sh: no CUDA device (nvidia-smi -L failed); this script is for a GPU machine" >&2
@@ -33,7 +37,18 @@ nvidia-smi -L
 if [ "${SOPHON_GPU_SETUP:-1}" = 1 ]; then
   bash scripts/setup.sh
 fi
-if [ "${SOPHON_GPU_BUILD:-1}" = 1 ] && ! $PY -c "import sys, torch, sophon_fast._C as C; sys.exit(0 if torch.cuda.is_available() and C.has_cuda() else 1)" 2>/dev/null; then
+if compgen -G ".whl/*.whl" >/dev/null; then   # wheels carried to a machine without a package registry
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/sophon_whl .whl/*.whl
+  export PYTHONPATH="/tmp/sophon_whl${PYTHONPATH:+:$PYTHONPATH}"
+fi
+if [ "${SOPHON_GPU_BUILD:-1}" = inplace ]; then
+  # No pip: setup.py builds _C next to the sources, and the package_dir mapping of sophon_fast.kernels becomes a link.
+  echo "[run_gpu] building sophon_fast in place with its CUDA sources"
+  MAX_JOBS="${MAX_JOBS:-$(nproc)}" $PY setup.py -q build_ext --inplace > "$OUT_DIR/build.log" 2>&1 \
+    || { grep -n "error" "$OUT_DIR/build.log" | head -30; exit 3; }
+  ln -sfn ../kernels sophon_fast/kernels
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+elif [ "${SOPHON_GPU_BUILD:-1}" = 1 ] && ! $PY -c "import sys, torch, sophon_fast._C as C; sys.exit(0 if torch.cuda.is_available() and C.has_cuda() else 1)" 2>/dev/null; then
   echo "[run_gpu] building sophon_fast with its CUDA sources"
   MAX_JOBS="${MAX_JOBS:-$(nproc)}" $PY -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
 fi
@@ -51,15 +66,15 @@ else
   echo "[run_gpu] NCCL tests need 2 GPUs; this machine has 1: skipped"
 fi
 
-mkdir -p "$OUT_DIR"
 BENCH="env -u TRITON_INTERPRET SOPHON_BENCH_THREADS=${SOPHON_BENCH_THREADS:-1} $PY -m pytest -q -p no:cacheprovider"
 for part in losses inner_step linear_loss; do
   echo "[run_gpu] benchmarks on the GPU: $part"
-  $BENCH "benchmarks/bench_$part.py" -k cuda --benchmark-json="$OUT_DIR/gpu_$part.json" "$@"
+  $BENCH "benchmarks/bench_$part.py" -k cuda --benchmark-json="$OUT_DIR/gpu_$part.json" "$@" \
+    || echo "[run_gpu] $part: FAILED (the other parts still run)"
 done
 echo "[run_gpu] benchmarks on the GPU: engine (protect on cuda)"
 $BENCH benchmarks/bench_engine.py benchmarks/bench_lm_engine.py ${SOPHON_GPU_ENGINE_K:+-k "$SOPHON_GPU_ENGINE_K"} \
-  --benchmark-json="$OUT_DIR/gpu_engine.json" "$@"
+  --benchmark-json="$OUT_DIR/gpu_engine.json" "$@" || echo "[run_gpu] engine: FAILED"
 
 [ "$OUT_DIR" = benchmarks/results ] && $PY benchmarks/render_results.py
 $PY benchmarks/render_results.py "$OUT_DIR"/gpu_*.json --short
