@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import sophon_fast
+from conftest import DEVICES
 from sophon_fast import _backend, models
 from sophon_fast.ops.inner_step import inner_step_
 from sophon_fast.reference.inner_step import KINDS
@@ -29,7 +30,6 @@ MODELS = ("cnn", "resnet18_width")
 KIND_NAMES = ("sgd", "momentum", "adam", "sgd+zero")
 TRAFFIC = {"sgd": 3, "momentum": 5, "adam": 7, "sgd+zero": 4, "copy": 2}   # 4-byte accesses per element
 LR, BETA1, BETA2, EPS, STEP = 1e-4, 0.9, 0.999, 1e-8, 10
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 _shapes = {}
 
 

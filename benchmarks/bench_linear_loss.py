@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from linear_loss_case import DTYPES, fwd_bwd, make_inputs, run_in_child
-from conftest import THREADS, liger_available
+from conftest import DEVICES, THREADS, liger_available
 
 # (tokens, vocab, hidden) measured, and the stand-in used under --benchmark-disable. The target shape
 # runs ICE only (each materialised call there holds ~10 GB); CE (Liger-style) runs on the others.
@@ -31,7 +31,7 @@ GPU_CASES = [("8192x128256x4096-bf16", "ice"), ("8192x128256x4096-bf16", "ce")]
 
 def _params():
     out = [("cpu", s, loss, impl) for s, loss in CASES for impl in IMPLS]
-    if torch.cuda.is_available():
+    if "cuda" in DEVICES:
         impls = IMPLS + (("liger",) if liger_available() else ())
         out += [("cuda", s, loss, impl) for s, loss in GPU_CASES for impl in impls if impl != "liger" or loss == "ce"]
     return out
