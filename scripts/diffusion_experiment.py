@@ -6,7 +6,7 @@
     .venv/bin/python scripts/diffusion_experiment.py --early runs/dexp/NAME.pt   # a quick run's first attack steps
     .venv/bin/python scripts/diffusion_experiment.py --bands      # where the head start over scratch lives
     .venv/bin/python scripts/diffusion_experiment.py --recovery runs/demo-diffusion-full   # how fast it goes
-    .venv/bin/python scripts/diffusion_experiment.py --generic [white|permuted ...]   # denoisers that know no domain
+    .venv/bin/python scripts/diffusion_experiment.py --generic [--full] [white|permuted ...]   # denoisers that know no domain
 
 Protects the demo's pre-trained denoiser (cached in runs/diffusion_cache) with ``diffusion_demo.demo_config(quick)``
 and the listed fields replaced; ``tmax`` is ``suppression_tmax`` (1000: None, all timesteps); ``ts`` is the task's
@@ -121,17 +121,18 @@ def structureless(kind, like, seed=0):
     raise ValueError(f"unknown structureless kind {kind!r} (white, permuted)")
 
 
-def generic(data, kinds, ev=10):
+def generic(data, kinds, ev=10, quick=True):
     """Denoisers that know no image domain: ``ddpm_unet_small`` pre-trained as the demo's (same seed, steps, batch
-    and rate) on :func:`structureless` images instead of Fashion-MNIST, then attacked by the quick suite (every
-    ``ev`` steps) as "protected" beside the Fashion-MNIST model ("unprotected") and scratch."""
+    and rate) on :func:`structureless` images instead of Fashion-MNIST, then attacked by the demo's suite (the quick
+    one unless ``quick`` is false; every ``ev`` steps) as "protected" beside the Fashion-MNIST model ("unprotected")
+    and scratch."""
     info = data.pretrain
     for kind in kinds:
         images = structureless(kind, data.original_train)
         t0 = time.perf_counter()
         model = dd.pretrain(sf.models.build(dd.DOMAINS["arch"], seed=info["seed"]), images, info["steps"],
                             info["batch_size"], info["lr"], info["seed"]).eval()
-        attacks = [dataclasses.replace(a, name=None, eval_every=ev) for a in da.suite(True)]
+        attacks = [dataclasses.replace(a, name=None, eval_every=ev) for a in da.suite(quick)]
         result = da.evaluate_suite(model, data.unprotected, data.restricted_train, data.restricted_test, attacks,
                                    seed=0, schedule=data.schedule, samples=0, say=lambda s: None)
         print(json.dumps({"generic": kind, "pretrain_s": round(time.perf_counter() - t0, 1),
@@ -152,9 +153,11 @@ def main(argv):
         model = copy.deepcopy(data.unprotected)
         model.load_state_dict(torch.load(argv[1]))
         return early(data, model)
-    if argv[:1] == ["--generic"]:           # --generic [white] [permuted]: structureless pre-training vs scratch
-        return generic(dd.prepare(True, 0, cache_dir="runs/diffusion_cache", say=lambda s: None),
-                       argv[1:] or ["white", "permuted"])
+    if argv[:1] == ["--generic"]:           # --generic [--full] [white] [permuted]: structureless pre-training vs scratch
+        full = "--full" in argv
+        kinds = [k for k in argv[1:] if k != "--full"] or ["white", "permuted"]
+        return generic(dd.prepare(not full, 0, cache_dir="runs/diffusion_cache", say=lambda s: None), kinds,
+                       ev=100 if full else 10, quick=not full)
     if argv[:1] == ["--recovery"]:          # --recovery RUN_DIR of a full demo run (its cache and protected model)
         from sophon_fast.io import load_model
         data = dd.prepare(False, 0, cache_dir=os.path.join(argv[1], "cache"), say=lambda s: None)
