@@ -65,7 +65,9 @@ def demo_case(device: str = "cpu"):
 
 
 def demo_config(mode: str, iterations: int, device: str = "cpu"):
-    from sophon_fast.demo import demo_config as cfg
+    """The trap recipe (e24, the demo's until issue 12): first order, so both modes run it. The demo's recipe
+    now unrolls the meta-gradient through the attacker's steps, which only the reference mode does."""
+    from sophon_fast.demo import trap_config as cfg
     return cfg(quick=False, iterations=iterations, progress=False).replace(
         mode=mode, device=device, evaluation=Evaluation(max_drop=None), checkpoint=Checkpointing())
 

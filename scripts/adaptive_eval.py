@@ -26,71 +26,11 @@ import sys
 import torch
 
 from sophon_fast import data as sfdata
-from sophon_fast.attacks.adaptive import AdaptiveConfig, check_targets, default_attacks, evaluate_adaptive
+from sophon_fast.attacks.adaptive import (AdaptiveConfig, check_targets, default_attacks, evaluate_adaptive,
+                                          render_markdown)
 from sophon_fast.io import load_model
 
 ROOT = "runs/adaptive"
-SHOW_STEPS = (0, 5, 10, 20)
-
-
-def _pct(x):
-    return "–" if x is None else f"{100 * x:.1f}"
-
-
-def _at(row, body, step):
-    steps = row["steps"]
-    return row["curves"][body][steps.index(step)] if step in steps else None
-
-
-def markdown(report):
-    cfg = report["config"]
-    steps = report["finetune"][0]["steps"] if report["finetune"] else []
-    show = sorted({s for s in SHOW_STEPS if s in steps} | ({steps[-1]} if steps else set()))
-    out = []
-    if report["finetune"]:
-        out += [f"Fine-tuning attacks ({steps[-1]} steps, evaluated at steps {steps}); protected / unprotected / "
-                "scratch restricted test accuracy (%) at steps " + ", ".join(map(str, show)) + "; excess = largest "
-                f"protected − scratch where unprotected ≥ scratch + {100 * cfg['eligible_gap']:g}; signatures of "
-                "the "
-                "protected run: D = accuracy ends below its start, L = training loss rises at the start, F = ends "
-                f"{100 * cfg['far_below']:g}+ points below scratch.", "",
-                "| attack | lr | seed | " + " | ".join(f"step {s}" for s in show) + " | excess | signatures |",
-                "| --- | --- | --- | " + " | ".join("---" for _ in show) + " | --- | --- |"]
-        for r in report["finetune"]:
-            sig = r["signatures"]["protected"]
-            flags = "".join(c for c, k in (("D", "acc_drops"), ("L", "loss_rises"), ("F", "far_below_scratch"))
-                            if sig[k]) or "–"
-            cells = [" / ".join(_pct(_at(r, b, s)) for b in ("protected", "unprotected", "scratch")) for s in show]
-            ex = "n/a" if r["excess"] is None else f"{100 * r['excess']:+.1f}"
-            out.append(f"| {r['attack']} | {r['lr']:g} | {r['seed']} | " + " | ".join(cells) + f" | {ex} | {flags} |")
-        out.append("")
-    if report["probes"]:
-        out += ["Probes on frozen, z-scored block features (best test accuracy % over rates "
-                f"{cfg['probe_lrs']} and {cfg['probe_epochs']} epochs, {cfg['probe_optimizer']}):", "",
-                "| block | dim | probe | protected | unprotected | random body |",
-                "| --- | --- | --- | --- | --- | --- |"]
-        seen = {}
-        for r in report["probes"]:
-            key = (r["block"], r["kind"])
-            best = seen.setdefault(key, {"dim": r["dim"], **{k: 0.0 for k in r["curves"]}})
-            for k, v in r["curves"].items():
-                best[k] = max(best[k], max(v))
-        for (block, kind), b in seen.items():
-            out.append(f"| {block} | {b['dim']} | {kind} | {_pct(b['protected'])} | {_pct(b['unprotected'])} | "
-                       f"{_pct(b['scratch'])} |")
-        out.append("")
-    met = [t for t in report["targets"] if t["met"] is not None]
-    nulled = [t for t in report["targets"] if "within_null" in t]
-    out += [f"Targets (per replicate the worst case over rates, then the median over replicates): "
-            f"{sum(t['met'] for t in met)} of {len(met)} met"
-            + (f", {len(report['targets']) - len(met)} without a head start to remove"
-               if len(met) < len(report["targets"]) else "")
-            + (f"; against the null bodies, {sum(t['within_null'] for t in nulled)} of {len(nulled)} at or below the "
-               f"null median" if nulled else "") + ".", ""]
-    for t in report["targets"]:
-        state = "n/a" if t["met"] is None else ("met" if t["met"] else "**missed**")
-        out.append(f"- {state}: {t['target']}: {t['detail']}")
-    return "\n".join(out)
 
 
 def merge(paths, replicates=False):
@@ -160,7 +100,7 @@ def main():
         report["meta"] = {"protected": a.protected, "unprotected": a.unprotected, "pair": a.pair}
     with open(f"{ROOT}/{a.name}.json", "w") as f:
         json.dump(report, f)
-    print(markdown(report))
+    print(render_markdown(report))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The ``sophon-fast`` command (also ``python -m sophon_fast``).
 
     sophon-fast demo     [--task image|lm|diffusion] [--quick] [--out DIR]   pre-train, protect, attack, report
-    sophon-fast protect  MODEL --original NAME --restricted NAME --out PATH [--config FILE.json|demo] [--loss ...]
+    sophon-fast protect  MODEL --original NAME --restricted NAME --out PATH [--config FILE.json|demo|trap] [--loss ...]
     sophon-fast attack   MODEL --restricted NAME [--suite default] [--unprotected MODEL] [--out DIR]
     sophon-fast report   DIR_OR_JSON                         re-render report.md / curves.png
     sophon-fast backends                                     which kernel backends are usable
@@ -37,21 +37,21 @@ def _cmd_demo(a) -> int:
     a.out = a.out or "runs/demo"
     run_demo(out=a.out, quick=a.quick, seed=a.seed, original=a.original, restricted=a.restricted, arch=a.arch,
              iterations=a.iterations, attacks=a.suite, attack_epochs=a.attack_epochs, subset=a.subset,
-             pretrain_epochs=a.pretrain_epochs, progress=not a.no_progress)
+             pretrain_epochs=a.pretrain_epochs, adaptive=not a.no_adaptive, progress=not a.no_progress)
     return 0
 
 
 def load_config(spec: Optional[str], model=None):
-    """A ProtectConfig from a JSON file of its fields (``ProtectConfig.to_dict`` form), or "demo" for the
-    demo's recipe (for ``model``); None: the reference defaults."""
+    """A ProtectConfig from a JSON file of its fields (``ProtectConfig.to_dict`` form), "demo" for the demo's
+    recipe or "trap" for the dead-unit trap recipe (both for ``model``); None: the reference defaults."""
     import json
 
     from sophon_fast.engine import ProtectConfig
     if spec is None:
         return ProtectConfig()
-    if spec == "demo":
-        from sophon_fast.demo import demo_config
-        return demo_config(quick=False, model=model)
+    if spec in ("demo", "trap"):
+        from sophon_fast import demo
+        return (demo.demo_config if spec == "demo" else demo.trap_config)(quick=False, model=model)
     try:
         with open(spec) as f:
             fields = json.load(f)
@@ -155,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--attack-epochs", type=int, default=None)
     d.add_argument("--pretrain-epochs", type=int, default=None)
     d.add_argument("--subset", type=int, default=None, help="limit every split to N samples (tests)")
+    d.add_argument("--no-adaptive", action="store_true",
+                   help="image task: skip the adaptive suite (attacks that know the model was protected)")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(fn=_cmd_demo)
 
@@ -164,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--restricted", required=True, nargs="+")
     pr.add_argument("--out", required=True)
     pr.add_argument("--config", default=None,
-                    help="JSON file of ProtectConfig fields, or 'demo' for the demo's recipe; flags below override it")
+                    help="JSON file of ProtectConfig fields, 'demo' for the demo's recipe or 'trap' for the "
+                         "dead-unit trap recipe (e24); flags below override it")
     pr.add_argument("--loss", default=None)
     pr.add_argument("--mode", default=None, choices=["fast", "reference"])
     pr.add_argument("--iterations", type=int, default=None)

@@ -4,7 +4,8 @@ Steps (each resumable: a finished step's file is reused, protection resumes from
   1. pre-train ``arch`` on the original domain      -> original.safetensors (+ .json)
   2. protect it against the restricted domain        -> protected.safetensors (+ .json), checkpoints/
   3. run the attack suite on protected, unprotected and scratch (each attack cached in attacks.partial.json)
-  4. report.json, report.md, curves.png
+  4. the adaptive suite: attacks that know the model was protected, and probes  -> adaptive.json
+  5. report.json, report.md, curves.png, adaptive.png
 """
 from __future__ import annotations
 
@@ -21,19 +22,29 @@ from sophon_fast import data as sfdata
 from sophon_fast import models
 from sophon_fast.attacks import Attack, evaluate_suite, run, scratch, suite
 from sophon_fast.attacks import accuracy as attack_accuracy
+from sophon_fast.attacks.adaptive import AdaptiveConfig, default_attacks, evaluate_adaptive, excess
 from sophon_fast.defences import TrapConfig
 from sophon_fast.engine import Checkpointing, Evaluation, ProtectConfig, Strategy, protect
 from sophon_fast.engine.state import config_changes
 from sophon_fast.io import load_model, read_record, save_model
 from sophon_fast.report import write_report
 
-# The best recipe of the protection-strength research (docs/experiments.md, e24 = e21 with 400 iterations):
-# ICE, outer lr 1e-3, K = 20, a mixture of inner strategies taking turns, all with head re-initialisation,
-# 3 NTR steps, plus the dead-unit trap: a margin hinge that keeps the head-input ReLUs of restricted
-# inputs off by 3, also under a 0.002 sign step on the last body Linear and along the L2-weight-decay
-# path of Adam/RMSprop. On a model with BatchNorm the trap's hinge also covers eval mode (what a last-layer
-# attacker reads), and 6 NTR steps keep the original accuracy it would otherwise cost (e74, e75).
 DEMO_DOMAINS = {"original": "fashion_mnist", "restricted": "mnist", "arch": "cnn_small"}
+
+# The demo's recipe (issue 12; docs/experiments.md e44-e93, docs/recipes/adaptive.json at 2,400 iterations): no
+# trap; five simulated attackers taking turns, with the meta-gradient unrolled through their steps (reference
+# mode): Adam 1e-3 and momentum 1e-2 (K = 40) from a freshly drawn classifier block, Adam 1e-3 on the model as it
+# is, and two probe attackers that train only a fresh head (momentum 1e-2 for K = 40, Adam 1e-3). Iterations: on
+# cnn_small 1,000, what the full demo's time budget (45 minutes on the 2-core CPU, with the attack suites) leaves
+# room for (three protection seeds were measured at 600, 1,200 and 2,400: e56-e71); on a BatchNorm network 400,
+# the count measured with six protection seeds (e72, e73, e77, e90, e92, e93), which the budget does not hold
+# there (README: the cnn_bn demo's default suite alone takes about 30 minutes on that CPU).
+ADAPTIVE_STRATEGIES = (Strategy("adam", lr=1e-3, fresh="block"),
+                       Strategy("momentum", lr=1e-2, fresh="block", steps=40),
+                       Strategy("adam", lr=1e-3, reinit_head=False),
+                       Strategy("momentum", lr=1e-2, fresh="head", train="fresh", steps=40),
+                       Strategy("adam", lr=1e-3, fresh="head", train="fresh"))
+DEMO_ITERATIONS = {"quick": 40, "full": 1000, "full_batchnorm": 400}
 
 
 def has_batchnorm(model: Optional[nn.Module]) -> bool:
@@ -42,15 +53,54 @@ def has_batchnorm(model: Optional[nn.Module]) -> bool:
 
 def demo_config(quick: bool, iterations: Optional[int] = None, seed: int = 0, progress: bool = True,
                 checkpoint_dir: Optional[str] = None, model: Optional[nn.Module] = None) -> ProtectConfig:
-    """The demo's recipe; ``model``: the model it will protect (with BatchNorm: 6 NTR steps instead of 3)."""
+    """The demo's recipe for ``model`` (the one it will protect; with BatchNorm: 400 iterations, not 1,000)."""
+    default = DEMO_ITERATIONS["quick" if quick else "full_batchnorm" if has_batchnorm(model) else "full"]
+    return ProtectConfig(loss="ice", alpha=10.0, beta=5.0, inner_steps=20, mode="reference",
+                         meta_gradient="unrolled", strategies=list(ADAPTIVE_STRATEGIES), ntr_steps=3,
+                         **_run_settings(iterations if iterations is not None else default, seed, progress,
+                                         checkpoint_dir))
+
+
+def trap_config(quick: bool, iterations: Optional[int] = None, seed: int = 0, progress: bool = True,
+                checkpoint_dir: Optional[str] = None, model: Optional[nn.Module] = None) -> ProtectConfig:
+    """The dead-unit trap recipe (e24; the demo's until issue 12): ICE, outer lr 1e-3, K = 20, inner SGD 1e-3 /
+    momentum 1e-2 / Adam 1e-3 taking turns, all re-initialising the head, 3 NTR steps, plus a margin hinge that
+    keeps the head-input ReLUs of restricted inputs off by 3, also under a 0.002 sign step on the last body
+    Linear and along the L2-weight-decay path of Adam/RMSprop; fast mode, 400 iterations. With BatchNorm the
+    hinge covers eval mode too and 6 NTR steps keep the original accuracy (e74, e75). It holds the paper attack
+    and the default suite by making gradients vanish below the head, and loses every adaptive attack (a1, a10)."""
     strategies = [Strategy("sgd", lr=1e-3, reinit_head=True), Strategy("momentum", lr=1e-2, reinit_head=True),
                   Strategy("adam", lr=1e-3, reinit_head=True)]
     trap = TrapConfig(weight=0.05, margin=3.0, robust=0.002, decay=1.0, straight_through=True)
     return ProtectConfig(loss="ice", alpha=10.0, beta=5.0, inner_steps=20, strategies=strategies,
-                         ntr_steps=6 if has_batchnorm(model) else 3,
-                         defences=[trap], iterations=iterations if iterations is not None else (40 if quick else 400),
-                         evaluation=Evaluation(every=10, max_drop=0.1), seed=seed, progress=progress,
-                         checkpoint=Checkpointing(checkpoint_dir, every=10, resume=True))
+                         ntr_steps=6 if has_batchnorm(model) else 3, defences=[trap],
+                         **_run_settings(iterations if iterations is not None else (40 if quick else 400), seed,
+                                         progress, checkpoint_dir))
+
+
+# The demo's adaptive stage: the attacks that know the model was protected by which docs/experiments.md judges
+# the recipe (re-initialise the classifier block and train everything, under Adam and momentum SGD; 100 benign
+# original-domain Adam steps first), each at three rates over two orders of magnitude with evaluations on a fine
+# step grid, and a linear and an MLP probe on each block's frozen features. Null bodies (random initialisations
+# attacked as if each were the protected model, docs/experiments.md a8) give each target the value a body with no
+# knowledge gets from the same statistic: three in the full demo, one in the quick one.
+ADAPTIVE_ATTACKS = ("reinit_block-adam", "reinit_block-momentum", "benign_first-adam")
+
+
+def demo_null_seeds(quick: bool, seed: int) -> tuple:
+    return tuple(seed + 100 + i for i in range(1 if quick else 3))
+
+
+def demo_adaptive_config(quick: bool) -> AdaptiveConfig:
+    attacks = tuple(a for a in default_attacks() if a.name in ADAPTIVE_ATTACKS)
+    if quick:
+        return AdaptiveConfig(attacks=attacks, eval_steps=(1, 2, 5, 10, 20), probe_epochs=2)
+    return AdaptiveConfig(attacks=attacks, eval_steps=(1, 2, 3, 5, 7, 10, 15, 20, 30, 40))
+
+
+def _run_settings(iterations: int, seed: int, progress: bool, checkpoint_dir: Optional[str]) -> dict:
+    return dict(iterations=iterations, evaluation=Evaluation(every=10, size=2000, max_drop=0.1), seed=seed,
+                progress=progress, checkpoint=Checkpointing(checkpoint_dir, every=10, resume=True))
 
 
 def pretrain(arch: str, classes: int, train, test, epochs: int, seed: int = 0, progress: bool = False):
@@ -85,15 +135,26 @@ def _targets(report: dict) -> list:
             gap = max(p - s for p, s in zip(a["protected"], a["scratch"]))
             out.append({"target": "paper attack: protected <= scratch + 5 points at every epoch",
                         "met": gap <= 0.05, "detail": f"largest excess {100 * gap:+.1f} points"})
+        ex, n = excess(a["protected"], a["unprotected"], a["scratch"], _JUDGE)
+        out.append({"target": f"{a['name']}: protected <= scratch + {100 * _JUDGE.max_excess:g} points where "
+                              f"unprotected >= scratch + {100 * _JUDGE.eligible_gap:g}",
+                    "met": None if ex is None else ex <= _JUDGE.max_excess + 1e-9,
+                    "detail": "no such epoch" if ex is None else f"largest {100 * ex:+.1f} points over {n} epochs"})
+    for t in report.get("adaptive", {}).get("targets", []):
+        out.append({"target": f"adaptive: {t['target']}", "met": t["met"], "detail": t["detail"]})
     return out
+
+
+_JUDGE = AdaptiveConfig()   # the adaptive suite's thresholds, applied to the default suite's epochs as well
 
 
 def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, original: Optional[str] = None,
              restricted: Optional[str] = None, arch: Optional[str] = None, iterations: Optional[int] = None,
              attacks: Optional[str] = None, attack_epochs: Optional[int] = None, subset: Optional[int] = None,
-             pretrain_epochs: Optional[int] = None, progress: bool = True,
+             pretrain_epochs: Optional[int] = None, adaptive: bool = True, progress: bool = True,
              say: Callable[[str], None] = print) -> dict:
-    """Run the whole demo into ``out``; returns the report dict (also written as report.json)."""
+    """Run the whole demo into ``out``; returns the report dict (also written as report.json).
+    ``adaptive``: run the adaptive stage (:func:`demo_adaptive_config`) after the attack suite."""
     original = original or DEMO_DOMAINS["original"]
     restricted = restricted or DEMO_DOMAINS["restricted"]
     arch = arch or DEMO_DOMAINS["arch"]
@@ -132,7 +193,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, origina
             say(f"[demo] {prot_path} was protected with other settings ({', '.join(stale)}): protecting again"
                 + ("" if changed else " (resuming its checkpoint)"))
             for p in ([os.path.join(cfg.checkpoint.dir, "protect.pt")] if changed else []) + \
-                    [os.path.join(out, "attacks.partial.json")]:
+                    [os.path.join(out, "attacks.partial.json"), os.path.join(out, "adaptive.json")]:
                 if os.path.exists(p):
                     os.remove(p)
     if os.path.exists(prot_path) and not stale:
@@ -179,6 +240,34 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, origina
         os.replace(tmp, partial_path)
     timing["attacks"] = time.perf_counter() - t0
 
+    # 4. the adaptive suite (cached in adaptive.json with its settings)
+    adaptive_report = None
+    if adaptive:
+        t0 = time.perf_counter()
+        acfg, nulls = demo_adaptive_config(quick), demo_null_seeds(quick, seed)
+        want = json.loads(json.dumps(dataclasses.asdict(acfg)))
+        adaptive_path = os.path.join(out, "adaptive.json")
+        if os.path.exists(adaptive_path):
+            with open(adaptive_path) as f:
+                adaptive_report = json.load(f)
+            if adaptive_report.get("config") != want or adaptive_report.get("seeds") != [seed] \
+                    or adaptive_report.get("null_seeds") != list(nulls):
+                adaptive_report = None
+        if adaptive_report is None:
+            say(f"[demo] adaptive attacks: {', '.join(ADAPTIVE_ATTACKS)} at three rates each, "
+                f"{acfg.eval_steps[-1]} steps, on the protected, unprotected and scratch models and "
+                f"{len(nulls)} random initialisations; probes on each block's frozen features")
+            adaptive_report = evaluate_adaptive(protected, unprotected, r_train, r_test, o_train, acfg, seeds=(seed,),
+                                                say=lambda line: say(f"[demo]   {line}"), null_seeds=nulls)
+            adaptive_report = json.loads(json.dumps(adaptive_report))
+            tmp = adaptive_path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(adaptive_report, f)
+            os.replace(tmp, adaptive_path)
+        else:
+            say(f"[demo] reusing the adaptive suite's results {adaptive_path}")
+        timing["adaptive"] = time.perf_counter() - t0
+
     report = {"domains": {"original": original, "restricted": restricted},
               "original_domain": {"unprotected_acc": unprot_acc, "protected_acc": prot_acc},
               "attacks": rows, "architecture": arch,
@@ -188,6 +277,8 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, origina
               "protect_history": [{k: v for k, v in h.items() if k in ("iteration", "fts_loss", "ntr_loss",
                                                                         "original_metric", "grad_norm")}
                                   for h in history]}
+    if adaptive_report is not None:
+        report["adaptive"] = adaptive_report
     report["targets"] = _targets(report)
     paths = write_report(report, out)
     say(f"[demo] wrote {', '.join(p for p in paths.values() if p)}")

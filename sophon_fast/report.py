@@ -45,6 +45,10 @@ def _pct(x: Optional[float]) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
 
 
+def _met(met: Optional[bool]) -> str:
+    return "n/a" if met is None else "yes" if met else "**no**"
+
+
 def _num(x: Optional[float], nd: int = 2) -> str:
     return "–" if x is None else f"{x:.{nd}f}"
 
@@ -73,7 +77,13 @@ def render_markdown(report: dict) -> str:
     checks = report.get("targets")
     if checks:
         lines += ["", "## Targets", "", "| target | met | detail |", "| --- | --- | --- |"]
-        lines += [f"| {c['target']} | {'yes' if c['met'] else '**no**'} | {c['detail']} |" for c in checks]
+        lines += [f"| {c['target']} | {_met(c['met'])} | {c['detail']} |" for c in checks]
+    if report.get("adaptive"):
+        from sophon_fast.attacks.adaptive import render_markdown as adaptive_markdown
+        lines += ["", "## Attacks that know the model was protected (the adaptive suite)", "",
+                  "Re-initialise the classifier block and train everything, or fine-tune on benign original-domain "
+                  "data first; probes on each block's frozen features (`sophon_fast.attacks.adaptive`). "
+                  "adaptive.png shows every curve.", "", adaptive_markdown(report["adaptive"])]
     t = report["timing"]
     lines += ["", "## Timing (seconds)", "", "| step | seconds |", "| --- | --- |"]
     lines += [f"| {k} | {v:.1f} |" for k, v in t.items() if isinstance(v, (int, float))]
@@ -84,39 +94,65 @@ def render_markdown(report: dict) -> str:
 def plot_curves(report: dict, path: str) -> Optional[str]:
     """One panel per attack, three lines each (protected, unprotected, scratch); PNG. Image reports: accuracy
     vs epoch; reports with a ``metric`` (the LM and diffusion demos): that metric vs the attack's ``steps``."""
+    metric = report.get("metric")
+    panels = [(a["name"], a["steps"] if metric else list(range(len(a["protected"]))),
+               {k: a.get(k) for k in _BODIES}) for a in report["attacks"]]
+    d = report["domains"]
+    return _plot_panels(panels, path, f"Fine-tuning on {d['restricted']}: SOPHON-protected vs unprotected vs scratch",
+                        "attack step" if metric else "epoch",
+                        f"restricted {metric}" if metric else "restricted test acc (%)", percent=not metric)
+
+
+def plot_adaptive(report: dict, path: str) -> Optional[str]:
+    """The adaptive suite's fine-tuning attacks (``report["adaptive"]``): one panel per (attack, rate, seed),
+    restricted test accuracy vs optimiser step for the three models (and thin grey lines for the null bodies,
+    random initialisations attacked as if protected); PNG."""
+    rows = report["adaptive"]["finetune"]
+    panels = [(f"{r['attack']} lr {r['lr']:g}" + (f" s{r['seed']}" if r.get("seed") else ""), r["steps"],
+               {**{k: v for k, v in r["curves"].items() if k not in _BODIES},     # null bodies, drawn first
+                **{k: r["curves"].get(k) for k in _BODIES}}) for r in rows]
+    d = report["domains"]
+    return _plot_panels(panels, path, f"Attacks that know the model was protected, on {d['restricted']}",
+                        "optimiser step", "restricted test acc (%)", percent=True)
+
+
+_BODIES = ("protected", "unprotected", "scratch")
+
+
+def _plot_panels(panels: list, path: str, title: str, xlabel: str, ylabel: str, percent: bool) -> Optional[str]:
+    """``panels``: (title, xs, {body: ys}); None ys values are skipped; atomically written PNG."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    attacks = report["attacks"]
-    n = len(attacks)
+    n = len(panels)
     cols = min(4, max(n, 1))
     rows = max(1, math.ceil(n / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
-    styles = (("protected", "tab:red", "-"), ("unprotected", "tab:blue", "--"), ("scratch", "tab:gray", ":"))
-    for ax, a in zip(axes.flat, attacks):
-        for key, color, ls in styles:
-            if a.get(key) and "metric" in report:
-                pts = [(x, y) for x, y in zip(a["steps"], a[key]) if y is not None]
-                ax.plot([x for x, _ in pts], [y for _, y in pts], ls, color=color, label=key, lw=2)
-            elif a.get(key):
-                ax.plot(range(len(a[key])), [100 * v for v in a[key]], ls, color=color, label=key, lw=2)
-        ax.set_title(f"{a['name']}", fontsize=9)
-        if "metric" in report:
-            ax.set_xlabel("attack step")
-            ax.set_ylabel(f"restricted {report['metric']}", fontsize=8)
-        else:
-            ax.set_xlabel("epoch")
-            ax.set_ylabel("restricted test acc (%)")
+    styles = dict(zip(_BODIES, (("tab:red", "-"), ("tab:blue", "--"), ("tab:gray", ":"))))
+    for ax, (name, xs, curves) in zip(axes.flat, panels):
+        labelled = False
+        for key, ys in curves.items():
+            if ys:
+                pts = [(x, (100 * y if percent else y)) for x, y in zip(xs, ys) if y is not None]
+                if key in styles:
+                    (color, ls), lw, label = styles[key], 2, key
+                else:       # another body (the adaptive suite's random initialisations attacked as if protected)
+                    color, ls, lw, label = "silver", "-", 1, None if labelled else "random init, as protected"
+                    labelled = True
+                ax.plot([x for x, _ in pts], [y for _, y in pts], ls, color=color, label=label, lw=lw)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel, **({} if percent else {"fontsize": 8}))
+        if percent:
             ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8, loc="upper left")
-    d = report["domains"]
-    fig.suptitle(f"Fine-tuning on {d['restricted']}: SOPHON-protected vs unprotected vs scratch", fontsize=11)
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
@@ -125,7 +161,8 @@ def plot_curves(report: dict, path: str) -> Optional[str]:
 
 
 def write_report(report: dict, out_dir: str) -> dict:
-    """Write report.json, report.md and curves.png into ``out_dir``; returns their paths."""
+    """Write report.json, report.md and curves.png (and adaptive.png for a report with the adaptive suite)
+    into ``out_dir``; returns their paths."""
     validate(report)
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, "report.json"), "md": os.path.join(out_dir, "report.md"),
@@ -133,6 +170,8 @@ def write_report(report: dict, out_dir: str) -> dict:
     _atomic_write(paths["json"], json.dumps(report, indent=1).encode())
     _atomic_write(paths["md"], render_markdown(report).encode())
     paths["png"] = plot_curves(report, paths["png"])
+    if report.get("adaptive", {}).get("finetune"):
+        paths["adaptive_png"] = plot_adaptive(report, os.path.join(out_dir, "adaptive.png"))
     return paths
 
 

@@ -9,7 +9,8 @@ from torch import nn
 from sophon_fast import models
 from sophon_fast.attacks import Attack, run
 from sophon_fast.attacks.adaptive import (AdaptiveAttack, AdaptiveConfig, check_targets, classifier_block,
-                                          evaluate_adaptive, excess, prepare, signatures)
+                                          evaluate_adaptive, excess, prepare, render_markdown,
+                                          signatures)
 from sophon_fast.attacks.probes import HEAD_INPUT, block_features, capture, feature_blocks, probe_curve
 from sophon_fast.attacks.spec import Lion
 
@@ -222,6 +223,10 @@ def test_evaluate_adaptive_end_to_end():
     assert again["finetune"][1]["curves"]["scratch"] == rep["finetune"][1]["curves"]["scratch"]
     assert again["probes"][1]["curves"]["unprotected"] == [-2.0] * 2
     assert again["probes"][0]["curves"] == rep["probes"][0]["curves"]
+    # the markdown (scripts/adaptive_eval.py's and the demo report's): one line per run, probe and target
+    md = render_markdown(rep)
+    assert "| rb | 0.001 | 0 |" in md and "| bf | 0.0001 | 0 |" in md and "| features.5 |" in md
+    assert sum(line.startswith("- ") for line in md.splitlines()) == len(rep["targets"])
 
 
 def test_check_targets_reads_the_protected_value_against_null_bodies():

@@ -5,6 +5,7 @@ import os
 import pytest
 
 from sophon_fast import cli
+from sophon_fast.demo import ADAPTIVE_ATTACKS
 from sophon_fast.report import load_report, render_markdown, validate, write_report
 
 
@@ -62,10 +63,18 @@ def test_demo_quick_end_to_end(tmp_path):
             "--attack-epochs", "1", "--subset", "300", "--pretrain-epochs", "1", "--no-progress"]
     assert cli.main(args) == 0
     for f in ("report.json", "report.md", "curves.png", "original.safetensors", "original.json",
-              "protected.safetensors", "protected.json"):
+              "protected.safetensors", "protected.json", "adaptive.json", "adaptive.png"):
         assert (out / f).exists(), f
     report = json.loads((out / "report.json").read_text())
     validate(report)
+    ad = report["adaptive"]      # the adaptive stage: three attacks at three rates each, probes, their targets
+    assert sorted({r["attack"] for r in ad["finetune"]}) == sorted(ADAPTIVE_ATTACKS) and len(ad["finetune"]) == 9
+    assert all(r["steps"] == [0, 1, 2, 5, 10, 20] for r in ad["finetune"]) and ad["probes"]
+    assert ad["null_seeds"] == [100] and all("null100" in r["curves"] for r in ad["finetune"])   # a random init
+    names = [t["target"] for t in report["targets"]]
+    assert sum(n.startswith("adaptive: ") for n in names) == len(ad["targets"]) > 0
+    assert any("where unprotected >= scratch + 5" in n and n.startswith("paper") for n in names)
+    assert "## Attacks that know the model was protected" in (out / "report.md").read_text()
     assert set(report["domains"].values()) == {"fashion_mnist", "mnist"}
     a = report["attacks"][0]
     assert a["name"] == "paper" and a["epochs"] == 1
@@ -75,7 +84,7 @@ def test_demo_quick_end_to_end(tmp_path):
     # a rerun reuses every finished step (resumable) and gives the same report
     assert cli.main(args) == 0
     again = json.loads((out / "report.json").read_text())
-    assert again["attacks"] == report["attacks"]
+    assert again["attacks"] == report["attacks"] and again["adaptive"] == report["adaptive"]
     # the report command re-renders from report.json
     os.remove(out / "report.md")
     assert cli.main(["report", str(out)]) == 0
@@ -86,11 +95,11 @@ def test_demo_reprotects_a_model_made_with_other_settings(tmp_path, capsys):
     """A protected.safetensors (and its attack results) from another recipe is not silently reused."""
     out = tmp_path / "demo"
     args = ["--threads", "1", "demo", "--quick", "--out", str(out), "--iterations", "1", "--suite", "paper",
-            "--attack-epochs", "1", "--subset", "200", "--pretrain-epochs", "1", "--no-progress"]
+            "--attack-epochs", "1", "--subset", "200", "--pretrain-epochs", "1", "--no-adaptive", "--no-progress"]
     assert cli.main(args) == 0
     rec_path = out / "protected.json"
     rec = json.loads(rec_path.read_text())
-    assert rec["metadata"]["protect_config"]["defences"][0]["kind"] == "trap"
+    assert rec["metadata"]["protect_config"]["strategies"][0]["fresh"] == "block"     # the demo's recipe, e61
     rec["metadata"]["protect_config"]["alpha"] = 1.0           # as if an older recipe had made it
     rec_path.write_text(json.dumps(rec))
     capsys.readouterr()
@@ -120,18 +129,22 @@ def test_cli_protect_reads_a_config_file(tmp_path):
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps(sf.ProtectConfig(loss="klu", inner_steps=3).to_dict()))
     assert cli.load_config(str(path)) == sf.ProtectConfig(loss="klu", inner_steps=3)
-    assert cli.load_config("demo").defences[0].kind == "trap"
-    assert cli.load_config("demo").ntr_steps == 3                                       # e24
-    assert cli.load_config("demo", sf.models.build("cnn_bn", seed=0)).ntr_steps == 6     # e75
-    assert cli.load_config("demo", sf.models.build("cnn_small", seed=0)).ntr_steps == 3
+    assert cli.load_config("trap").defences[0].kind == "trap"
+    assert cli.load_config("trap").ntr_steps == 3                                       # e24
+    assert cli.load_config("trap", sf.models.build("cnn_bn", seed=0)).ntr_steps == 6     # e75
+    assert cli.load_config("trap", sf.models.build("cnn_small", seed=0)).ntr_steps == 3
+    demo = cli.load_config("demo")                                                      # e61
+    assert not demo.defences and (demo.mode, demo.meta_gradient, demo.iterations) == ("reference", "unrolled", 1000)
+    assert cli.load_config("demo", sf.models.build("cnn_bn", seed=0)).iterations == 400  # e72, e90-e93
     path.write_text('{"inner_lr": 1}')
     with pytest.raises(ValueError, match="unknown settings"):
         cli.load_config(str(path))
 
 
 def test_the_adaptive_recipe_file_is_e68s_config():
-    """docs/recipes/adaptive.json is e61's recipe at 2,400 iterations (docs/experiments.md e68): simulated
+    """docs/recipes/adaptive.json is the demo's recipe at 2,400 iterations (docs/experiments.md e68): simulated
     attackers from a fresh classifier block and from a fresh head, the meta-gradient unrolled through them."""
+    from sophon_fast.demo import demo_config
     path = os.path.join(os.path.dirname(__file__), "..", "docs", "recipes", "adaptive.json")
     cfg = cli.load_config(path)
     assert (cfg.loss, cfg.iterations, cfg.mode, cfg.meta_gradient, cfg.ntr_steps) == \
@@ -140,3 +153,6 @@ def test_the_adaptive_recipe_file_is_e68s_config():
         ("adam", 1e-3, "block", "all", None), ("momentum", 1e-2, "block", "all", 40), ("adam", 1e-3, None, "all", None),
         ("momentum", 1e-2, "head", "fresh", 40), ("adam", 1e-3, "head", "fresh", None)]
     assert not cfg.defences                                     # no trap: the recipe does not rest on one layer
+    demo = demo_config(quick=False)
+    same = ("loss", "alpha", "beta", "inner_steps", "mode", "meta_gradient", "strategies", "ntr_steps", "seed")
+    assert all(getattr(demo, k) == getattr(cfg, k) for k in same)
