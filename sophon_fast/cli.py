@@ -3,7 +3,7 @@
     sophon-fast demo     [--task image|lm|diffusion] [--quick] [--out DIR]   pre-train, protect, attack, report
     sophon-fast protect  MODEL --original NAME --restricted NAME --out PATH [--config FILE.json|demo|trap] [--loss ...]
     sophon-fast attack   MODEL --restricted NAME [--suite default] [--unprotected MODEL] [--out DIR]
-    sophon-fast report   DIR_OR_JSON                         re-render report.md / curves.png
+    sophon-fast report   DIR_OR_JSON                         re-render report.md / curves.png (/ adaptive.png)
     sophon-fast backends                                     which kernel backends are usable
     sophon-fast bench                                        a one-minute speed check of this machine
 
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--no-progress", action="store_true")
     at.set_defaults(fn=_cmd_attack)
 
-    r = sub.add_parser("report", help="re-render report.md and curves.png from report.json")
+    r = sub.add_parser("report", help="re-render report.md, curves.png (and adaptive.png) from report.json")
     r.add_argument("path")
     r.set_defaults(fn=_cmd_report)
 

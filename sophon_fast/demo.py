@@ -20,6 +20,7 @@ from torch import nn
 
 from sophon_fast import data as sfdata
 from sophon_fast import models
+from sophon_fast._atomic import atomic_path
 from sophon_fast.attacks import Attack, evaluate_suite, run, scratch, suite
 from sophon_fast.attacks import accuracy as attack_accuracy
 from sophon_fast.attacks.adaptive import AdaptiveConfig, default_attacks, evaluate_adaptive, excess
@@ -118,6 +119,14 @@ def _subset(ds, n: Optional[int], seed: int):
     return torch.utils.data.TensorDataset(x[idx], y[idx])
 
 
+_JUDGE = AdaptiveConfig()   # the adaptive suite's thresholds, applied to the default suite's epochs as well
+
+
+def _write_json(path: str, obj) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj))
+
+
 def _targets(report: dict) -> list:
     o = report["original_domain"]
     out = [{"target": "protected original accuracy >= unprotected - 2 points",
@@ -143,9 +152,6 @@ def _targets(report: dict) -> list:
     for t in report.get("adaptive", {}).get("targets", []):
         out.append({"target": f"adaptive: {t['target']}", "met": t["met"], "detail": t["detail"]})
     return out
-
-
-_JUDGE = AdaptiveConfig()   # the adaptive suite's thresholds, applied to the default suite's epochs as well
 
 
 def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, original: Optional[str] = None,
@@ -234,10 +240,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, origina
         rows.append(row)
         say(f"[demo]   protected {100 * row['protected'][-1]:.1f}%  unprotected "
             f"{100 * row['unprotected'][-1]:.1f}%  scratch {100 * row['scratch'][-1]:.1f}%")
-        tmp = partial_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(rows, f)
-        os.replace(tmp, partial_path)
+        _write_json(partial_path, rows)
     timing["attacks"] = time.perf_counter() - t0
 
     # 4. the adaptive suite (cached in adaptive.json with its settings)
@@ -260,10 +263,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, origina
             adaptive_report = evaluate_adaptive(protected, unprotected, r_train, r_test, o_train, acfg, seeds=(seed,),
                                                 say=lambda line: say(f"[demo]   {line}"), null_seeds=nulls)
             adaptive_report = json.loads(json.dumps(adaptive_report))
-            tmp = adaptive_path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(adaptive_report, f)
-            os.replace(tmp, adaptive_path)
+            _write_json(adaptive_path, adaptive_report)
         else:
             say(f"[demo] reusing the adaptive suite's results {adaptive_path}")
         timing["adaptive"] = time.perf_counter() - t0
