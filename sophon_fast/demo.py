@@ -39,7 +39,8 @@ DEMO_DOMAINS = {"original": "fashion_mnist", "restricted": "mnist", "arch": "cnn
 # cnn_small 1,000, what the full demo's time budget (45 minutes on the 2-core CPU, with the attack suites) leaves
 # room for (three protection seeds were measured at 600, 1,200 and 2,400: e56-e71); on a BatchNorm network 400,
 # the count measured with six protection seeds (e72, e73, e77, e90, e92, e93), which the budget does not hold
-# there (README: the cnn_bn demo's default suite alone takes about 30 minutes on that CPU).
+# there: the cnn_bn demo's stages take about 56 minutes on that CPU (e94), and 250 iterations, which would fit,
+# were never measured.
 ADAPTIVE_STRATEGIES = (Strategy("adam", lr=1e-3, fresh="block"),
                        Strategy("momentum", lr=1e-2, fresh="block", steps=40),
                        Strategy("adam", lr=1e-3, reinit_head=False),
