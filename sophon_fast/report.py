@@ -19,6 +19,8 @@ import os
 from typing import Optional
 
 from sophon_fast._atomic import atomic_path
+from sophon_fast.attacks.adaptive import BODIES as _BODIES
+from sophon_fast.attacks.adaptive import render_markdown as adaptive_markdown
 
 REQUIRED = ("domains", "original_domain", "attacks", "config", "timing")
 ATTACK_KEYS = ("name", "method", "optimizer", "lr", "batch_size", "epochs", "protected", "unprotected",
@@ -79,7 +81,6 @@ def render_markdown(report: dict) -> str:
         lines += ["", "## Targets", "", "| target | met | detail |", "| --- | --- | --- |"]
         lines += [f"| {c['target']} | {_met(c['met'])} | {c['detail']} |" for c in checks]
     if report.get("adaptive"):
-        from sophon_fast.attacks.adaptive import render_markdown as adaptive_markdown
         lines += ["", "## Attacks that know the model was protected (the adaptive suite)", "",
                   "Re-initialise the classifier block and train everything, or fine-tune on benign original-domain "
                   "data first; probes on each block's frozen features (`sophon_fast.attacks.adaptive`). "
@@ -114,9 +115,6 @@ def plot_adaptive(report: dict, path: str) -> Optional[str]:
     d = report["domains"]
     return _plot_panels(panels, path, f"Attacks that know the model was protected, on {d['restricted']}",
                         "optimiser step", "restricted test acc (%)", percent=True)
-
-
-_BODIES = ("protected", "unprotected", "scratch")
 
 
 def _plot_panels(panels: list, path: str, title: str, xlabel: str, ylabel: str, percent: bool) -> Optional[str]:

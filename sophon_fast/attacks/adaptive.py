@@ -507,7 +507,7 @@ def render_markdown(report: dict) -> str:
             sig = r["signatures"]["protected"]
             flags = "".join(c for c, k in (("D", "acc_drops"), ("L", "loss_rises"), ("F", "far_below_scratch"))
                             if sig[k]) or "–"
-            cells = [" / ".join(_pct1(_at(r, b, s)) for b in ("protected", "unprotected", "scratch")) for s in show]
+            cells = [" / ".join(_pct1(_at(r, b, s)) for b in BODIES) for s in show]
             ex = "n/a" if r["excess"] is None else f"{100 * r['excess']:+.1f}"
             out.append(f"| {r['attack']} | {r['lr']:g} | {r['seed']} | " + " | ".join(cells) + f" | {ex} | {flags} |")
         out.append("")
