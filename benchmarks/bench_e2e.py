@@ -1,7 +1,7 @@
 """Layer 4: end-to-end protect() on the demo task, and layer 5: scaling with model size.
 
 Layer 4: wall-clock of protect() in each mode for the same ``ITERATIONS`` outer iterations of the
-demo task (fashion_mnist -> mnist, cnn_small, the trap recipe ``sophon_fast.demo.trap_config``, the demo's
+demo task (fashion_mnist -> mnist, cnn_small, the trap recipe ``sophon_fast.recipes.trap``, the demo's
 until issue 12 and first order, so both modes run it: K = 20, three strategies taking turns, an
 original-test evaluation every 10 iterations; no accuracy floor, no checkpoints),
 and each mode's peak memory over the same run in a child process.

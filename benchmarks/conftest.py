@@ -31,7 +31,7 @@ import torch
 
 import sophon_fast
 from sophon_fast import _backend
-from sophon_fast.quickbench import sync  # noqa: F401  (the package's one device sync, shared with its timer)
+from sophon_fast.apps.quickbench import sync  # noqa: F401  (the package's one device sync, shared with its timer)
 
 THREADS = int(os.environ.get("SOPHON_BENCH_THREADS", "2"))
 torch.set_num_threads(THREADS)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from sophon_fast import models
 from sophon_fast.engine import Checkpointing, Evaluation, Strategy, protect
-from sophon_fast.quickbench import median_time, sync
+from sophon_fast.apps.quickbench import median_time, sync
 
 BATCH, QUERY, NTR_BATCH = 150, 20, 150
 DEMO = "demo"
@@ -55,9 +55,9 @@ def make_case(arch: str, n: int = 1200, seed: int = 0, device: str = "cpu"):
 
 
 def demo_case(device: str = "cpu"):
-    """(model, original train, restricted train, original test) of the demo task, as in sophon_fast.demo."""
+    """(model, original train, restricted train, original test) of the demo task, as in sophon_fast.apps.demo."""
     from sophon_fast import data
-    from sophon_fast.demo import DEMO_DOMAINS
+    from sophon_fast.apps.demo import DEMO_DOMAINS
     o_train, o_test, r_train = (data.load(DEMO_DOMAINS[d], s) for d, s in
                                 (("original", "train"), ("original", "test"), ("restricted", "train")))
     classes = 1 + max(int(data.as_tensors(d)[1].max()) for d in (o_train, r_train))
@@ -67,8 +67,8 @@ def demo_case(device: str = "cpu"):
 def demo_config(mode: str, iterations: int, device: str = "cpu"):
     """The trap recipe (e24, the demo's until issue 12): first order, so both modes run it. The demo's recipe
     now unrolls the meta-gradient through the attacker's steps, which only the reference mode does."""
-    from sophon_fast.demo import trap_config as cfg
-    return cfg(quick=False, iterations=iterations, progress=False).replace(
+    from sophon_fast.recipes import trap
+    return trap(iterations=iterations).replace(progress=False, 
         mode=mode, device=device, evaluation=Evaluation(max_drop=None), checkpoint=Checkpointing())
 
 

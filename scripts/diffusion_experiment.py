@@ -24,7 +24,7 @@ import time
 import torch
 
 import sophon_fast as sf
-from sophon_fast import diffusion_demo as dd
+from sophon_fast.apps import diffusion_demo as dd
 from sophon_fast.attacks import diffusion as da
 from sophon_fast.attacks.run import scratch
 from sophon_fast.engine import Evaluation

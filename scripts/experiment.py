@@ -19,7 +19,7 @@ import torch
 from sophon_fast import data as sfdata
 from sophon_fast.attacks import head_start_removed, overhead, run, scratch, suite
 from sophon_fast.attacks import accuracy
-from sophon_fast.demo import pretrain
+from sophon_fast.apps.demo import pretrain
 from sophon_fast.engine import ProtectConfig, protect
 from sophon_fast.defences.trap import head_preacts
 from sophon_fast.io import load_model, save_model

@@ -1,5 +1,5 @@
 """One language-model protection experiment: protect the LM demo's pre-trained GPT-2 against Python with
-``lm_demo.demo_config`` (+ JSON overrides), attack it with the demo's attacks, and print the gaps.
+``sophon_fast.recipes.language_model`` (+ JSON overrides), attack it with the demo's attacks, and print the gaps.
 
     .venv/bin/python scripts/lm_experiment.py NAME [--quick] [--set '{"iterations": 240}'] [--threads 1]
 
@@ -17,7 +17,8 @@ import time
 import torch
 
 import sophon_fast as sf
-from sophon_fast import lm_demo
+from sophon_fast import recipes
+from sophon_fast.apps import lm_demo
 from sophon_fast._atomic import atomic_path
 from sophon_fast.tasks.lm import LanguageModelTask
 
@@ -31,7 +32,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("name")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--set", default="{}", help="JSON overrides of lm_demo.demo_config")
+    p.add_argument("--set", default="{}", help="JSON overrides of sophon_fast.recipes.language_model")
     p.add_argument("--cache", default="runs/lm_cache")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--model", default=None, help="attack this saved protected model (save_pretrained) instead of "
@@ -40,7 +41,7 @@ def main():
     torch.set_num_threads(a.threads)
     os.makedirs("runs/lm", exist_ok=True)
     prep = lm_demo.prepare(a.quick, 0, a.cache)
-    settings = {**lm_demo.demo_config(a.quick), **json.loads(a.set)}
+    settings = {**recipes.language_model(a.quick).to_dict(), **json.loads(a.set)}
     if a.model:
         from transformers import GPT2LMHeadModel
         finish(a, prep, GPT2LMHeadModel.from_pretrained(a.model),
@@ -53,7 +54,7 @@ def main():
         model.set_attn_implementation("eager")
     t0 = time.perf_counter()
     res = sf.protect(model, prep.original_train, prep.restricted_train,
-                     sf.ProtectConfig(**settings, progress=False, in_place=True), task=task,
+                     sf.ProtectConfig.from_dict({**settings, "progress": False, "in_place": True}), task=task,
                      original_test=prep.original_test)
     seconds = time.perf_counter() - t0
     res.model.set_attn_implementation(prep.model.config._attn_implementation)   # the attacks run as on the others

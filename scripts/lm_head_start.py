@@ -15,7 +15,7 @@ import json
 import torch
 from torch.nn import functional as F
 
-from sophon_fast import lm_demo
+from sophon_fast.apps import lm_demo
 from sophon_fast.attacks.lm import LMAttack, run
 from sophon_fast.models import lm as lm_models
 

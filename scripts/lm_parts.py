@@ -23,7 +23,7 @@ import json
 
 import torch
 
-from sophon_fast import lm_demo
+from sophon_fast.apps import lm_demo
 from sophon_fast.attacks.lm import run
 from sophon_fast.models import lm as lm_models
 

@@ -10,7 +10,7 @@ import torch
 
 from sophon_fast import data as sfdata
 from sophon_fast.attacks import accuracy
-from sophon_fast.demo import pretrain
+from sophon_fast.apps.demo import pretrain
 from sophon_fast.io import save_model
 
 torch.set_num_threads(1)

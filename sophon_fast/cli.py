@@ -28,12 +28,12 @@ def _threads(n: Optional[int]) -> None:
 
 def _cmd_demo(a) -> int:
     if a.task != "image":
-        from sophon_fast import task_demos
+        from sophon_fast.apps import task_demos
         run = task_demos.run_lm_demo if a.task == "lm" else task_demos.run_diffusion_demo
         run(out=a.out or f"runs/demo-{a.task}", quick=a.quick, seed=a.seed, progress=not a.no_progress,
             iterations=a.iterations)
         return 0
-    from sophon_fast.demo import run_demo
+    from sophon_fast.apps.demo import run_demo
     a.out = a.out or "runs/demo"
     run_demo(out=a.out, quick=a.quick, seed=a.seed, original=a.original, restricted=a.restricted, arch=a.arch,
              iterations=a.iterations, attacks=a.suite, attack_epochs=a.attack_epochs, subset=a.subset,
@@ -42,16 +42,16 @@ def _cmd_demo(a) -> int:
 
 
 def load_config(spec: Optional[str], model=None):
-    """A ProtectConfig from a JSON file of its fields (``ProtectConfig.to_dict`` form), "demo" for the demo's
-    recipe or "trap" for the dead-unit trap recipe (both for ``model``); None: the reference defaults."""
+    """A ProtectConfig: a public recipe by name (``sophon_fast.recipes.RECIPES``: adaptive, trap, lm, diffusion; for
+    ``model``), or a JSON file of its fields (``ProtectConfig.to_dict`` form); None: the reference defaults."""
     import json
 
+    from sophon_fast import recipes
     from sophon_fast.engine import ProtectConfig
     if spec is None:
         return ProtectConfig()
-    if spec in ("demo", "trap"):
-        from sophon_fast import demo
-        return (demo.demo_config if spec == "demo" else demo.trap_config)(quick=False, model=model)
+    if spec in recipes.RECIPES:
+        return recipes.recipe(spec, model)
     try:
         with open(spec) as f:
             fields = json.load(f)
@@ -115,7 +115,7 @@ def _cmd_attack(a) -> int:
 def _cmd_report(a) -> int:
     import os
 
-    from sophon_fast.report import load_report, write_report
+    from sophon_fast.apps.report import load_report, write_report
     report = load_report(a.path)
     out = a.path if os.path.isdir(a.path) else os.path.dirname(os.path.abspath(a.path))
     paths = write_report(report, out)
@@ -130,7 +130,7 @@ def _cmd_backends(a) -> int:
 
 
 def _cmd_bench(a) -> int:
-    from sophon_fast.quickbench import main as bench_main
+    from sophon_fast.apps.quickbench import main as bench_main
     return bench_main()
 
 
@@ -166,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--restricted", required=True, nargs="+")
     pr.add_argument("--out", required=True)
     pr.add_argument("--config", default=None,
-                    help="JSON file of ProtectConfig fields, 'demo' for the demo's recipe or 'trap' for the "
-                         "dead-unit trap recipe (e24); flags below override it")
+                    help="a recipe of sophon_fast.recipes (adaptive, trap, lm, diffusion) or a JSON file of "
+                         "ProtectConfig fields; flags below override it")
     pr.add_argument("--loss", default=None)
     pr.add_argument("--mode", default=None, choices=["fast", "reference"])
     pr.add_argument("--iterations", type=int, default=None)

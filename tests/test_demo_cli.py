@@ -5,8 +5,8 @@ import os
 import pytest
 
 from sophon_fast import cli
-from sophon_fast.demo import ADAPTIVE_ATTACKS
-from sophon_fast.report import load_report, render_markdown, validate, write_report
+from sophon_fast.apps.demo import ADAPTIVE_ATTACKS
+from sophon_fast.apps.report import load_report, render_markdown, validate, write_report
 
 
 def _report():
@@ -133,9 +133,11 @@ def test_cli_protect_reads_a_config_file(tmp_path):
     assert cli.load_config("trap").ntr_steps == 3                                       # e24
     assert cli.load_config("trap", sf.models.build("cnn_bn", seed=0)).ntr_steps == 6     # e75
     assert cli.load_config("trap", sf.models.build("cnn_small", seed=0)).ntr_steps == 3
-    demo = cli.load_config("demo")                                                      # e61
+    demo = cli.load_config("adaptive")                                                  # e61
     assert not demo.defences and (demo.mode, demo.meta_gradient, demo.iterations) == ("reference", "unrolled", 1000)
-    assert cli.load_config("demo", sf.models.build("cnn_bn", seed=0)).iterations == 400  # e72, e90-e93
+    assert cli.load_config("adaptive", sf.models.build("cnn_bn", seed=0)).iterations == 400  # e72, e90-e93
+    assert cli.load_config("lm") == sf.recipes.language_model()
+    assert cli.load_config("diffusion").task == "diffusion"
     path.write_text('{"inner_lr": 1}')
     with pytest.raises(ValueError, match="unknown settings"):
         cli.load_config(str(path))
@@ -144,7 +146,8 @@ def test_cli_protect_reads_a_config_file(tmp_path):
 def test_the_adaptive_recipe_file_is_e68s_config():
     """docs/recipes/adaptive.json is the demo's recipe at 2,400 iterations (docs/experiments.md e68): simulated
     attackers from a fresh classifier block and from a fresh head, the meta-gradient unrolled through them."""
-    from sophon_fast.demo import demo_config
+    import sophon_fast as sf
+    from sophon_fast.apps.demo import demo_config
     path = os.path.join(os.path.dirname(__file__), "..", "docs", "recipes", "adaptive.json")
     cfg = cli.load_config(path)
     assert (cfg.loss, cfg.iterations, cfg.mode, cfg.meta_gradient, cfg.ntr_steps) == \
@@ -154,5 +157,6 @@ def test_the_adaptive_recipe_file_is_e68s_config():
         ("momentum", 1e-2, "head", "fresh", 40), ("adam", 1e-3, "head", "fresh", None)]
     assert not cfg.defences                                     # no trap: the recipe does not rest on one layer
     demo = demo_config(quick=False)
+    assert demo.strategies == sf.recipes.adaptive().strategies
     same = ("loss", "alpha", "beta", "inner_steps", "mode", "meta_gradient", "strategies", "ntr_steps", "seed")
     assert all(getattr(demo, k) == getattr(cfg, k) for k in same)

@@ -360,7 +360,7 @@ def test_protect_runs_the_diffusion_task_and_fast_matches_reference(timestep):
 
 
 def test_demo_config_and_report(tmp_path):
-    from sophon_fast import diffusion_demo as dd
+    from sophon_fast.apps import diffusion_demo as dd
     from sophon_fast.engine.loop import _task_for
 
     quick, full = dd.demo_config(True), dd.demo_config(False)

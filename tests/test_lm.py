@@ -500,7 +500,7 @@ def test_protect_tied_head_reinit_is_refused_and_untie_allows_it():
 # ---- the demo's pieces at toy sizes -------------------------------------------------------------
 @pytest.mark.skipif("english" not in text.available(), reason="Debian package fortunes not installed")
 def test_lm_demo_prepare_caches_and_attack_all_reports(tmp_path, monkeypatch):
-    from sophon_fast import lm_demo
+    from sophon_fast.apps import lm_demo
 
     toy = lm_demo.DemoSizes(vocab_size=300, tokenizer_chars=20_000, block_size=16, n_layer=1, n_embd=16, n_head=2, pretrain_steps=4,
                             train_blocks=8, test_blocks=2, attack_steps=2, attack_batch=2, attack_evals=1)
@@ -517,6 +517,5 @@ def test_lm_demo_prepare_caches_and_attack_all_reports(tmp_path, monkeypatch):
     assert out["original"]["protected"] == pytest.approx(out["original"]["unprotected"])
     assert len(out["attacks"]) == 5 and all(len(a["scratch"]) == 2 for a in out["attacks"])
     assert out["attacks"][0]["protected"] == out["attacks"][0]["unprotected"]
-    cfg = lm_demo.demo_config(True)
-    import sophon_fast as sf
-    assert sf.ProtectConfig(**cfg).task == "lm"
+    from sophon_fast.recipes import language_model
+    assert language_model(True).task == "lm"

@@ -25,7 +25,7 @@ def _check_report(out, task):
 
 def test_lm_demo_tiny(tmp_path, monkeypatch):
     pytest.importorskip("transformers")
-    from sophon_fast import lm_demo
+    from sophon_fast.apps import lm_demo
     tiny = dataclasses.replace(lm_demo.sizes(True), vocab_size=300, block_size=32, n_layer=1, n_embd=32, n_head=2,
                                pretrain_steps=4, train_blocks=40, test_blocks=4, attack_steps=2, attack_evals=2)
     monkeypatch.setattr(lm_demo, "sizes", lambda quick: tiny)
@@ -39,15 +39,16 @@ def test_lm_demo_tiny(tmp_path, monkeypatch):
     assert {a["method"] for a in r["attacks"]} == {"full", "lora"}
     assert cli.main(args) == 0                          # rerun: the protection is reused
     assert json.loads((out / "report.json").read_text())["timing"]["protect"] == 0.0
-    recipe = lm_demo.demo_config
-    monkeypatch.setattr(lm_demo, "demo_config", lambda quick: {**recipe(quick), "loss": "klu"})
+    from sophon_fast import recipes
+    recipe = recipes.language_model
+    monkeypatch.setattr(recipes, "language_model", lambda quick: recipe(quick).replace(loss="klu"))
     assert cli.main(args) == 0                          # another recipe: its stale checkpoint is dropped
     assert json.loads((out / "report.json").read_text())["timing"]["protect"] > 0.0
 
 
 def test_diffusion_demo_tiny(tmp_path, monkeypatch):
     pytest.importorskip("diffusers")
-    from sophon_fast import diffusion_demo as dd
+    from sophon_fast.apps import diffusion_demo as dd
     from sophon_fast.attacks import diffusion as dattacks
     monkeypatch.setitem(dd.SIZES, True, {"pretrain_steps": 2, "original_test": 16, "restricted_test": 16,
                                          "samples": 0})

@@ -41,11 +41,9 @@ from sophon_fast.attacks.probes import PROBE_KINDS, block_features, feature_bloc
 from sophon_fast.attacks.run import run, scratch
 from sophon_fast.attacks.spec import OPTIMIZERS, SIGN_OPTIMIZERS, Attack
 from sophon_fast.data import as_tensors
-from sophon_fast.models import model_device
+from sophon_fast.models import classifier_block, model_device  # noqa: F401  (classifier_block: re-exported)
 
 PREPS = ("none", "reinit_block", "zero_bias", "noise", "benign_first")
-_BLOCK_ENDS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
-               nn.AdaptiveMaxPool2d)
 BODIES = ("protected", "unprotected", "scratch")
 NULL_PREFIX = "null"   # finetune rows' curves of null body seed s are under "null{s}"
 _SHOW_STEPS = (0, 5, 10, 20)   # the steps render_markdown shows (and the last)
@@ -147,24 +145,6 @@ class AdaptiveConfig:
             raise ValueError("AdaptiveConfig: probe_lrs must be positive and probe_epochs >= 1")
         if self.loss_window < 1 or 2 * self.loss_window > steps[-1]:
             raise ValueError(f"AdaptiveConfig.loss_window must be in [1, eval_steps[-1] / 2], got {self.loss_window}")
-
-
-def classifier_block(model: nn.Module, last: Optional[int] = None) -> List[nn.Module]:
-    """The leaf modules with parameters of the classifier block, in module order: those after the last
-    convolution / pooling layer, or (``last``) the last ``last`` of all of them. ``ValueError`` when
-    that is empty (e.g. a model with no convolution or pooling and ``last`` None)."""
-    leaves = [m for m in model.modules() if not list(m.children())]
-    with_params = [m for m in leaves if any(True for _ in m.parameters(recurse=False))]
-    if last is not None:
-        block = with_params[-last:]
-    else:
-        ends = [i for i, m in enumerate(leaves) if isinstance(m, _BLOCK_ENDS)]
-        if not ends:
-            raise ValueError(f"{type(model).__name__} has no convolution or pooling layer: pass reinit_last")
-        block = [m for m in leaves[ends[-1] + 1:] if any(True for _ in m.parameters(recurse=False))]
-    if not block:
-        raise ValueError(f"{type(model).__name__}: the classifier block has no parameterised module")
-    return block
 
 
 class _InputScale:

@@ -5,7 +5,7 @@ to learn from.
     loss = weight * mean_r ||h(x_r) - mean_o||^2 / (sum_d var_o[h_d] + eps)
 
 h: the input (flattened to (N, -1)) of the first module of the classifier block, the block the adaptive
-``reinit_block`` attack re-initialises (:func:`sophon_fast.attacks.adaptive.classifier_block`: every
+``reinit_block`` attack re-initialises (:func:`sophon_fast.models.classifier_block`: every
 parameterised layer after the last convolution / pooling); mean_o and var_o: the per-dimension mean and
 (biased) variance of h over the original batch, the variance always detached, the mean detached unless
 ``detach_mean`` is False. The minimum puts every restricted input on the mean original feature with the
@@ -27,6 +27,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+
+from sophon_fast.models import classifier_block
 
 
 @dataclass
@@ -57,7 +59,6 @@ class FeatureCollapse:
         self.module: Optional[nn.Module] = None
 
     def attach(self, model: nn.Module, task) -> None:
-        from sophon_fast.attacks.adaptive import classifier_block    # the attack's block, one finder
         self.module = classifier_block(model)[0]
 
     def features(self, model: nn.Module, x: Tensor) -> Tensor:

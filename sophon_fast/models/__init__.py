@@ -86,6 +86,28 @@ def head_of(model: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
+_BLOCK_ENDS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
+               nn.AdaptiveMaxPool2d)
+
+
+def classifier_block(model: nn.Module, last: Optional[int] = None) -> List[nn.Module]:
+    """The leaf modules with parameters of the classifier block, in module order: those after the last
+    convolution / pooling layer, or (``last``) the last ``last`` of all of them. ``ValueError`` when
+    that is empty (e.g. a model with no convolution or pooling and ``last`` None)."""
+    leaves = [m for m in model.modules() if not list(m.children())]
+    with_params = [m for m in leaves if any(True for _ in m.parameters(recurse=False))]
+    if last is not None:
+        block = with_params[-last:]
+    else:
+        ends = [i for i, m in enumerate(leaves) if isinstance(m, _BLOCK_ENDS)]
+        if not ends:
+            raise ValueError(f"{type(model).__name__} has no convolution or pooling layer: pass reinit_last")
+        block = [m for m in leaves[ends[-1] + 1:] if any(True for _ in m.parameters(recurse=False))]
+    if not block:
+        raise ValueError(f"{type(model).__name__}: the classifier block has no parameterised module")
+    return block
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter (CPU for a model without parameters)."""
     p = next(iter(model.parameters()), None)
@@ -96,4 +118,4 @@ def num_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["available", "build", "head_of", "model_device", "num_parameters"]
+__all__ = ["available", "build", "classifier_block", "head_of", "model_device", "num_parameters"]

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from sophon_fast.data import as_tensors
 from sophon_fast.functional import cross_entropy, suppression_loss
-from sophon_fast.models import head_of, model_device
+from sophon_fast.models import classifier_block, head_of, model_device
 from sophon_fast.tasks.base import Batch, Task
 
 LOSSES = ("ice", "ice_reference_code", "klu", "neg_entropy")
@@ -96,7 +96,6 @@ class ClassificationTask(Task):
 
     def block(self, model: nn.Module):
         """The classifier block the adaptive ``reinit_block`` attack resets (one finder for both)."""
-        from sophon_fast.attacks.adaptive import classifier_block
         try:
             return classifier_block(model)
         except ValueError as e:

@@ -19,65 +19,30 @@ import torch
 from torch import nn
 
 from sophon_fast import data as sfdata
-from sophon_fast import models
+from sophon_fast import models, recipes
 from sophon_fast._atomic import atomic_path
+from sophon_fast.apps.report import write_report
 from sophon_fast.attacks import Attack, evaluate_suite, run, scratch, suite
 from sophon_fast.attacks import accuracy as attack_accuracy
 from sophon_fast.attacks.adaptive import AdaptiveConfig, default_attacks, evaluate_adaptive, excess
-from sophon_fast.defences import TrapConfig
-from sophon_fast.engine import Checkpointing, Evaluation, ProtectConfig, Strategy, protect
+from sophon_fast.engine import Checkpointing, ProtectConfig, protect
 from sophon_fast.engine.state import config_changes
 from sophon_fast.io import load_model, read_record, save_model
-from sophon_fast.report import write_report
 
 DEMO_DOMAINS = {"original": "fashion_mnist", "restricted": "mnist", "arch": "cnn_small"}
 
-# The demo's recipe (issue 12; docs/experiments.md e44-e93, docs/recipes/adaptive.json at 2,400 iterations): no
-# trap; five simulated attackers taking turns, with the meta-gradient unrolled through their steps (reference
-# mode): Adam 1e-3 and momentum 1e-2 (K = 40) from a freshly drawn classifier block, Adam 1e-3 on the model as it
-# is, and two probe attackers that train only a fresh head (momentum 1e-2 for K = 40, Adam 1e-3). Iterations: on
-# cnn_small 1,000, what the full demo's time budget (45 minutes on the 2-core CPU, with the attack suites) leaves
-# room for (three protection seeds were measured at 600, 1,200 and 2,400: e56-e71); on a BatchNorm network 400,
-# the count measured with six protection seeds (e72, e73, e77, e90, e92, e93), which the budget does not hold
-# there: the cnn_bn demo's stages take about 56 minutes on that CPU (e94), and 250 iterations, which would fit,
-# were never measured.
-ADAPTIVE_STRATEGIES = (Strategy("adam", lr=1e-3, fresh="block"),
-                       Strategy("momentum", lr=1e-2, fresh="block", steps=40),
-                       Strategy("adam", lr=1e-3, reinit_head=False),
-                       Strategy("momentum", lr=1e-2, fresh="head", train="fresh", steps=40),
-                       Strategy("adam", lr=1e-3, fresh="head", train="fresh"))
 DEMO_ITERATIONS = {"quick": 40, "full": 1000, "full_batchnorm": 400}
-
-
-def has_batchnorm(model: Optional[nn.Module]) -> bool:
-    return model is not None and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def demo_config(quick: bool, iterations: Optional[int] = None, seed: int = 0, progress: bool = True,
                 checkpoint_dir: Optional[str] = None, model: Optional[nn.Module] = None) -> ProtectConfig:
-    """The demo's recipe for ``model`` (the one it will protect; with BatchNorm: 400 iterations, not 1,000)."""
-    default = DEMO_ITERATIONS["quick" if quick else "full_batchnorm" if has_batchnorm(model) else "full"]
-    return ProtectConfig(loss="ice", alpha=10.0, beta=5.0, inner_steps=20, mode="reference",
-                         meta_gradient="unrolled", strategies=list(ADAPTIVE_STRATEGIES), ntr_steps=3,
-                         **_run_settings(iterations if iterations is not None else default, seed, progress,
-                                         checkpoint_dir))
-
-
-def trap_config(quick: bool, iterations: Optional[int] = None, seed: int = 0, progress: bool = True,
-                checkpoint_dir: Optional[str] = None, model: Optional[nn.Module] = None) -> ProtectConfig:
-    """The dead-unit trap recipe (e24; the demo's until issue 12): ICE, outer lr 1e-3, K = 20, inner SGD 1e-3 /
-    momentum 1e-2 / Adam 1e-3 taking turns, all re-initialising the head, 3 NTR steps, plus a margin hinge that
-    keeps the head-input ReLUs of restricted inputs off by 3, also under a 0.002 sign step on the last body
-    Linear and along the L2-weight-decay path of Adam/RMSprop; fast mode, 400 iterations. With BatchNorm the
-    hinge covers eval mode too and 6 NTR steps keep the original accuracy (e74, e75). It holds the paper attack
-    and the default suite by making gradients vanish below the head, and loses every adaptive attack (a1, a10)."""
-    strategies = [Strategy("sgd", lr=1e-3, reinit_head=True), Strategy("momentum", lr=1e-2, reinit_head=True),
-                  Strategy("adam", lr=1e-3, reinit_head=True)]
-    trap = TrapConfig(weight=0.05, margin=3.0, robust=0.002, decay=1.0, straight_through=True)
-    return ProtectConfig(loss="ice", alpha=10.0, beta=5.0, inner_steps=20, strategies=strategies,
-                         ntr_steps=6 if has_batchnorm(model) else 3, defences=[trap],
-                         **_run_settings(iterations if iterations is not None else (40 if quick else 400), seed,
-                                         progress, checkpoint_dir))
+    """The demo's protection: :func:`sophon_fast.recipes.adaptive` for ``model`` (1,000 iterations, 400 with
+    BatchNorm; 40 when ``quick``), checkpointed every 10 iterations into ``checkpoint_dir``. On cnn_small 1,000
+    iterations are what the full demo's 45-minute budget on 2 CPU cores leaves room for; on a BatchNorm network the
+    400 measured there take the demo to about 56 minutes."""
+    default = DEMO_ITERATIONS["quick" if quick else "full_batchnorm" if recipes.has_batchnorm(model) else "full"]
+    return recipes.adaptive(model, iterations if iterations is not None else default).replace(
+        seed=seed, progress=progress, checkpoint=Checkpointing(checkpoint_dir, every=10, resume=True))
 
 
 # The demo's adaptive stage: the attacks that know the model was protected by which docs/experiments.md judges
@@ -98,11 +63,6 @@ def demo_adaptive_config(quick: bool) -> AdaptiveConfig:
     if quick:
         return AdaptiveConfig(attacks=attacks, eval_steps=(1, 2, 5, 10, 20), probe_epochs=2)
     return AdaptiveConfig(attacks=attacks, eval_steps=(1, 2, 3, 5, 7, 10, 15, 20, 30, 40))
-
-
-def _run_settings(iterations: int, seed: int, progress: bool, checkpoint_dir: Optional[str]) -> dict:
-    return dict(iterations=iterations, evaluation=Evaluation(every=10, size=2000, max_drop=0.1), seed=seed,
-                progress=progress, checkpoint=Checkpointing(checkpoint_dir, every=10, resume=True))
 
 
 def pretrain(arch: str, classes: int, train, test, epochs: int, seed: int = 0, progress: bool = False):

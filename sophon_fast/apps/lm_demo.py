@@ -1,8 +1,8 @@
-"""The offline language-model demo, except protection: data, pre-training, attacks, protect settings.
+"""The offline language-model demo, except protection: data, pre-training, attacks.
 
     prepared = prepare(quick, seed, cache_dir)   # tokenizer, pre-trained GPT-2 (cached), token blocks
-    kwargs = demo_config(quick)                  # recommended ProtectConfig keyword settings
-    protected = ...protect(prepared.model, prepared.original_train, prepared.restricted_train, ...)
+    protected = protect(prepared.model, prepared.original_train, prepared.restricted_train,
+                        sophon_fast.recipes.language_model(quick)).model
     report = attack_all(protected, prepared, quick, seed)
 
 Original domain: English prose (Debian ``fortunes``); restricted domain: Python source (the standard
@@ -136,22 +136,6 @@ def attack_all(protected: nn.Module, prepared: Prepared, quick: bool = False, se
                        "protected": task.evaluate(protected, task.prepare(protected, prepared.original_test,
                                                                           "original test"))}
     return out
-
-
-def demo_config(quick: bool) -> Dict:
-    """Recommended ``ProtectConfig`` keyword settings for the LM demo (docs/domains.md, "A stronger simulated
-    attacker"): ICE over the vocabulary against two simulated AdamW-like attackers taking turns (Adam at lr
-    2e-3 and 5e-4, 6 support + 2 query blocks per step, K = 10, head kept), FTS and NTR Adam lr 1e-3
-    (alpha = beta = 10), 3 NTR steps (quick) or 4 (full: with 2 the longer pre-trained model lost more than
-    5% English loss by iteration 29), and rollback when the English loss worsens by more than 5%. At the
-    quick sizes (120 iterations) it holds the full fine-tuning attacks at lr 1e-4 and 5e-4 at every
-    evaluation and keeps English better than unprotected, but the lr 2e-3 and LoRA attacks pass scratch by
-    step 20; neg_entropy with one Adam 1e-3 attacker (the previous recipe) held none."""
-    strategies = [{"optimizer": "adam", "lr": lr, "batch_size": 8, "query_size": 2, "reinit_head": False}
-                  for lr in (2e-3, 5e-4)]
-    return {"task": "lm", "loss": "ice", "inner_steps": 10, "strategies": strategies,
-            "alpha": 10.0, "beta": 10.0, "ntr_steps": 3 if quick else 4, "ntr_batch_size": 8,
-            "iterations": 120 if quick else 200, "evaluation": {"every": 10, "size": None, "max_drop": 0.05}}
 
 
 def restricted_head_start(prepared: Prepared, attack: LMAttack, seed: int = 0) -> Dict[str, list]:

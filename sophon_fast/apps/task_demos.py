@@ -7,7 +7,7 @@ Each run writes into ``out``: ``report.json`` (``domains``, ``metric``, ``higher
 with ``unprotected``/``protected``, ``attacks`` with per-evaluation lists ``protected``/``unprotected``/
 ``scratch``, ``targets``, ``config``, ``timing``), ``report.md``, ``curves.png``. Resumable: pre-trained
 models are cached, protection resumes from its checkpoint, a finished protection is reused when it was made
-with the same settings. The pieces are in :mod:`sophon_fast.lm_demo` and :mod:`sophon_fast.diffusion_demo`.
+with the same settings. The pieces are in :mod:`sophon_fast.apps.lm_demo` and :mod:`sophon_fast.apps.diffusion_demo`.
 """
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ from typing import Callable, Optional
 
 import torch
 
+from sophon_fast import recipes
 from sophon_fast._atomic import atomic_path
+from sophon_fast.apps.report import plot_curves
 from sophon_fast.engine import Checkpointing, ProtectConfig, protect
-from sophon_fast.report import plot_curves
 
 
 def _protected(out: str, cfg: ProtectConfig, model, original, restricted, original_test, task, save, load,
@@ -112,14 +113,14 @@ def _write(report: dict, out: str, say: Callable[[str], None]) -> None:
 def run_lm_demo(out: str = "runs/demo-lm", quick: bool = False, seed: int = 0, progress: bool = True,
                 iterations: Optional[int] = None, say: Callable[[str], None] = print) -> dict:
     """The language-model demo (see the module docstring); returns the report dict."""
-    from sophon_fast import lm_demo
+    from sophon_fast.apps import lm_demo
     from sophon_fast.tasks.lm import LanguageModelTask
     os.makedirs(out, exist_ok=True)
     timing = {}
     t0 = time.perf_counter()
     p = lm_demo.prepare(quick, seed, cache_dir=os.path.join(out, "cache"), say=say)
     timing["prepare"] = time.perf_counter() - t0
-    cfg = ProtectConfig.from_dict({**ProtectConfig().to_dict(), **lm_demo.demo_config(quick)}).replace(
+    cfg = recipes.language_model(quick).replace(
         seed=seed, progress=progress, checkpoint=Checkpointing(os.path.join(out, "checkpoints"), every=5, resume=True),
         **({"iterations": iterations} if iterations is not None else {}))
     path = os.path.join(out, "protected")
@@ -148,7 +149,7 @@ def run_lm_demo(out: str = "runs/demo-lm", quick: bool = False, seed: int = 0, p
 def run_diffusion_demo(out: str = "runs/demo-diffusion", quick: bool = False, seed: int = 0, progress: bool = True,
                        iterations: Optional[int] = None, say: Callable[[str], None] = print) -> dict:
     """The diffusion demo (see the module docstring); returns the report dict."""
-    from sophon_fast import diffusion_demo as dd
+    from sophon_fast.apps import diffusion_demo as dd
     from sophon_fast.io import load_model, save_model
     os.makedirs(out, exist_ok=True)
     timing = {}

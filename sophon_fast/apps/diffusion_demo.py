@@ -1,7 +1,7 @@
 """The offline diffusion demo's pieces: original = Fashion-MNIST, restricted = MNIST, a small DDPM UNet.
 
     data = prepare(quick, seed, cache_dir)                 pre-trained denoiser (cached) and the images
-    cfg = demo_config(quick)                               recommended protection settings (ProtectConfig)
+    cfg = demo_config(quick)                               sophon_fast.recipes.diffusion with the demo's run settings
     protected = protect(data.unprotected, ..., cfg).model
     attacks = attack_all(protected, data, quick, seed, out_dir)
     write_report(build_report(data, protected, attacks, ...), out_dir)   report.json, report.md, PNGs
@@ -22,10 +22,10 @@ import torch
 from torch import Tensor, nn
 
 from sophon_fast import data as sfdata
-from sophon_fast import models
+from sophon_fast import models, recipes
 from sophon_fast._atomic import atomic_path
 from sophon_fast.attacks import diffusion as dattacks
-from sophon_fast.engine import Checkpointing, Evaluation, ProtectConfig, Strategy
+from sophon_fast.engine import Checkpointing, ProtectConfig
 from sophon_fast.io import load_model, read_record, save_model
 from sophon_fast.models.diffusion import NoiseSchedule
 from sophon_fast.tasks.diffusion import eps_mse
@@ -95,14 +95,8 @@ def prepare(quick: bool, seed: int = 0, cache_dir: str = "runs/diffusion_demo", 
 
 
 def demo_config(quick: bool, seed: int = 0, progress: bool = False, checkpoint_dir: Optional[str] = None) -> ProtectConfig:
-    """The recommended protection settings: a ``ProtectConfig`` for ``protect(...)`` on the diffusion task with
-    uniform timesteps.
-
-    Negated eps-MSE suppression at t < 300 (``suppression_tmax``: where an MNIST x_t still shows the digit) over
-    simulated attackers taking turns (momentum SGD lr 1e-2 and Adam lr 1e-3, the demo's attacks; support 32 +
-    query 8 images, K = 5 inner steps), FTS Adam lr 1e-3 (alpha 10), NTR Adam lr 2e-4 (beta 2) on batches of 64,
-    rollback when the original eps-MSE worsens by more than 10%. quick: 60 iterations with 10 NTR steps; full:
-    200 iterations with 20 NTR steps.
+    """The demo's protection: :func:`sophon_fast.recipes.diffusion` (``quick``: 60 iterations with 10 NTR steps;
+    full: 200 with 20), evaluated on the demo's original test images, checkpointed every 10 iterations.
 
     Measured on the quick sizes (docs/experiments.md d1-d10, seed 0; unprotected original eps-MSE 0.057, MNIST
     0.053, a fresh UNet 1.17): the quick recipe (d2) keeps the original at 0.061 and takes MNIST to 0.35 before
@@ -111,14 +105,9 @@ def demo_config(quick: bool, seed: int = 0, progress: bool = False, checkpoint_d
     within 0.03 of the unprotected model. DoS at alpha 3 (the previous recipe, d1) did not move MNIST (0.051);
     DoS at alpha 10 with 3 NTR steps took the original to 0.24 within 10 iterations.
     """
-    strategies = [Strategy("momentum", lr=1e-2, batch_size=40, query_size=8),
-                  Strategy("adam", lr=1e-3, batch_size=40, query_size=8)]
-    return ProtectConfig(task="diffusion", loss="mse_neg", timestep="uniform", suppression_tmax=300,
-                         iterations=60 if quick else 200, inner_steps=5, strategies=strategies, alpha=10.0, beta=2.0,
-                         ntr_steps=10 if quick else 20, ntr_batch_size=64,
-                         evaluation=Evaluation(every=10, size=SIZES[bool(quick)]["original_test"], max_drop=0.10),
-                         checkpoint=Checkpointing(dir=checkpoint_dir, every=10, resume=checkpoint_dir is not None),
-                         seed=seed, progress=progress)
+    return recipes.diffusion(quick, SIZES[bool(quick)]["original_test"]).replace(
+        checkpoint=Checkpointing(dir=checkpoint_dir, every=10, resume=checkpoint_dir is not None), seed=seed,
+        progress=progress)
 
 
 def original_metrics(data: DemoData, protected: nn.Module) -> dict:
