@@ -1,8 +1,9 @@
 """The ``sophon-fast`` command (also ``python -m sophon_fast``).
 
     sophon-fast demo     [--task image|lm|diffusion] [--quick] [--out DIR]   pre-train, protect, attack, report
-    sophon-fast protect  MODEL --original NAME --restricted NAME --out PATH [--config FILE.json|demo|trap] [--loss ...]
-    sophon-fast attack   MODEL --restricted NAME [--suite default] [--unprotected MODEL] [--out DIR]
+    sophon-fast protect  [--task image|lm|diffusion] --model PATH --original DATA --restricted DATA --out PATH
+                         [--config adaptive|trap|lm|diffusion|FILE.json] [--iterations N ...]
+    sophon-fast attack   [--task ...] --model PATH --restricted DATA [--unprotected PATH] [--out DIR]
     sophon-fast report   DIR_OR_JSON                         re-render report.md / curves.png (/ adaptive.png)
     sophon-fast backends                                     which kernel backends are usable
     sophon-fast bench                                        a one-minute speed check of this machine
@@ -64,52 +65,35 @@ def load_config(spec: Optional[str], model=None):
     return ProtectConfig.from_dict(fields)
 
 
+def _model_arg(a) -> None:
+    if (a.model is None) == (a.model_opt is None):
+        raise ValueError("give the model once: MODEL or --model PATH")
+    a.model = a.model if a.model is not None else a.model_opt
+
+
 def _cmd_protect(a) -> int:
     import torch
 
-    from sophon_fast import data
-    from sophon_fast.distributed import World, init_from_env
-    from sophon_fast.engine import Checkpointing, protect
-    from sophon_fast.io import load_model, save_model
-    model = load_model(a.model)
+    from sophon_fast.apps.user import load_for, protect_command
+    from sophon_fast.distributed import init_from_env
+    from sophon_fast.engine import Checkpointing
+    _model_arg(a)
     flags = {k: v for k, v in (("loss", a.loss), ("mode", a.mode), ("iterations", a.iterations),
                                ("inner_steps", a.inner_steps), ("seed", a.seed)) if v is not None}
     if a.checkpoint_dir is not None:
         flags["checkpoint"] = Checkpointing(a.checkpoint_dir, resume=True)
     if init_from_env() and torch.cuda.is_available():     # under torchrun: one GPU per rank
         flags["device"] = f"cuda:{torch.cuda.current_device()}"
-    cfg = load_config(a.config, model).replace(progress=not a.no_progress, **flags)
-    res = protect(model, data.load(a.original, "train"), [data.load(r, "train") for r in a.restricted], cfg,
-                  original_test=data.load(a.original, "test"))
-    if World().is_main:
-        save_model(res.model, a.out, metadata={"original": a.original, "restricted": a.restricted,
-                                               "protect_config": res.config.to_dict()})
-        print(f"protected model written to {a.out}; original accuracy {res.original_metric}; "
-              f"{res.stop_reason or 'completed'}")
-    return 0
+    cfg = None
+    if a.config is not None:   # a recipe for this model (BatchNorm changes the image recipes) or a JSON file
+        cfg = load_config(a.config, load_for(a.task, a.model)[0] if a.task == "image" else None)
+    return protect_command(a, cfg, {"progress": not a.no_progress, **flags})
 
 
 def _cmd_attack(a) -> int:
-    import json
-    import os
-
-    from sophon_fast import data
-    from sophon_fast.attacks import evaluate_suite, suite
-    from sophon_fast.io import load_model
-    model = load_model(a.model)
-    unprot = load_model(a.unprotected) if a.unprotected else None
-    attacks = suite(a.suite)
-    rows = evaluate_suite(model, unprot, data.load(a.restricted, "train"), data.load(a.restricted, "test"),
-                          attacks, seed=a.seed, epochs_scale=a.epochs_scale, progress=not a.no_progress)
-    for r in rows:
-        unp = f"{100 * r['unprotected'][-1]:5.1f}%" if r["unprotected"] else "  –  "
-        print(f"{r['attack']:<40} model {100 * r['protected'][-1]:5.1f}%  unprotected {unp}  "
-              f"scratch {100 * r['scratch'][-1]:5.1f}%  overhead {r['overhead']}")
-    if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "attacks.json"), "w") as f:
-            json.dump(rows, f, indent=1)
-    return 0
+    from sophon_fast.apps.user import attack_command
+    _model_arg(a)
+    return attack_command(a)
 
 
 def _cmd_report(a) -> int:
@@ -160,32 +144,46 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(fn=_cmd_demo)
 
-    pr = sub.add_parser("protect", help="protect a saved model")
-    pr.add_argument("model", help="a .safetensors model saved by sophon_fast.save_model")
-    pr.add_argument("--original", required=True)
-    pr.add_argument("--restricted", required=True, nargs="+")
-    pr.add_argument("--out", required=True)
+    def inputs(q, what):
+        q.add_argument("model", nargs="?", default=None, help=f"the model {what} (or --model)")
+        q.add_argument("--model", dest="model_opt", default=None, metavar="PATH",
+                       help="image/diffusion: a .safetensors saved by sophon_fast.save_model; lm: a Hugging Face "
+                            "causal-LM directory with its tokenizer (save_pretrained)")
+        q.add_argument("--task", default="image", choices=["image", "lm", "diffusion"])
+        q.add_argument("--block-size", type=int, default=128, help="lm: tokens per block")
+        q.add_argument("--image-size", type=int, default=28, help="image folders: resize to this many pixels square")
+        q.add_argument("--no-progress", action="store_true")
+
+    pr = sub.add_parser("protect", help="protect a model against a restricted domain, keeping the original one")
+    inputs(pr, "to protect")
+    pr.add_argument("--original", required=True, help="a built-in domain (fashion_mnist, mnist, digits...), an image "
+                    "folder (one subfolder per class), an .npz of arrays, a text or JSON-lines file, or a Hugging Face "
+                    "datasets directory")
+    pr.add_argument("--restricted", required=True, nargs="+", help="one or more domains, as --original")
+    pr.add_argument("--out", required=True, help="lm: a directory (from_pretrained loads it); otherwise a "
+                                                 ".safetensors path. Written only once protection has succeeded")
     pr.add_argument("--config", default=None,
                     help="a recipe of sophon_fast.recipes (adaptive, trap, lm, diffusion) or a JSON file of "
-                         "ProtectConfig fields; flags below override it")
+                         "ProtectConfig fields; flags below override it. Default: the reference settings "
+                         "(lm: the lm recipe)")
     pr.add_argument("--loss", default=None)
     pr.add_argument("--mode", default=None, choices=["fast", "reference"])
     pr.add_argument("--iterations", type=int, default=None)
     pr.add_argument("--inner-steps", type=int, default=None)
     pr.add_argument("--seed", type=int, default=None)
     pr.add_argument("--checkpoint-dir", default=None, help="checkpoints here; a rerun resumes")
-    pr.add_argument("--no-progress", action="store_true")
     pr.set_defaults(fn=_cmd_protect)
 
-    at = sub.add_parser("attack", help="run an attack suite against a saved model")
-    at.add_argument("model")
-    at.add_argument("--restricted", required=True)
-    at.add_argument("--suite", default="default")
-    at.add_argument("--unprotected", default=None)
-    at.add_argument("--epochs-scale", type=float, default=1.0)
+    at = sub.add_parser("attack", help="fine-tune a model on restricted data, against an unprotected model and scratch")
+    inputs(at, "to attack")
+    at.add_argument("--restricted", required=True, help="a domain, as protect's --restricted")
+    at.add_argument("--suite", default="default", help="image: the attack suite (quick, paper, default, full)")
+    at.add_argument("--unprotected", default=None, help="the same model before protection, for comparison")
+    at.add_argument("--epochs-scale", type=float, default=1.0, help="image: scale every attack's epochs")
+    at.add_argument("--steps", type=int, default=200, help="lm: optimiser steps per attack")
+    at.add_argument("--batch-size", type=int, default=8, help="lm: blocks per step")
     at.add_argument("--seed", type=int, default=0)
-    at.add_argument("--out", default=None)
-    at.add_argument("--no-progress", action="store_true")
+    at.add_argument("--out", default=None, help="write attacks.json into this directory")
     at.set_defaults(fn=_cmd_attack)
 
     r = sub.add_parser("report", help="re-render report.md, curves.png (and adaptive.png) from report.json")
