@@ -83,7 +83,7 @@ def lm_case(device: str = "cpu", n: int = 64, T: int = 128, V: int = 32768):
 def run_lm(model, data, K: int, mode: str, iterations: int, device: str = "cpu"):
     """protect() of the LM case: ICE over the vocabulary, an Adam attacker on 6 support + 2 query blocks."""
     from sophon_fast.tasks.lm import LanguageModelTask
-    strat = Strategy("adam", lr=1e-3, batch_size=8, query_size=2, reinit_head=False)
+    strat = Strategy("adam", lr=1e-3, batch_size=8, query_size=2, attacker="as_is")
     return protect(model, data, data, task=LanguageModelTask(), mode=mode, loss="ice", iterations=iterations,
                    inner_steps=K, strategies=[strat], ntr_batch_size=8, progress=False,
                    evaluation=Evaluation(max_drop=None), device=device)

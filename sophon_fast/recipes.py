@@ -22,11 +22,11 @@ from sophon_fast.engine import Evaluation, ProtectConfig, Strategy
 # The adaptive recipe's simulated attackers, taking turns: Adam 1e-3 and momentum 1e-2 (K = 40) from a freshly drawn
 # classifier block, Adam 1e-3 on the model as it is, and two probe attackers that train only a fresh head
 # (momentum 1e-2 for K = 40, Adam 1e-3).
-ADAPTIVE_STRATEGIES = (Strategy("adam", lr=1e-3, fresh="block"),
-                       Strategy("momentum", lr=1e-2, fresh="block", steps=40),
-                       Strategy("adam", lr=1e-3, reinit_head=False),
-                       Strategy("momentum", lr=1e-2, fresh="head", train="fresh", steps=40),
-                       Strategy("adam", lr=1e-3, fresh="head", train="fresh"))
+ADAPTIVE_STRATEGIES = (Strategy("adam", lr=1e-3, attacker="fresh_block"),
+                       Strategy("momentum", lr=1e-2, attacker="fresh_block", steps=40),
+                       Strategy("adam", lr=1e-3, attacker="as_is"),
+                       Strategy("momentum", lr=1e-2, attacker="probe", steps=40),
+                       Strategy("adam", lr=1e-3, attacker="probe"))
 
 
 def has_batchnorm(model: Optional[nn.Module]) -> bool:
@@ -41,7 +41,7 @@ def _image_evaluation() -> Evaluation:
 
 def adaptive(model: Optional[nn.Module] = None, iterations: Optional[int] = None) -> ProtectConfig:
     """Image classifiers against attackers who adapt: ICE (alpha 10, beta 5), K = 20, the five simulated attackers
-    of ``ADAPTIVE_STRATEGIES`` with the meta-gradient unrolled through their steps (``mode="reference"``), 3 NTR
+    of ``ADAPTIVE_STRATEGIES`` with the meta-gradient unrolled through their steps (on the fast path: memory flat in K but for the snapshots), 3 NTR
     steps, no trap. ``iterations`` (None): 1,000, or 400 when ``model`` has BatchNorm (the count measured there).
 
     Measured (docs/image-classification.md): holds the paper's attack and the default fine-tuning suite and puts
@@ -50,7 +50,7 @@ def adaptive(model: Optional[nn.Module] = None, iterations: Optional[int] = None
     CNN on 2 CPU cores.
     """
     default = 400 if has_batchnorm(model) else 1000
-    return ProtectConfig(loss="ice", alpha=10.0, beta=5.0, inner_steps=20, mode="reference", meta_gradient="unrolled",
+    return ProtectConfig(loss="ice", alpha=10.0, beta=5.0, inner_steps=20, mode="fast", meta_gradient="unrolled",
                          strategies=list(ADAPTIVE_STRATEGIES), ntr_steps=3,
                          iterations=default if iterations is None else iterations, evaluation=_image_evaluation())
 
@@ -65,8 +65,8 @@ def trap(model: Optional[nn.Module] = None, iterations: Optional[int] = None) ->
     fine-tunes on benign data first gets the head start back (docs/image-classification.md). Needs an ``nn.ReLU``
     right before the head and an ``nn.Linear`` before that.
     """
-    strategies = [Strategy("sgd", lr=1e-3, reinit_head=True), Strategy("momentum", lr=1e-2, reinit_head=True),
-                  Strategy("adam", lr=1e-3, reinit_head=True)]
+    strategies = [Strategy("sgd", lr=1e-3, attacker="reinit_head"), Strategy("momentum", lr=1e-2, attacker="reinit_head"),
+                  Strategy("adam", lr=1e-3, attacker="reinit_head")]
     defence = TrapConfig(weight=0.05, margin=3.0, robust=0.002, decay=1.0, straight_through=True)
     return ProtectConfig(loss="ice", alpha=10.0, beta=5.0, inner_steps=20, strategies=strategies,
                          ntr_steps=6 if has_batchnorm(model) else 3, defences=[defence],
@@ -83,7 +83,7 @@ def language_model(quick: bool = False) -> ProtectConfig:
     keeps the original domain better than unprotected; AdamW at 2e-3 and LoRA pass a model trained from scratch
     within 20-30 steps, and at the larger sizes every attack does within 40-80 steps.
     """
-    strategies = [Strategy("adam", lr=lr, batch_size=8, query_size=2, reinit_head=False) for lr in (2e-3, 5e-4)]
+    strategies = [Strategy("adam", lr=lr, batch_size=8, query_size=2, attacker="as_is") for lr in (2e-3, 5e-4)]
     return ProtectConfig(task="lm", loss="ice", inner_steps=10, strategies=strategies, alpha=10.0, beta=10.0,
                          ntr_steps=3 if quick else 4, ntr_batch_size=8, iterations=120 if quick else 200,
                          evaluation=Evaluation(every=10, size=None, max_drop=0.05))

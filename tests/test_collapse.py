@@ -105,7 +105,7 @@ def flat(model):
                                       [TrapConfig(weight=0.5, margin=1.0), CollapseConfig(weight=1.0, detach_mean=False)]])
 def test_parity_fast_reference(defences):
     strats = [sf.Strategy("sgd", lr=1e-2, batch_size=24, query_size=8),
-              sf.Strategy("adam", lr=1e-3, batch_size=20, query_size=5, reinit_head=True, steps=2)]
+              sf.Strategy("adam", lr=1e-3, batch_size=20, query_size=5, attacker="reinit_head", steps=2)]
     out = {}
     for mode in ("reference", "fast"):
         torch.manual_seed(0)

@@ -66,7 +66,7 @@ def test_classification_fast_matches_reference_on_cuda(loss, inner):
     for mode in ("reference", "fast"):
         torch.manual_seed(0)
         model = cnn_bn().double()
-        strat = [Strategy(inner, lr=1e-2, batch_size=24, query_size=8, reinit_head=loss == "ice")]
+        strat = [Strategy(inner, lr=1e-2, batch_size=24, query_size=8, attacker="reinit_head" if loss == "ice" else "as_is")]
         res = sf.protect(model, images(120, 1), images(120, 2), mode=mode, loss=loss, iterations=3, inner_steps=3,
                          strategies=strat, alpha=30, beta=10, ntr_batch_size=16, progress=False, device=DEV)
         assert _on_gpu(res.model), mode
@@ -77,7 +77,7 @@ def test_classification_fast_matches_reference_on_cuda(loss, inner):
 
 def _lm_protect(model, mode, loss="ice", dtype=torch.float64):
     cfg = ProtectConfig(task="lm", loss=loss, mode=mode, iterations=2, inner_steps=3, device=DEV,
-                        strategies=[Strategy("adam", lr=1e-3, batch_size=6, query_size=2, reinit_head=False)],
+                        strategies=[Strategy("adam", lr=1e-3, batch_size=6, query_size=2, attacker="as_is")],
                         ntr_batch_size=4, evaluation={"every": 1, "size": None, "max_drop": None}, progress=False)
     return sf.protect(model.to(dtype), tokens(16, 4), tokens(16, 5), cfg, task=LanguageModelTask(),
                       original_test=tokens(4, 6))

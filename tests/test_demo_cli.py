@@ -151,10 +151,10 @@ def test_the_adaptive_recipe_file_is_e68s_config():
     path = os.path.join(os.path.dirname(__file__), "..", "docs", "recipes", "adaptive.json")
     cfg = cli.load_config(path)
     assert (cfg.loss, cfg.iterations, cfg.mode, cfg.meta_gradient, cfg.ntr_steps) == \
-        ("ice", 2400, "reference", "unrolled", 3)
-    assert [(s.optimizer, s.lr, s.fresh, s.train, s.steps) for s in cfg.strategies] == [
-        ("adam", 1e-3, "block", "all", None), ("momentum", 1e-2, "block", "all", 40), ("adam", 1e-3, None, "all", None),
-        ("momentum", 1e-2, "head", "fresh", 40), ("adam", 1e-3, "head", "fresh", None)]
+        ("ice", 2400, "fast", "unrolled", 3)
+    assert [(s.optimizer, s.lr, s.attacker.kind, s.steps) for s in cfg.strategies] == [
+        ("adam", 1e-3, "fresh_block", None), ("momentum", 1e-2, "fresh_block", 40), ("adam", 1e-3, "as_is", None),
+        ("momentum", 1e-2, "probe", 40), ("adam", 1e-3, "probe", None)]
     assert not cfg.defences                                     # no trap: the recipe does not rest on one layer
     demo = demo_config(quick=False)
     assert demo.strategies == sf.recipes.adaptive().strategies

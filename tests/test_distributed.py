@@ -32,7 +32,7 @@ def data(seed, n=120):
 
 
 def config(**kw):
-    strats = [sf.Strategy("sgd", lr=1e-2, batch_size=24, query_size=8, reinit_head=True),
+    strats = [sf.Strategy("sgd", lr=1e-2, batch_size=24, query_size=8, attacker="reinit_head"),
               sf.Strategy("adam", lr=1e-3, batch_size=20, query_size=5, steps=2)]
     base = dict(loss="ice", iterations=3, inner_steps=3, strategies=strats, trajectories=2, ntr_steps=2,
                 ntr_batch_size=16, progress=False, defences=[TrapConfig(weight=0.3, margin=0.5)])
@@ -72,7 +72,7 @@ def lm_data(seed, n=24, pad_rows=3):
 
 
 def lm_config(**kw):
-    strats = [sf.Strategy("sgd", lr=1e-2, batch_size=8, query_size=3, reinit_head=True),
+    strats = [sf.Strategy("sgd", lr=1e-2, batch_size=8, query_size=3, attacker="reinit_head"),
               sf.Strategy("adam", lr=1e-3, batch_size=7, query_size=3)]
     return sf.ProtectConfig(**{**dict(task="lm", loss="klu", iterations=2, inner_steps=2, strategies=strats,
                                       trajectories=2, ntr_steps=1, ntr_batch_size=6, progress=False), **kw})

@@ -375,7 +375,7 @@ def test_fresh_block_of_a_language_model_keeps_only_the_embeddings():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     res = sf.protect(model, _batch(n=8, seed=4), _batch(n=18, seed=5), task=task, mode="reference",
                      meta_gradient="unrolled", loss="ice", iterations=1, inner_steps=2, ntr_steps=0, progress=False,
-                     strategies=[Strategy("adam", lr=1e-2, batch_size=6, query_size=2, fresh="block")])
+                     strategies=[Strategy("adam", lr=1e-2, batch_size=6, query_size=2, attacker="fresh_block")])
     for n, p in res.model.named_parameters():
         assert torch.equal(p, before[n]) != n.startswith(("transformer.wte", "transformer.wpe")), n
 
@@ -386,7 +386,7 @@ def test_protect_with_a_simulated_lora_attacker():
     model = _gpt2().double()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     cfg = sf.ProtectConfig(task="lm", loss="ice", mode="reference", iterations=2, inner_steps=3, progress=False,
-                           strategies=[Strategy("adam", lr=1e-2, batch_size=6, query_size=2, lora=2)], ntr_steps=0)
+                           strategies=[Strategy("adam", lr=1e-2, batch_size=6, query_size=2, attacker={"kind": "lora", "rank": 2})], ntr_steps=0)
     res = sf.protect(model, _batch(n=16, seed=4), _batch(n=16, seed=5), cfg, task=LanguageModelTask())
     assert len(res.history) == 2 and all(math.isfinite(r["fts_loss"]) for r in res.history)
     after = dict(res.model.named_parameters())
@@ -396,12 +396,12 @@ def test_protect_with_a_simulated_lora_attacker():
 
 
 # ---- protect on a tiny GPT-2 ------------------------------------------------------------------
-def _protect(model, mode="fast", loss="ice", reinit_head=False, iterations=2, **kw):
+def _protect(model, mode="fast", loss="ice", attacker="as_is", iterations=2, **kw):
     import sophon_fast as sf
     from sophon_fast.engine.config import Strategy
 
     cfg = sf.ProtectConfig(task="lm", loss=loss, mode=mode, iterations=iterations, inner_steps=3, **kw,
-                           strategies=[Strategy("sgd", lr=1e-2, batch_size=6, query_size=2, reinit_head=reinit_head)],
+                           strategies=[Strategy("sgd", lr=1e-2, batch_size=6, query_size=2, attacker="reinit_head" if reinit_head else "as_is")],
                            ntr_batch_size=4, evaluation={"every": 1, "size": None, "max_drop": None}, progress=False)
     return sf.protect(model, _batch(n=16, seed=4), _batch(n=16, seed=5), cfg, task=LanguageModelTask(),
                       original_test=_batch(n=4, seed=6))
@@ -466,7 +466,7 @@ def test_unrolled_meta_gradient_for_a_language_model_is_the_exact_derivative():
     res = sf.protect(model, _batch(n=8, seed=4), train, task=task, mode="reference", meta_gradient="unrolled",
                      loss="ice", iterations=1, inner_steps=K, fts_optimizer="sgd", alpha=1e4, clip_norm=None,
                      ntr_steps=0, progress=False, strategies=[Strategy("sgd", lr=lr, batch_size=6, query_size=2,
-                                                                    reinit_head=False)])
+                                                                    attacker="as_is")])
     perm = torch.randperm(18, generator=torch.Generator().manual_seed(0))
     names = [n for n, _ in model.named_parameters()]
     theta0 = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
@@ -490,10 +490,10 @@ def test_unrolled_meta_gradient_for_a_language_model_is_the_exact_derivative():
 
 def test_protect_tied_head_reinit_is_refused_and_untie_allows_it():
     with pytest.raises(ValueError, match="head"):
-        _protect(_gpt2(), reinit_head=True, iterations=1)
+        _protect(_gpt2(), attacker="reinit_head", iterations=1)
     model = _gpt2()
     lm.untie_head(model)
-    out = _protect(model, reinit_head=True, iterations=1).model
+    out = _protect(model, attacker="reinit_head", iterations=1).model
     assert not lm.adapter_for(out).is_tied(out)
 
 

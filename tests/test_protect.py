@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import sophon_fast as sf
+from sophon_fast.engine.attackers import LoRA
 from sophon_fast.defences import TrapConfig
 from sophon_fast.engine.loop import NonFiniteError
 
@@ -48,7 +49,7 @@ def _protect(builder, mode, **kw):
     torch.manual_seed(0)
     model = builder().double()
     shape = SHAPES[builder]
-    kw.setdefault("strategies", [sf.Strategy("sgd", lr=1e-2, batch_size=24, query_size=8, reinit_head=False)])
+    kw.setdefault("strategies", [sf.Strategy("sgd", lr=1e-2, batch_size=24, query_size=8, attacker="as_is")])
     res = sf.protect(model, data(shape, seed=1), data(shape, seed=2), mode=mode, progress=False, **kw)
     return model, res
 
@@ -62,7 +63,7 @@ def rel(a, b):
 @pytest.mark.parametrize("inner", INNER)
 def test_meta_gradient_parity(builder, loss, inner):
     """One iteration, SGD outer lr 1, no clipping, no NTR: theta0 - theta1 IS the meta-gradient."""
-    strat = [sf.Strategy(inner, lr=1e-2, batch_size=24, query_size=8, reinit_head=loss.startswith("ice"),
+    strat = [sf.Strategy(inner, lr=1e-2, batch_size=24, query_size=8, attacker="reinit_head" if loss.startswith("ice") else "as_is",
                          weight_decay=1e-3)]
     grads = {}
     for mode in ("reference", "fast"):
@@ -81,7 +82,7 @@ def test_meta_gradient_parity(builder, loss, inner):
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("inner", INNER)
 def test_three_iterations_parity(builder, loss, inner):
-    strat = [sf.Strategy(inner, lr=1e-2, batch_size=24, query_size=8, reinit_head=True)]
+    strat = [sf.Strategy(inner, lr=1e-2, batch_size=24, query_size=8, attacker="reinit_head")]
     out = {}
     for mode in ("reference", "fast"):
         model, res = _protect(builder, mode, loss=loss, iterations=3, inner_steps=3, strategies=strat,
@@ -97,7 +98,7 @@ def test_three_iterations_parity(builder, loss, inner):
                                           (cnn_relu, TrapConfig(weight=0.5, margin=1.0, decay=0.3, decay_samples=2))])
 def test_parity_strategy_mixture_two_domains_sgd_outer(builder, trap):
     strats = [sf.Strategy("sgd", lr=1e-2, batch_size=24, query_size=8),
-              sf.Strategy("adam", lr=1e-3, batch_size=20, query_size=5, reinit_head=True, steps=2),
+              sf.Strategy("adam", lr=1e-3, batch_size=20, query_size=5, attacker="reinit_head", steps=2),
               sf.Strategy("momentum", lr=1e-2, batch_size=16, query_size=4)]
     out = {}
     for mode in ("reference", "fast"):
@@ -129,7 +130,7 @@ def test_model_not_modified_unless_in_place():
 @pytest.mark.parametrize("mode", ["fast", "reference"])
 def test_resume_equals_uninterrupted(tmp_path, mode):
     kw = dict(loss="ice", iterations=6, inner_steps=2, mode=mode,
-              strategies=[sf.Strategy("adam", lr=1e-3, batch_size=24, query_size=8, reinit_head=True)])
+              strategies=[sf.Strategy("adam", lr=1e-3, batch_size=24, query_size=8, attacker="reinit_head")])
     ck = lambda d, resume=False: sf.Checkpointing(str(tmp_path / d), every=2, resume=resume)  # noqa: E731
     _, full = _protect(mlp, **{**kw, "checkpoint": ck("a")})
     _, part = _protect(mlp, **{**kw, "iterations": 4, "checkpoint": ck("b")})
@@ -219,9 +220,9 @@ def test_bad_config_errors():
 
 def test_reference_defaults():
     ice, klu = sf.ProtectConfig(loss="ice").resolved(), sf.ProtectConfig(loss="klu").resolved()
-    assert (ice.alpha, ice.beta, ice.ntr_steps, ice.strategies[0].reinit_head) == (3, 5, 1, True)
+    assert (ice.alpha, ice.beta, ice.ntr_steps, ice.strategies[0].attacker.kind == "reinit_head") == (3, 5, 1, True)
     assert ice.fts_lr == pytest.approx(3e-4) and ice.ntr_lr == pytest.approx(5e-4)
-    assert (klu.fts_lr, klu.ntr_lr, klu.ntr_steps, klu.strategies[0].reinit_head) == (1e-4, 1e-4, 5, False)
+    assert (klu.fts_lr, klu.ntr_lr, klu.ntr_steps, klu.strategies[0].attacker.kind == "reinit_head") == (1e-4, 1e-4, 5, False)
     s = ice.strategies[0]
     assert (s.optimizer, s.lr, s.batch_size, s.query_size, ice.inner_steps, ice.clip_norm) == \
         ("sgd", 1e-4, 150, 20, 50, 0.5)
@@ -260,7 +261,7 @@ def test_overrides_resolve_loss_dependent_defaults_from_the_final_loss():
     res = sf.protect(mlp().double(), data((20,), seed=1), data((20,), seed=2), sf.ProtectConfig(loss="klu"),
                      loss="ice", iterations=1, inner_steps=1, progress=False)
     c = res.config
-    assert (c.alpha, c.beta, c.ntr_steps, c.strategies[0].reinit_head) == (3, 5, 1, True)
+    assert (c.alpha, c.beta, c.ntr_steps, c.strategies[0].attacker.kind == "reinit_head") == (3, 5, 1, True)
     fresh = sf.ProtectConfig(loss="ice").resolved()
     assert (c.alpha, c.beta, c.ntr_steps) == (fresh.alpha, fresh.beta, fresh.ntr_steps)
 
@@ -304,7 +305,7 @@ def test_the_hot_path_creates_nothing_off_the_models_device_and_never_syncs():
         stream.perm = torch.empty(64, dtype=torch.long, device="meta")
         gen = torch.Generator()
         mode.begin_iteration()
-        for strat in (sf.Strategy("adam", lr=1e-3, batch_size=24, query_size=8, reinit_head=True),
+        for strat in (sf.Strategy("adam", lr=1e-3, batch_size=24, query_size=8, attacker="reinit_head"),
                       sf.Strategy("momentum", lr=1e-2, batch_size=16, query_size=4)):
             losses = mode.trajectory(strat, stream, "ice", [0.5, 0.5], gen)
             assert losses.device.type == "meta"
@@ -347,7 +348,7 @@ def test_first_order_meta_gradient_matches_torch_func_unrolled():
     for mode in ("reference", "fast"):
         res = sf.protect(model, data((20,), seed=1), (xr, yr), mode=mode, loss="ice", iterations=1, inner_steps=K,
                          fts_optimizer="sgd", alpha=1e4, clip_norm=None, ntr_steps=0, progress=False,
-                         strategies=[sf.Strategy("sgd", lr=lr, batch_size=24, query_size=8, reinit_head=False)])
+                         strategies=[sf.Strategy("sgd", lr=lr, batch_size=24, query_size=8, attacker="as_is")])
         got = (torch.cat([p.detach().reshape(-1) for p in model.parameters()])
                - torch.cat([p.detach().reshape(-1) for p in res.model.parameters()]))
         assert rel(got, want) <= 1e-9, mode
@@ -372,12 +373,12 @@ def test_fast_mode_memory_per_parameter_matches_the_documented_count():
         mode = FastMode(model, ClassificationTask(), list(model.parameters()))
         n = mode.flat.numel()
         opts = [torch.optim.Adam(mode.optim_params, lr=1e-3) for _ in range(2)]
-        mode._state_for(2)
+        states = [mode.state_buffer(k, n) for k in ("m", "v")]          # what an Adam attacker of every weight uses
         x, y = torch.randn(8, 20, dtype=dtype), torch.randint(0, 5, (8,))
         mode.plain_backward(ClassificationTask().train_loss(model, (x, y), None))
         for o in opts:
             mode.step(o, "plain")
-        held = [mode.flat, mode.backup, mode.grad, mode.qgrad, mode.exp_avg, mode.exp_avg_sq, mode.snapshot()[0]]
+        held = [mode.flat, mode.backup, mode.grad, mode.qgrad, *states, mode.snapshot()[0]]
         if mode.lowp:
             held += [mode.master, mode.meta]
         held += [t for o in opts for st in o.state.values() for t in st.values() if t.dim() > 0]
@@ -385,8 +386,9 @@ def test_fast_mode_memory_per_parameter_matches_the_documented_count():
         assert measured == bytes_per_parameter(dtype, "adam") * n, dtype
 
 
+@pytest.mark.parametrize("mode", ["reference", "fast"])
 @pytest.mark.parametrize("inner", INNER)
-def test_unrolled_meta_gradient_is_the_exact_derivative_through_the_attacker_steps(inner):
+def test_unrolled_meta_gradient_is_the_exact_derivative_through_the_attacker_steps(inner, mode):
     """meta_gradient="unrolled": theta0 - theta1 (SGD outer lr 1) equals torch.func.grad of
     sum_k w_k ICE(theta'_k(theta)) with every inner step differentiated (torch's optimiser formulas written out
     here), and differs from the first-order meta-gradient."""
@@ -431,10 +433,10 @@ def test_unrolled_meta_gradient_is_the_exact_derivative_through_the_attacker_ste
     want = torch.cat([want[n].reshape(-1) for n in params0])
     got = {}
     for meta in ("unrolled", "first_order"):
-        res = sf.protect(model, data((20,), seed=1), (xr, yr), mode="reference", meta_gradient=meta, loss="ice",
+        res = sf.protect(model, data((20,), seed=1), (xr, yr), mode=mode, meta_gradient=meta, loss="ice",
                          iterations=1, inner_steps=K, fts_optimizer="sgd", alpha=1e4, clip_norm=None, ntr_steps=0,
                          progress=False, strategies=[sf.Strategy(inner, lr=lr, batch_size=24, query_size=8,
-                                                                 reinit_head=False, weight_decay=wd)])
+                                                                 attacker="as_is", weight_decay=wd)])
         got[meta] = (torch.cat([p.detach().reshape(-1) for p in model.parameters()])
                      - torch.cat([p.detach().reshape(-1) for p in res.model.parameters()]))
     assert rel(got["unrolled"], want) <= 1e-9
@@ -442,7 +444,7 @@ def test_unrolled_meta_gradient_is_the_exact_derivative_through_the_attacker_ste
 
 
 def test_unrolled_meta_gradient_runs_with_batchnorm_head_reinit_and_a_trap():
-    strat = [sf.Strategy("adam", lr=1e-2, batch_size=24, query_size=8, reinit_head=True),
+    strat = [sf.Strategy("adam", lr=1e-2, batch_size=24, query_size=8, attacker="reinit_head"),
              sf.Strategy("momentum", lr=1e-2, batch_size=24, query_size=8)]
     model, res = _protect(cnn_relu, "reference", meta_gradient="unrolled", iterations=2, inner_steps=2,
                           strategies=strat, ntr_batch_size=16, defences=[TrapConfig(weight=0.5, margin=1.0)])
@@ -450,9 +452,10 @@ def test_unrolled_meta_gradient_runs_with_batchnorm_head_reinit_and_a_trap():
     assert not torch.equal(flat(res.model), flat(model))
 
 
-def test_unrolled_meta_gradient_needs_the_reference_mode():
-    with pytest.raises(ValueError, match="mode='reference'"):
-        sf.ProtectConfig(meta_gradient="unrolled")
+def test_meta_gradient_and_unroll_settings_are_checked():
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="snapshot_every must be an int >= 1"):
+            sf.ProtectConfig(meta_gradient="unrolled", unroll={"snapshot_every": bad})
     with pytest.raises(ValueError, match="meta_gradient"):
         sf.ProtectConfig(meta_gradient="second")
 
@@ -469,7 +472,7 @@ def test_a_checkpoint_without_a_newer_config_field_resumes_with_its_default():
 @pytest.fixture
 def fresh_draws(monkeypatch):
     """Every fresh layer the engine draws, as (module, parameter, copy of the fresh value), in draw order."""
-    from sophon_fast.engine import modes
+    from sophon_fast.engine import attackers as modes
     drawn = []
     real = modes.fresh_parameters
 
@@ -498,7 +501,7 @@ def test_a_fresh_block_is_a_constant_and_the_meta_gradient_goes_below_it(fresh_d
 
     torch.manual_seed(0)
     model = cnn_relu().double()
-    step = run(model, fresh="block")
+    step = run(model, attacker="fresh_block")
     names = run.names
     block = {names[id(p)] for _, p, _ in fresh_draws}
     assert block == {"1.weight", "1.bias", "4.weight", "4.bias", "6.weight", "6.bias"}   # BN, fc, head
@@ -508,7 +511,7 @@ def test_a_fresh_block_is_a_constant_and_the_meta_gradient_goes_below_it(fresh_d
     with torch.no_grad():
         for _, p, v in fresh_draws:
             dict(preset.named_parameters())[names[id(p)]].copy_(v)
-    got = run(preset, reinit_head=False)
+    got = run(preset, attacker="as_is")
     assert got["4.weight"].abs().max() > 0          # the preset block is the model's own: it does get one
     assert rel(step["0.weight"], got["0.weight"]) <= 1e-9       # (the conv bias has none: BatchNorm follows)
 
@@ -530,7 +533,7 @@ def test_fresh_parameters_follow_the_default_initialisation():
 def test_fresh_head_draws_only_the_head(fresh_draws):
     torch.manual_seed(0)
     model, res = _protect(cnn_relu, "reference", iterations=1, meta_gradient="unrolled", ntr_steps=0,
-                          strategies=[sf.Strategy("sgd", lr=1e-2, batch_size=24, query_size=8, fresh="head")])
+                          strategies=[sf.Strategy("sgd", lr=1e-2, batch_size=24, query_size=8, attacker="fresh_head")])
     drawn = [m for m, p, _ in fresh_draws if p is m.weight]           # one entry per drawn layer
     assert len(drawn) == 1 and isinstance(drawn[0], nn.Linear) and drawn[0].out_features == 5
     moved = [n for (n, a), b in zip(model.named_parameters(), res.model.parameters()) if not torch.equal(a, b)]
@@ -538,25 +541,31 @@ def test_fresh_head_draws_only_the_head(fresh_draws):
 
 
 def test_fresh_layer_errors():
-    with pytest.raises(ValueError, match="mode='reference'"):
-        sf.ProtectConfig(strategies=[sf.Strategy(fresh="block")])
-    with pytest.raises(ValueError, match="set one of them"):
-        sf.Strategy(fresh="block", reinit_head=True)
+    for old, new in ((dict(fresh="block"), "fresh_block"), (dict(reinit_head=True), "reinit_head"),
+                     (dict(train="fresh"), "Probe"), (dict(lora=2), "LoRA")):
+        with pytest.raises(ValueError, match=f"is gone; use .*{new}"):
+            sf.Strategy(**old)
+    with pytest.raises(ValueError, match="Strategy.attacker must be one of"):
+        sf.Strategy(attacker="body")
     with pytest.raises(ValueError, match="'head' or 'block'"):
-        sf.Strategy(fresh="body")
-    assert sf.ProtectConfig(loss="ice", mode="reference", strategies=[sf.Strategy(fresh="head")]).resolved() \
-        .strategies[0].reinit_head is False
-    with pytest.raises(ValueError, match="needs a classifier block"):
-        _protect(mlp, "reference", iterations=1, strategies=[sf.Strategy("sgd", lr=1e-2, batch_size=24, query_size=8,
-                                                                            fresh="block")])
-    torch.manual_seed(0)
-    with pytest.raises(ValueError, match="among the protected params"):
-        _protect(cnn_relu, "reference", iterations=1, params=["0.*", "4.*", "6.*"],
-                 strategies=[sf.Strategy("sgd", lr=1e-2, batch_size=24, query_size=8, fresh="block")])
+        sf.Strategy(attacker={"kind": "probe", "layers": "body"})
+    assert sf.ProtectConfig(loss="ice", strategies=[sf.Strategy(attacker="fresh_head")]).resolved() \
+        .strategies[0].attacker.kind == "fresh_head"
+    assert sf.ProtectConfig(loss="ice").resolved().strategies[0].attacker.kind == "reinit_head"
+    assert sf.ProtectConfig(loss="klu").resolved().strategies[0].attacker.kind == "as_is"
+    for mode in ("reference", "fast"):
+        with pytest.raises(ValueError, match="needs a classifier block"):
+            _protect(mlp, mode, iterations=1, strategies=[sf.Strategy("sgd", lr=1e-2, batch_size=24, query_size=8,
+                                                                      attacker="fresh_block")])
+        torch.manual_seed(0)
+        with pytest.raises(ValueError, match="fresh_block attacker needs every parameter it draws among the protected"):
+            _protect(cnn_relu, mode, iterations=1, params=["0.*", "4.*", "6.*"],
+                     strategies=[sf.Strategy("sgd", lr=1e-2, batch_size=24, query_size=8, attacker="fresh_block")])
 
 
-@pytest.mark.parametrize("strategy", [dict(fresh="block"), dict(fresh="head"), dict(reinit_head=True),
-                                      dict(reinit_head=False), dict(lora=2)])
+@pytest.mark.parametrize("strategy", [dict(attacker="fresh_block"), dict(attacker="fresh_head"), dict(attacker="reinit_head"),
+                                      dict(attacker="as_is"), dict(attacker="probe"),
+                                      dict(attacker={"kind": "lora", "rank": 2}), dict(attacker="fresh_head", benign_steps=2)])
 def test_skip_trajectory_makes_the_draws_of_the_trajectory(strategy):
     """Another rank's trajectory is skipped with the same random draws (head or block, K batches)."""
     from sophon_fast.engine.modes import ReferenceMode
@@ -570,14 +579,15 @@ def test_skip_trajectory_makes_the_draws_of_the_trajectory(strategy):
     for run in ("trajectory", "skip_trajectory"):
         mode = ReferenceMode(model, ClassificationTask(), list(model.parameters()))
         gen = torch.Generator().manual_seed(0)
-        stream = BatchStream((x, y), gen)
+        stream, benign = BatchStream((x, y), gen), BatchStream((x, y), gen)
         mode.begin_iteration()
         if run == "trajectory":
-            mode.trajectory(s, stream, "ice", [0.5, 0.5], gen)
+            mode.trajectory(s, stream, "ice", [0.5, 0.5], gen, benign)
         else:
-            mode.skip_trajectory(s, stream, 2, gen)
-        states.append((gen.get_state(), stream.pos, stream.perm.clone()))
+            mode.skip_trajectory(s, stream, 2, gen, benign)
+        states.append((gen.get_state(), stream.pos, stream.perm.clone(), benign.pos))
     assert torch.equal(states[0][0], states[1][0]) and states[0][1] == states[1][1] and torch.equal(states[0][2], states[1][2])
+    assert states[0][3] == states[1][3]
 
 
 def mlp_bn():
@@ -591,9 +601,10 @@ def mlp_bn():
     return model
 
 
+@pytest.mark.parametrize("mode", ["reference", "fast"])
 @pytest.mark.parametrize("make", [mlp, mlp_bn])
-def test_train_fresh_only_is_a_probe_attacker_differentiated_exactly(fresh_draws, make):
-    """fresh="head", train="fresh", unrolled: only the fresh head takes the inner SGD steps, and the meta-gradient
+def test_train_fresh_only_is_a_probe_attacker_differentiated_exactly(fresh_draws, make, mode):
+    """attacker="probe", unrolled: only the fresh head takes the inner SGD steps, and the meta-gradient
     of the body is torch.func's derivative of sum_k ICE(body, head_k(body)) / K with head_0 the drawn head. The
     frozen body runs in eval mode, as a last-layer attacker's does (BatchNorm: running statistics), and the
     model's mode and buffers are as they were afterwards."""
@@ -605,10 +616,9 @@ def test_train_fresh_only_is_a_probe_attacker_differentiated_exactly(fresh_draws
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     xr, yr = data((20,), n=24 * 3, seed=2)
     lr, K = 0.5, 3
-    res = sf.protect(model, data((20,), seed=1), (xr, yr), mode="reference", meta_gradient="unrolled", loss="ice",
+    res = sf.protect(model, data((20,), seed=1), (xr, yr), mode=mode, meta_gradient="unrolled", loss="ice",
                      iterations=1, inner_steps=K, fts_optimizer="sgd", alpha=1e4, clip_norm=None, ntr_steps=0,
-                     progress=False, strategies=[sf.Strategy("sgd", lr=lr, batch_size=24, query_size=8, fresh="head",
-                                                             train="fresh")])
+                     progress=False, strategies=[sf.Strategy("sgd", lr=lr, batch_size=24, query_size=8, attacker="probe")])
     perm = torch.randperm(len(xr), generator=torch.Generator().manual_seed(0))
     body0 = {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith(hd + ".")}
     assert res.model.training and all(torch.equal(b, buffers[n]) for n, b in res.model.named_buffers())
@@ -631,7 +641,7 @@ def test_train_fresh_only_is_a_probe_attacker_differentiated_exactly(fresh_draws
     for n in body0:
         assert rel(body0[n] - after[n].detach(), want[n]) <= 1e-9, n
     assert torch.equal(after[hd + ".weight"].detach(), model[-1].weight.detach())    # the model's own head: untouched
-    with pytest.raises(ValueError, match="train must be"):
+    with pytest.raises(ValueError, match="Probe"):
         sf.Strategy(train="fresh")
 
 
@@ -639,14 +649,16 @@ def mlp3():
     return nn.Sequential(nn.Flatten(), nn.Linear(20, 16), nn.Tanh(), nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 5))
 
 
+@pytest.mark.parametrize("mode", ["reference", "fast"])
 @pytest.mark.parametrize("meta", ["first_order", "unrolled"])
-def test_lora_attacker_trains_only_the_factors_and_the_meta_gradient_is_taken_at_the_adapted_weights(meta, monkeypatch):
+def test_lora_attacker_trains_only_the_factors_and_the_meta_gradient_is_taken_at_the_adapted_weights(meta, mode,
+                                                                                                     monkeypatch):
     """Strategy(lora=r): the inner Adam steps move only fresh factors A (drawn) and B (zero) of every linear layer but
     the head, the model computes with W + 2 B A, and the meta-gradient is torch.func's derivative of
     sum_k ICE(theta + 2 B_k A_k) / K: with B_k, A_k constants (first order) or differentiated through the steps
     (A's first gradient is exactly 0 with B = 0: Adam's sqrt(v) is taken at v clamped to 1e-30, as the engine does)."""
     from torch.func import functional_call, grad
-    from sophon_fast.engine import modes
+    from sophon_fast.engine import attackers as modes
     from sophon_fast.reference.losses import inverse_cross_entropy
     drawn = []
     real = modes.lora_factors
@@ -661,9 +673,9 @@ def test_lora_attacker_trains_only_the_factors_and_the_meta_gradient_is_taken_at
     model = mlp3().double()
     xr, yr = data((20,), n=24 * 3, seed=2)
     lr, K, b1, b2, eps = 5e-2, 3, 0.9, 0.999, 1e-8
-    res = sf.protect(model, data((20,), seed=1), (xr, yr), mode="reference", meta_gradient=meta, loss="ice",
+    res = sf.protect(model, data((20,), seed=1), (xr, yr), mode=mode, meta_gradient=meta, loss="ice",
                      iterations=1, inner_steps=K, fts_optimizer="sgd", alpha=1e4, clip_norm=None, ntr_steps=0,
-                     progress=False, strategies=[sf.Strategy("adam", lr=lr, batch_size=24, query_size=8, lora=2)])
+                     progress=False, strategies=[sf.Strategy("adam", lr=lr, batch_size=24, query_size=8, attacker={"kind": "lora", "rank": 2})])
     targets = ["1.weight", "3.weight"]                        # the head (5.weight) is never adapted
     assert len(drawn) == 2 and [tuple(a.shape) for a, _ in drawn] == [(2, 20), (2, 16)]
     assert all(not b.any() for _, b in drawn)
@@ -699,19 +711,17 @@ def test_lora_attacker_trains_only_the_factors_and_the_meta_gradient_is_taken_at
     want = grad(objective)(theta0)
     after = dict(res.model.named_parameters())
     for n in theta0:
-        assert rel(theta0[n] - after[n].detach(), want[n]) <= 1e-9, (meta, n)
+        assert rel(theta0[n] - after[n].detach(), want[n]) <= 1e-9, (meta, mode, n)
 
 
 def test_lora_attacker_errors():
-    with pytest.raises(ValueError, match="mode='reference'"):
-        sf.ProtectConfig(strategies=[sf.Strategy(lora=4)])
-    for bad in (dict(lora=0), dict(lora=True), dict(lora=2.0), dict(lora=2, fresh="head"), dict(lora=2, reinit_head=True)):
-        with pytest.raises(ValueError, match="Strategy.lora"):
-            sf.Strategy(**bad)
-    assert sf.ProtectConfig(loss="ice", mode="reference", strategies=[sf.Strategy(lora=4)]).resolved() \
-        .strategies[0].reinit_head is False
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match="LoRA.rank"):
+            sf.Strategy(attacker={"kind": "lora", "rank": bad})
+    assert sf.ProtectConfig(loss="ice", strategies=[sf.Strategy(attacker="lora")]).resolved().strategies[0].attacker \
+        == LoRA(8)
     one_layer = nn.Sequential(nn.Flatten(), nn.Linear(20, 5))      # its only linear layer is the head
     torch.manual_seed(0)
-    with pytest.raises(ValueError, match="names none"):
+    with pytest.raises(ValueError, match="lora attacker needs linear layers to adapt.*names none"):
         sf.protect(one_layer.double(), data((20,), seed=1), data((20,), seed=2), mode="reference", iterations=1,
-                   inner_steps=1, progress=False, strategies=[sf.Strategy("sgd", batch_size=24, query_size=8, lora=2)])
+                   inner_steps=1, progress=False, strategies=[sf.Strategy("sgd", batch_size=24, query_size=8, attacker={"kind": "lora", "rank": 2})])

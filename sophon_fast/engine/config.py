@@ -11,6 +11,7 @@ defaults of the old loss.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -32,52 +33,58 @@ LOSS_DEFAULTS: Dict[str, tuple] = {
 }
 
 
-@dataclass
-class Strategy:
-    """One simulated fine-tuning environment (the paper's N environments; the reference code has one).
+_OLD_SPELLINGS = {"reinit_head": "attacker='reinit_head' (or 'as_is' for reinit_head=False)",
+                  "fresh": "attacker='fresh_head' / 'fresh_block'",
+                  "train": "attacker=Probe(layers='head' | 'block') for train='fresh'",
+                  "lora": "attacker=LoRA(rank=r)"}
+SCHEDULES = ("constant", "warmup_cosine")
+QUERY_WEIGHTINGS = ("uniform", "late")
 
-    optimizer: "sgd" | "momentum" | "adam" (torch semantics; momentum uses ``momentum`` as beta, dampening 0).
-    lr: its learning rate. batch_size: restricted samples per inner step, of which the last ``query_size``
-    form the query batch. reinit_head: re-initialise the clone's head (xavier_uniform weight, zero bias)
-    before the trajectory; None: the loss's default (ICE True, the reference ICE script). fresh: "head" or
-    "block" starts the trajectory from a freshly drawn head (``Task.head``) or classifier block (``Task.block``:
-    every parameterised layer after the last convolution / pooling, the head included), with PyTorch's default
-    initialisation, as the adaptive attacks that re-initialise them do; unlike ``reinit_head`` (the reference
-    code's), the fresh layers are constants, so the trajectory's meta-gradient reaches the layers below them only
-    (mode="reference"; with meta_gradient="unrolled" through the attacker's steps, docs/experiments.md e44).
-    train: "all" (every protected parameter takes the inner steps) or "fresh" (only the fresh layers do, the rest
-    stays as it is: a probe or last-layer attacker; needs ``fresh``). steps: inner steps K (None: the config's
-    ``inner_steps``). lora: a LoRA attacker of this rank: only fresh low-rank factors (peft's initialisation and
-    scale, lora_alpha = 2 * rank) on every linear layer but the head (``Task.lora_targets``) take the inner steps,
-    the model's own weights stay as they are; the meta-gradient is taken at the adapted weights (mode="reference").
-    """
+
+@dataclass
+class _StrategyFields:
     optimizer: str = "sgd"
     lr: float = 1e-4
     batch_size: int = 150
     query_size: int = 20
-    reinit_head: Optional[bool] = None
     momentum: float = 0.9
     betas: Sequence[float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0
     steps: Optional[int] = None
-    fresh: Optional[str] = None
-    train: str = "all"
-    lora: Optional[int] = None
+    attacker: Any = None
+    schedule: str = "constant"
+    warmup: int = 0
+    benign_steps: int = 0
+    query_weighting: str = "uniform"
 
-    def __post_init__(self):
+
+class Strategy(_StrategyFields):
+    """One simulated fine-tuning environment (the paper's N environments; the reference code has one).
+
+    optimizer: "sgd" | "momentum" | "adam" (torch semantics; momentum uses ``momentum`` as beta, dampening 0).
+    lr: its (peak) learning rate. batch_size: restricted samples per inner step, of which the last ``query_size``
+    form the query batch. steps: restricted inner steps K (None: the config's ``inner_steps``).
+    attacker: what the trajectory fine-tunes (sophon_fast.engine.attackers: "as_is", "reinit_head", "fresh_head",
+    "fresh_block", "probe", "lora", an Attacker object such as ``LoRA(rank=8)``, or ``{"kind": ..., ...}``);
+    None: the loss's default (ICE: "reinit_head", the reference ICE script; otherwise "as_is").
+    schedule: the inner learning rate over the trajectory's steps, "constant" or "warmup_cosine" (linear warm-up
+    over ``warmup`` steps to ``lr``, then cosine decay towards 0; step i of n, 0-based: ``lr (i + 1) / warmup``
+    for i < warmup, else ``lr (1 + cos(pi (i - warmup) / (n - warmup))) / 2``). benign_steps: steps on original
+    data (support rows only, no query) before the K restricted ones, the optimiser state carried over (Qi et al.
+    2024's benign-first attack). query_weighting: how the K query losses are weighted, "uniform" (SOPHON's) or
+    "late" (TAR's exp(0.0625 (k - K + 1)), rescaled to the same total weight).
+    """
+
+    def __init__(self, *args, **kw):
+        old = [k for k in _OLD_SPELLINGS if k in kw]
+        if old:
+            raise ValueError(f"Strategy: {', '.join(old)} is gone; use " + "; ".join(_OLD_SPELLINGS[k] for k in old)
+                             + " (see CHANGELOG.md, 0.2.0)")
+        super().__init__(*args, **kw)
         self.betas = tuple(float(b) for b in self.betas)
-        if self.fresh not in (None, "head", "block"):
-            raise ValueError(f"Strategy.fresh must be None, 'head' or 'block', got {self.fresh!r}")
-        if self.train not in ("all", "fresh") or (self.train == "fresh" and not self.fresh):
-            raise ValueError(f"Strategy.train must be 'all', or 'fresh' with fresh set; got train={self.train!r}, "
-                             f"fresh={self.fresh!r}")
-        if self.lora is not None and (isinstance(self.lora, bool) or not isinstance(self.lora, int) or self.lora < 1
-                                      or self.fresh or self.reinit_head):
-            raise ValueError(f"Strategy.lora must be a rank >= 1, without fresh or reinit_head; got lora={self.lora!r}, "
-                             f"fresh={self.fresh!r}, reinit_head={self.reinit_head!r}")
-        if self.fresh and self.reinit_head:
-            raise ValueError("Strategy: fresh and reinit_head both re-initialise the head; set one of them")
+        from sophon_fast.engine.attackers import attacker_from
+        self.attacker = attacker_from(self.attacker)
         if self.optimizer not in INNER_OPTIMIZERS:
             raise ValueError(f"Strategy.optimizer must be one of {INNER_OPTIMIZERS}, got {self.optimizer!r}")
         if not self.lr > 0:
@@ -86,6 +93,63 @@ class Strategy:
             raise ValueError(f"Strategy needs 0 < query_size < batch_size, got {self.query_size} / {self.batch_size}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"Strategy.steps must be >= 1, got {self.steps}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"Strategy.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0 \
+                or (self.warmup and self.schedule != "warmup_cosine"):
+            raise ValueError(f"Strategy.warmup must be an int >= 0, set only with schedule='warmup_cosine'; got "
+                             f"{self.warmup!r} with schedule={self.schedule!r}")
+        if isinstance(self.benign_steps, bool) or not isinstance(self.benign_steps, int) or self.benign_steps < 0:
+            raise ValueError(f"Strategy.benign_steps must be an int >= 0, got {self.benign_steps!r}")
+        if self.query_weighting not in QUERY_WEIGHTINGS:
+            raise ValueError(f"Strategy.query_weighting must be one of {QUERY_WEIGHTINGS}, got {self.query_weighting!r}")
+
+    @property
+    def name(self) -> str:
+        kind = self.attacker.kind if self.attacker is not None else "default"
+        return f"{kind}/{self.optimizer}@{self.lr:g}"
+
+    def check_steps(self, k: int) -> None:
+        """ValueError when the warm-up is longer than the trajectory (``benign_steps + k`` steps)."""
+        if self.warmup > self.benign_steps + k:
+            raise ValueError(f"Strategy {self.name}: warmup={self.warmup} is longer than its {self.benign_steps + k} "
+                             f"steps")
+
+    def lrs(self, k: int) -> List[float]:
+        """The learning rate of each of the trajectory's ``benign_steps + k`` steps (host floats)."""
+        n = self.benign_steps + k
+        if self.schedule == "constant":
+            return [self.lr] * n
+        w = self.warmup
+        return [self.lr * (i + 1) / w if i < w else self.lr * 0.5 * (1 + math.cos(math.pi * (i - w) / (n - w)))
+                for i in range(n)]
+
+    def query_weights(self, k: int) -> List[float]:
+        """Relative weights of the ``k`` query losses, summing to ``k``."""
+        if self.query_weighting == "uniform":
+            return [1.0] * k
+        e = [math.exp(0.0625 * (i - k + 1)) for i in range(k)]
+        return [k * x / sum(e) for x in e]
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["betas"] = list(self.betas)
+        d["attacker"] = None if self.attacker is None else self.attacker.to_dict()
+        return d
+
+
+@dataclass
+class Unroll:
+    """The fast mode's unrolled meta-gradient (``meta_gradient="unrolled"``): the forward sweep keeps each step's
+    trained tensors and optimiser state every ``snapshot_every`` steps (1: every step; c > 1: every c-th, the
+    steps between recomputed in the reverse sweep, the same numbers bit for bit); ``offload``: on a GPU, keep the
+    snapshots in pinned host memory (no effect on the CPU)."""
+    snapshot_every: int = 1
+    offload: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.snapshot_every, bool) or not isinstance(self.snapshot_every, int) or self.snapshot_every < 1:
+            raise ValueError(f"Unroll.snapshot_every must be an int >= 1, got {self.snapshot_every!r}")
 
 
 @dataclass
@@ -138,8 +202,9 @@ class ProtectConfig:
     params: names (fnmatch patterns) of the parameters to protect; the others stay frozen (None: all
     trainable ones). defences: optional defence components' configs (e.g. ``sophon_fast.defences.TrapConfig``).
     meta_gradient: "first_order" (SOPHON's: each attacker step is a constant, d theta'_k / d theta = I) or
-    "unrolled" (the exact derivative through the attacker's steps, second order; mode="reference" only, memory
-    O(K); see ``sophon_fast.engine.modes.ReferenceMode``).
+    "unrolled" (the exact derivative through the attacker's steps, second order; the reference mode keeps K graphs,
+    memory O(K); the fast mode snapshots each step and re-runs one step at a time in a reverse sweep, see
+    ``unroll`` and ``sophon_fast.engine.unroll``).
     device: None = the model's device.
     """
     task: str = "classification"
@@ -164,6 +229,7 @@ class ProtectConfig:
     clip_norm: Optional[float] = 0.5
     params: Optional[List[str]] = None
     defences: List[Any] = field(default_factory=list)
+    unroll: Unroll = field(default_factory=Unroll)
     evaluation: Evaluation = field(default_factory=Evaluation)
     checkpoint: Checkpointing = field(default_factory=Checkpointing)
     max_nonfinite: int = 5
@@ -179,9 +245,6 @@ class ProtectConfig:
             raise ValueError(f"ProtectConfig.mode must be one of {MODES}, got {self.mode!r}")
         if self.meta_gradient not in META_GRADIENTS:
             raise ValueError(f"ProtectConfig.meta_gradient must be one of {META_GRADIENTS}, got {self.meta_gradient!r}")
-        if self.meta_gradient == "unrolled" and self.mode != "reference":
-            raise ValueError("ProtectConfig.meta_gradient='unrolled' keeps every inner step's graph, which the fast "
-                             "mode's flat arena exists to drop: use mode='reference'")
         for name in ("fts_optimizer", "ntr_optimizer"):
             if getattr(self, name) not in OUTER_OPTIMIZERS:
                 raise ValueError(f"ProtectConfig.{name} must be one of {OUTER_OPTIMIZERS}, got {getattr(self, name)!r}")
@@ -189,9 +252,10 @@ class ProtectConfig:
             self.strategies = [s if isinstance(s, Strategy) else Strategy(**s) for s in self.strategies]
             if not self.strategies:
                 raise ValueError("ProtectConfig.strategies is empty (None gives the reference strategy)")
-            if self.mode != "reference" and any(s.fresh or s.lora for s in self.strategies):
-                raise ValueError("ProtectConfig: a strategy with fresh layers or LoRA factors needs mode='reference' "
-                                 "(the fast modes' flat buffers have no slot for tensors that are not the model's)")
+            for s in self.strategies:
+                s.check_steps(s.steps or self.inner_steps)
+        if isinstance(self.unroll, dict):
+            self.unroll = Unroll(**self.unroll)
         if isinstance(self.evaluation, dict):
             self.evaluation = Evaluation(**self.evaluation)
         if isinstance(self.checkpoint, dict):
@@ -217,8 +281,8 @@ class ProtectConfig:
         """A copy with every loss-dependent default filled in from the final settings."""
         alpha, beta, ntr_steps, reinit = LOSS_DEFAULTS[self.loss]
         strategies = self.strategies or [Strategy()]
-        strategies = [dataclasses.replace(s, reinit_head=(False if s.fresh or s.lora else reinit) if s.reinit_head is None
-                                          else s.reinit_head) for s in strategies]
+        default = "reinit_head" if reinit else "as_is"
+        strategies = [s if s.attacker is not None else dataclasses.replace(s, attacker=default) for s in strategies]
         return dataclasses.replace(
             self, strategies=strategies, alpha=alpha if self.alpha is None else self.alpha,
             beta=beta if self.beta is None else self.beta,
@@ -235,7 +299,8 @@ class ProtectConfig:
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["strategies"] = None if self.strategies is None else \
-            [{**dataclasses.asdict(s), "betas": list(s.betas)} for s in self.strategies]
+            [s.to_dict() for s in self.strategies]
+        d["unroll"] = dataclasses.asdict(self.unroll)
         d["evaluation"] = dataclasses.asdict(self.evaluation)
         d["checkpoint"] = dataclasses.asdict(self.checkpoint)
         d["defences"] = [defence_to_dict(x) for x in self.defences]

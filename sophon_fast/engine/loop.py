@@ -102,7 +102,8 @@ def plan_trajectories(run: RunState, it: int) -> List[tuple]:
 def simulate_and_accumulate(run: RunState, plan: Sequence[tuple], rec: dict) -> torch.Tensor:
     """Every planned trajectory this rank runs, and every defence's loss, into the meta-gradient; returns this
     rank's query losses (K per trajectory, concatenated). Each step's loss weighs n_query / (sum of n_query
-    over all steps of all trajectories): the reference's uniform average."""
+    over all steps of all trajectories), the reference's uniform average, times the strategy's query weighting
+    (``Strategy.query_weights``: 1 for "uniform")."""
     cfg, mode, world = run.cfg, run.mode, run.world
     mode.begin_iteration()
     steps = [s.steps or cfg.inner_steps for s, _ in plan]
@@ -110,9 +111,10 @@ def simulate_and_accumulate(run: RunState, plan: Sequence[tuple], rec: dict) -> 
     losses = []
     for i, ((s, stream), k) in enumerate(zip(plan, steps)):
         if world.mine(i):
-            losses.append(mode.trajectory(s, stream, cfg.loss, [s.query_size / norm] * k, run.gen))
+            weights = [s.query_size * u / norm for u in s.query_weights(k)]
+            losses.append(mode.trajectory(s, stream, cfg.loss, weights, run.gen, run.o_stream))
         else:
-            mode.skip_trajectory(s, stream, k, run.gen)
+            mode.skip_trajectory(s, stream, k, run.gen, run.o_stream)
     if run.defences:   # every rank computes the same term; 1/world of it each adds up to one
         strat, stream = plan[0]
         restricted = stream.next(strat.batch_size)
@@ -211,13 +213,17 @@ def protect(model: nn.Module, original, restricted, config: Optional[ProtectConf
         model = copy.deepcopy(model)
     if cfg.device is not None:
         model.to(cfg.device)
-    if any(s.reinit_head for s in cfg.strategies) and task.head(model) is None:
-        task.reinit_head(model, None)     # raises the task's own reason (e.g. a head tied to the embedding)
-        raise ValueError(f"protect: a strategy re-initialises the head, but the {task.name} task has none")
     params = select_params(model, cfg.params)
     frozen = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in params)]
     for p in frozen:
         p.requires_grad_(False)
+    try:
+        for s in cfg.strategies:             # an attacker the task or model cannot serve: before any work
+            s.attacker.check(task, model, params)
+    except ValueError:
+        for p in frozen:
+            p.requires_grad_(True)
+        raise
     domains = restricted if isinstance(restricted, list) else [restricted]
     if not domains:
         raise ValueError("protect: restricted is an empty list")
@@ -237,7 +243,7 @@ def protect(model: nn.Module, original, restricted, config: Optional[ProtectConf
             elif cfg.mode == "reference":
                 mode = ReferenceMode(model, task, params, unrolled=cfg.meta_gradient == "unrolled")
             else:
-                mode = FastMode(model, task, params)
+                mode = FastMode(model, task, params, unrolled=cfg.meta_gradient == "unrolled", unroll=cfg.unroll)
             restore_divide = _sum_reduction(model) if sharded else None
             run = RunState.start(cfg, task, mode, prepared, world)
             _iterate(run)
@@ -262,6 +268,14 @@ def _check_sharded(cfg: ProtectConfig) -> None:
                          "pass in_place=True")
     if cfg.device is not None:
         raise ValueError("protect: an FSDP2-sharded model stays on its devices; leave device=None")
+    if cfg.meta_gradient == "unrolled":
+        raise ValueError("protect: meta_gradient='unrolled' does not run on an FSDP2-sharded model: its reverse sweep "
+                         "calls the model with differentiable stand-ins for the parameters (functional_call), which "
+                         "FSDP2's sharded parameters cannot take; use meta_gradient='first_order'")
+    lora = [i for i, s in enumerate(cfg.strategies) if s.attacker.kind == "lora"]
+    if lora:
+        raise ValueError(f"protect: strategies {lora} use the lora attacker, which does not run on an FSDP2-sharded "
+                         f"model (its factors' gradients would need an all-reduce outside FSDP2); use another attacker")
     rows = [("ntr_batch_size", cfg.ntr_batch_size)]
     for i, s in enumerate(cfg.strategies):
         rows += [(f"strategies[{i}] support rows", s.batch_size - s.query_size), (f"strategies[{i}].query_size", s.query_size)]

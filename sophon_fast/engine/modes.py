@@ -57,7 +57,8 @@ from sophon_fast.engine.streams import split
 from sophon_fast.ops.inner_step import inner_step_
 from sophon_fast.reference.inner_step import ADAM, KINDS, MOMENTUM
 from sophon_fast.reference.inner_step import inner_step_ as inner_step_reference
-from sophon_fast.tasks.base import fresh_parameters, lora_factors, lora_weight, reinit_linear_
+from sophon_fast.engine.attackers import Setup
+from sophon_fast.tasks.base import lora_weight
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -123,60 +124,41 @@ class _Mode:
     def __init__(self, model: nn.Module, task, params: List[nn.Parameter]):
         self.model, self.task, self.params = model, task, params
         self.bufs = _Buffers(model)
-        head = task.head(model)
-        self.head_ids = [id(head.weight), id(getattr(head, "bias", None))] if head is not None else None
+        self.bound = _Bound(model)
+        self.names = {id(p): "model." + n for n, p in model.named_parameters()}
 
-    def _head_tensors(self, lookup):
-        """(weight, bias) of the head among ``lookup`` {id(param): tensor}; raises when the head is frozen."""
-        if self.head_ids is None:
-            raise ValueError(f"protect: reinit_head needs a head, and the {self.task.name} task has none")
-        if self.head_ids[0] not in lookup:
-            raise ValueError("protect: reinit_head needs the head's weight among the protected params")
-        return lookup[self.head_ids[0]], lookup.get(self.head_ids[1])
+    def _call(self, weights, fn, *args):
+        """``fn(model, *args)`` with the model's parameters named in ``weights`` ("model." + name) replaced."""
+        return functional_call(self.bound, weights, (fn, *args))
 
-    def _steps(self, strategy, stream, weights):
-        """The K (support, query) batches of one trajectory."""
-        for _ in weights:
-            yield split(stream.next(strategy.batch_size), strategy.query_size)
+    def _steps(self, strategy, stream, benign, weights):
+        """The trajectory's steps, drawn lazily in order: [(support, lr, query or None, query weight)], first the
+        ``benign_steps`` on original data (support rows only), then the K restricted (support, query) batches."""
+        lrs = strategy.lrs(len(weights))
+        n_support = strategy.batch_size - strategy.query_size
+        for j in range(strategy.benign_steps):
+            if benign is None:
+                raise ValueError(f"protect: strategy {strategy.name} has benign_steps but no original stream was given")
+            yield benign.next(n_support), lrs[j], None, 0.0
+        for k, w in enumerate(weights):
+            support, query = split(stream.next(strategy.batch_size), strategy.query_size)
+            yield support, lrs[strategy.benign_steps + k], query, w
 
     def grad_norm(self, grads: List[Tensor]) -> Tensor:
         return _norm_and_clip(grads, None)
 
-    def _fresh(self, strategy, gen) -> List[tuple]:
-        """[(parameter, fresh value)] for every parameter of the head or the classifier block (``Strategy.fresh``),
-        drawn from ``gen``; ValueError when one of them is not protected (a frozen layer would not be redrawn)."""
-        if strategy.fresh == "head":
-            head = self.task.head(self.model)
-            if head is None:
-                raise ValueError(f"protect: fresh='head' needs a head, and the {self.task.name} task has none")
-            modules = [head]
-        else:
-            modules = self.task.block(self.model)
-        protected = {id(p) for p in self.params}
-        out = [pair for mod in modules for pair in fresh_parameters(mod, gen)]
-        if any(id(p) not in protected for p, _ in out):
-            raise ValueError(f"protect: fresh={strategy.fresh!r} needs every parameter it draws among the protected params")
-        return out
+    def setup(self, strategy, gen) -> Setup:
+        """The attacker's draws for one trajectory (sophon_fast.engine.attackers)."""
+        return strategy.attacker.setup(self.task, self.model, self.params, gen)
 
-    def _lora(self, strategy, gen) -> List[tuple]:
-        """[(weight name, transposed, A, B)]: fresh LoRA factors of rank ``strategy.lora`` for every weight the task
-        names (``Task.lora_targets``), drawn from ``gen``; ValueError when it names none."""
-        targets = self.task.lora_targets(self.model)
-        if not targets:
-            raise ValueError(f"protect: Strategy.lora needs linear layers to adapt, and the {self.task.name} task "
-                             f"names none in this model")
-        return [("model." + n, t, *lora_factors(w, t, strategy.lora, gen)) for n, w, t in targets]
-
-    def skip_trajectory(self, strategy, stream, steps: int, gen) -> None:
-        """Make the random draws of ``trajectory`` (head or block re-initialisation, LoRA factors, K batches)
-        without running it: another rank runs it, and the streams and generator stay in step on every rank."""
-        if strategy.lora:
-            self._lora(strategy, gen)
-        elif strategy.fresh:
-            self._fresh(strategy, gen)
-        elif strategy.reinit_head:
-            w, b = self._head_tensors({id(p): p for p in self.params})
-            reinit_linear_(torch.empty_like(w), None, gen)
+    def skip_trajectory(self, strategy, stream, steps: int, gen, benign=None) -> None:
+        """Make the random draws of ``trajectory`` (the attacker's fresh layers or factors, the benign and the K
+        restricted batches) without running it: another rank runs it, and the streams and generator stay in step
+        on every rank."""
+        self.setup(strategy, gen)
+        if strategy.benign_steps:
+            for _ in range(strategy.benign_steps):
+                benign.skip(strategy.batch_size - strategy.query_size)
         for _ in range(steps):
             stream.skip(strategy.batch_size)
 
@@ -227,12 +209,10 @@ class ReferenceMode(_Mode):
     :func:`differentiable_step`, so the meta-gradient is the exact d/dtheta of sum_k w_k L_k(theta'_k(theta)),
     attacker steps included (second order; memory O(K) graphs with their double-backward state). A head
     re-initialisation stays what it is in the first-order modes: the fresh head's gradient is added to the
-    head's."""
+    head's. This mode is the specification the fast mode is tested against."""
 
     def __init__(self, model: nn.Module, task, params: List[nn.Parameter], unrolled: bool = False):
         super().__init__(model, task, params)
-        self.bound = _Bound(model)
-        self.names = {id(p): "model." + n for n, p in model.named_parameters()}
         self.unrolled = unrolled
 
     def begin_iteration(self) -> None:
@@ -244,69 +224,66 @@ class ReferenceMode(_Mode):
     def rewind(self) -> None:
         self.restore((self.start, self.bufs.saved))
 
-    def _call(self, fast, fn, *args):
-        return functional_call(self.bound, fast, (fn, *args))
-
     @staticmethod
     def _adapted(fast, lora):
         """The weights the model runs with: ``fast``, each LoRA-adapted weight replaced by W + scale * B A."""
         if not lora:
             return fast
         out = {n: t for n, t in fast.items() if not n.startswith("lora:")}
-        for n, transposed, _, _ in lora:
-            out[n] = lora_weight(out[n], fast["lora:A:" + n], fast["lora:B:" + n], transposed)
+        for t in lora:
+            n = "model." + t.name
+            out[n] = lora_weight(out[n], fast["lora:A:" + n], fast["lora:B:" + n], t.transposed)
         return out
 
-    def trajectory(self, strategy, stream, loss_name: str, weights: Sequence[float], gen) -> Tensor:
-        """One simulated attacker. A probe / last-layer attacker (``train="fresh"``) sees the frozen body in eval
-        mode, as ``sf.attacks``' last-layer attacks and probes do: BatchNorm with its running statistics, not the
-        restricted batch's (docs/experiments.md a9)."""
+    def trajectory(self, strategy, stream, loss_name: str, weights: Sequence[float], gen, benign=None) -> Tensor:
+        """One simulated attacker. A probe (``eval_body``) sees the frozen body in eval mode, as ``sf.attacks``'
+        last-layer attacks and probes do: BatchNorm with its running statistics, not the restricted batch's
+        (docs/experiments.md a9)."""
+        setup = self.setup(strategy, gen)
         was = self.model.training
-        if strategy.train == "fresh":
+        if setup.eval_body:
             self.model.eval()
         try:
             with _no_activation_checkpointing(self.model):
-                return self._trajectory(strategy, stream, loss_name, weights, gen)
+                return self._trajectory(strategy, setup, stream, benign, loss_name, weights, gen)
         finally:
             self.model.train(was)
 
-    def _trajectory(self, strategy, stream, loss_name: str, weights: Sequence[float], gen) -> Tensor:
+    def _trajectory(self, strategy, setup, stream, benign, loss_name: str, weights: Sequence[float], gen) -> Tensor:
         fast = {self.names[id(p)]: p.clone() for p in self.params}          # graph-connected clone
-        trained = list(fast)
-        lora = self._lora(strategy, gen) if strategy.lora else []
-        if lora:                                           # only the factors train; weights not protected stay constant
-            for n, _, a, b in lora:
-                fast.setdefault(n, self.model.get_parameter(n[len("model."):]).detach())
-                fast["lora:A:" + n], fast["lora:B:" + n] = a, b
-            trained = [k for n, *_ in lora for k in ("lora:A:" + n, "lora:B:" + n)]
-        elif strategy.fresh:                                                     # constants: no meta-gradient
-            drawn = []
-            for p, value in self._fresh(strategy, gen):
-                fast[self.names[id(p)]] = value
-                drawn.append(self.names[id(p)])
-            if strategy.train == "fresh":                                      # a probe / last-layer attacker
-                trained = drawn
-        elif strategy.reinit_head:
-            w, b = self._head_tensors({id(p): fast[self.names[id(p)]] for p in self.params})
-            reinit_linear_(w, b, gen)
+        drawn = [self.names[id(p)] for p, _ in setup.drawn]
+        for (p, value), n in zip(setup.drawn, drawn):
+            if setup.constant:                                                # a fresh layer: a constant
+                fast[n] = value.clone().requires_grad_(True)
+            else:                                                             # stands in for the parameter
+                with torch.no_grad():
+                    fast[n].copy_(value)
+        trained = {"all": list(fast), "drawn": drawn, "lora": []}[setup.trains]
+        for t in setup.lora:                   # only the factors train; weights not protected stay constant
+            n = "model." + t.name
+            fast.setdefault(n, self.model.get_parameter(t.name).detach())
+            fast["lora:A:" + n], fast["lora:B:" + n] = t.a.clone().requires_grad_(True), t.b.clone().requires_grad_(True)
+            trained += ["lora:A:" + n, "lora:B:" + n]
         kind, b1, b2 = _inner_hparams(strategy)
         state = {n: [torch.zeros_like(fast[n]), torch.zeros_like(fast[n])] for n in trained}
         total, losses = 0.0, []
-        for k, (support, query) in enumerate(self._steps(strategy, stream, weights)):
-            loss = self._call(self._adapted(fast, lora), self.task.attacker_loss, support, gen)
+        for j, (support, lr, query, w) in enumerate(self._steps(strategy, stream, benign, weights)):
+            loss = self._call(self._adapted(fast, setup.lora), self.task.attacker_loss, support, gen)
             grads = torch.autograd.grad(loss, [fast[n] for n in trained], create_graph=self.unrolled)
             for n, g in zip(trained, grads):
                 if self.unrolled:                                              # differentiable in theta
-                    fast[n], state[n] = differentiable_step(fast[n], g, state[n], kind, strategy.lr, b1, b2,
-                                                            strategy.eps, strategy.weight_decay, k + 1)
+                    fast[n], state[n] = differentiable_step(fast[n], g, state[n], kind, lr, b1, b2, strategy.eps,
+                                                            strategy.weight_decay, j + 1)
                     continue
                 with torch.no_grad():                                          # first order: g detached
                     w_new = fast[n].detach().clone()
-                    inner_step_reference(w_new, g, *state[n], kind, strategy.lr, b1, b2, strategy.eps,
-                                         strategy.weight_decay, k + 1, False)
+                    inner_step_reference(w_new, g, *state[n], kind, lr, b1, b2, strategy.eps, strategy.weight_decay,
+                                         j + 1, False)
                 fast[n] = fast[n] - (fast[n].detach() - w_new)                 # d theta'_k / d theta = I
-            lq = self._call(self._adapted(fast, lora), self.task.suppression_loss, query, loss_name, gen)
-            total = total + weights[k] * lq                                    # K graphs stay alive
+            if query is None:                                                  # a benign step: no query
+                continue
+            lq = self._call(self._adapted(fast, setup.lora), self.task.suppression_loss, query, loss_name, gen)
+            total = total + w * lq                                             # K graphs stay alive
             losses.append(lq.detach())
         total.backward()
         self.bufs.put()
@@ -386,19 +363,22 @@ def _one_dtype_device(params: List[nn.Parameter]):
 
 
 class FastMode(_Mode):
-    """Flat parameter arena; fused inner steps; meta-gradient accumulated by autograd in place."""
+    """Flat parameter arena; fused inner steps; meta-gradient accumulated by autograd in place. Every attacker kind
+    trains flat segments (sophon_fast/engine/trained.py); ``unrolled=True`` takes the exact meta-gradient through
+    the attacker's steps with one step's graph alive at a time (sophon_fast/engine/unroll.py)."""
 
-    def __init__(self, model: nn.Module, task, params: List[nn.Parameter]):
+    def __init__(self, model: nn.Module, task, params: List[nn.Parameter], unrolled: bool = False, unroll=None):
         super().__init__(model, task, params)
         dtype, device = _one_dtype_device(params)
         self.lowp = dtype in LOW_PRECISION
+        self.unrolled, self.unroll = unrolled, unroll
         numel = sum(p.numel() for p in params)
         self.flat = torch.empty(numel, dtype=dtype, device=device)
         self.backup = torch.empty_like(self.flat)
         self.grad = torch.zeros_like(self.flat)               # support and NTR gradients
         self.qgrad = torch.zeros_like(self.flat)              # query gradients (meta-gradient when not lowp)
-        self.exp_avg = self.exp_avg_sq = self.flat.new_empty(0)   # allocated when a strategy needs them
-        self.grad_views, self.qgrad_views = [], []
+        self._states = {}                                     # inner optimiser states, allocated when needed
+        self.grad_views, self.qgrad_views, self.offsets, self.grad_view_of = [], [], {}, {}
         offset = 0
         with torch.no_grad():
             for p in params:
@@ -407,21 +387,24 @@ class FastMode(_Mode):
                 p.data = self.flat[offset:offset + n].view_as(p)              # parameters become views
                 self.grad_views.append(self.grad[offset:offset + n].view_as(p))
                 self.qgrad_views.append(self.qgrad[offset:offset + n].view_as(p))
+                self.offsets[id(p)], self.grad_view_of[id(p)] = offset, self.grad_views[-1]
                 offset += n
         # The outer optimisers' parameter: the arena itself, or an fp32 master copy for bf16/fp16 weights.
         self.master = nn.Parameter(self.flat.float() if self.lowp else self.flat)
         self.meta = torch.zeros_like(self.master) if self.lowp else self.qgrad   # fp32 meta-gradient
         self.optim_params = [self.master]
+        self.last_snapshot_bytes = 0
 
     def _point_grads(self, views) -> None:
         for p, v in zip(self.params, views):
             p.grad = v
 
-    def _state_for(self, kind: int) -> None:
-        if kind >= MOMENTUM and self.exp_avg.numel() == 0:
-            self.exp_avg = torch.zeros_like(self.flat)
-        if kind == ADAM and self.exp_avg_sq.numel() == 0:
-            self.exp_avg_sq = torch.zeros_like(self.flat)
+    def state_buffer(self, name: str, size: int) -> Tensor:
+        """A reusable flat buffer of ``size`` elements for the inner optimiser's state ``name``."""
+        key = (name, size)
+        if key not in self._states:
+            self._states[key] = torch.zeros(size, dtype=self.flat.dtype, device=self.flat.device)
+        return self._states[key]
 
     def begin_iteration(self) -> None:
         self.backup.copy_(self.flat)
@@ -435,34 +418,34 @@ class FastMode(_Mode):
                 self.master.copy_(self.backup)
         self.bufs.put()
 
-    def trajectory(self, strategy, stream, loss_name: str, weights: Sequence[float], gen) -> Tensor:
+    def trajectory(self, strategy, stream, loss_name: str, weights: Sequence[float], gen, benign=None) -> Tensor:
+        from sophon_fast.engine.trained import Trained
+        setup = self.setup(strategy, gen)
         kind, b1, b2 = _inner_hparams(strategy)
-        self._state_for(kind)
-        if kind >= MOMENTUM:
-            self.exp_avg.zero_()
-        if kind == ADAM:
-            self.exp_avg_sq.zero_()
-        if strategy.reinit_head:
-            reinit_linear_(*self._head_tensors({id(p): p for p in self.params}), gen)
-        self.grad.zero_()
-        losses = []
-        for k, (support, query) in enumerate(self._steps(strategy, stream, weights)):
-            self._point_grads(self.grad_views)
-            self.task.attacker_loss(self.model, support, gen).backward()        # grad = support gradient
-            inner_step_(self.flat, self.grad, self.exp_avg, self.exp_avg_sq, kind, strategy.lr, b1, b2,
-                        strategy.eps, strategy.weight_decay, k + 1, True)
-            lq = self._query_backward(lambda m: self.task.suppression_loss(m, query, loss_name, gen), weights[k])
-            losses.append(lq)
-        with torch.no_grad():
-            self.flat.copy_(self.backup)
-        self.bufs.put()
+        tr = Trained(self, setup, kind)
+        steps = self._steps(strategy, stream, benign, weights)
+        inputs = self.params if setup.lora else None
+        with tr.active():
+            if self.unrolled:
+                from sophon_fast.engine.unroll import unrolled_trajectory
+                with _no_activation_checkpointing(self.model):
+                    losses = unrolled_trajectory(self, tr, steps, strategy.benign_steps + len(weights), strategy, b1,
+                                                 b2, loss_name, gen, self.unroll)
+            else:
+                losses = []
+                for j, (support, lr, query, w) in enumerate(steps):
+                    tr.support_step(support, lr, j + 1, strategy, b1, b2, gen)
+                    if query is not None:
+                        losses.append(self._query_backward(
+                            lambda m: self.task.suppression_loss(m, query, loss_name, gen), w, inputs))
         return torch.stack(losses)
 
-    def _query_backward(self, loss_fn: Callable, weight: float) -> Tensor:
-        """meta += weight * grad loss_fn(model) at the current weights; returns the detached loss."""
+    def _query_backward(self, loss_fn: Callable, weight: float, inputs=None) -> Tensor:
+        """meta += weight * grad loss_fn(model) at the current weights (into ``inputs``' gradients only, when given:
+        not into LoRA factors); returns the detached loss."""
         self._point_grads(self.qgrad_views)
         loss = loss_fn(self.model)
-        (loss * weight).backward()
+        (loss * weight).backward(inputs=inputs)
         if self.lowp:                                                            # fp32 accumulation
             self.meta.add_(self.qgrad)
             self.qgrad.zero_()
@@ -581,19 +564,18 @@ class ShardedMode(_Mode):
     def rewind(self) -> None:
         self.restore((self.backup, self.bufs.saved))
 
-    def _reinit_head(self, gen) -> None:
-        """The head re-initialised exactly as on one process: the full tensor drawn from ``gen`` on every
-        rank, each rank keeping its shard (no communication)."""
-        from torch.distributed.tensor import distribute_tensor
-        w, b = self._head_tensors({id(p): p for p in self.params})
-        full = torch.empty(w.shape, dtype=w.dtype, device=self.local[0].device)
-        reinit_linear_(full, None, gen)
+    def _draw(self, setup) -> None:
+        """The attacker's drawn values into this rank's shards, as on one process: the full tensor drawn from
+        ``gen`` on every rank, each rank keeping its shard (no communication)."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
         with torch.no_grad():
-            w.to_local().copy_(distribute_tensor(full, w.device_mesh, w.placements, src_data_rank=None).to_local())
-            if b is not None:
-                b.to_local().zero_()
+            for p, v in setup.drawn:
+                local = v.to_local() if isinstance(v, DTensor) else \
+                    distribute_tensor(v, p.device_mesh, p.placements, src_data_rank=None).to_local()
+                p.to_local().copy_(local)
 
-    def trajectory(self, strategy, stream, loss_name: str, weights: Sequence[float], gen) -> Tensor:
+    def trajectory(self, strategy, stream, loss_name: str, weights: Sequence[float], gen, benign=None) -> Tensor:
+        setup = self.setup(strategy, gen)         # no LoRA here: protect() refuses it for a sharded model
         kind, b1, b2 = _inner_hparams(strategy)
         if kind >= MOMENTUM and self.exp_avg is None:
             self.exp_avg = [torch.zeros_like(t) for t in self.local]
@@ -602,26 +584,40 @@ class ShardedMode(_Mode):
         with torch.no_grad():
             for buf in (self.exp_avg if kind >= MOMENTUM else []) + (self.exp_avg_sq if kind == ADAM else []):
                 buf.zero_()
-        if strategy.reinit_head:
-            self._reinit_head(gen)
+        self._draw(setup)
+        drawn = {id(p) for p, _ in setup.drawn}
+        idx = {id(p): i for i, p in enumerate(self.params)}
+        trained = range(len(self.local)) if setup.trains == "all" else sorted(idx[i] for i in drawn)
+        kept = [(i, self.meta[i].clone()) for i in sorted(idx[d] for d in drawn)] if setup.constant else []
+        was = self.model.training
+        if setup.eval_body:
+            self.model.eval()
         empty = self.local[0].new_empty(0)
         losses = []
-        for k, (support, query) in enumerate(self._steps(strategy, stream, weights)):
-            support, s_share = self._rows(support)
-            query, q_share = self._rows(query)
-            self._backward(self.task.attacker_loss(self.model, support, gen) * s_share, self.grad, add=False)
-            for i, t in enumerate(self.local):
-                if t.numel():
-                    inner_step_(t, self.grad[i], self.exp_avg[i] if kind >= MOMENTUM else empty,
-                                self.exp_avg_sq[i] if kind == ADAM else empty, kind, strategy.lr, b1, b2,
-                                strategy.eps, strategy.weight_decay, k + 1, True)
-            lq = self.task.suppression_loss(self.model, query, loss_name, gen) * q_share
-            self._backward(lq * weights[k], self.meta, add=True)
-            losses.append(lq.detach())
-        with torch.no_grad():
-            for t, b in zip(self.local, self.backup):
-                t.copy_(b)
-        self.bufs.put()
+        try:
+            for j, (support, lr, query, w) in enumerate(self._steps(strategy, stream, benign, weights)):
+                support, s_share = self._rows(support)
+                self._backward(self.task.attacker_loss(self.model, support, gen) * s_share, self.grad, add=False)
+                for i in trained:
+                    t = self.local[i]
+                    if t.numel():
+                        inner_step_(t, self.grad[i], self.exp_avg[i] if kind >= MOMENTUM else empty,
+                                    self.exp_avg_sq[i] if kind == ADAM else empty, kind, lr, b1, b2,
+                                    strategy.eps, strategy.weight_decay, j + 1, True)
+                if query is None:
+                    continue
+                query, q_share = self._rows(query)
+                lq = self.task.suppression_loss(self.model, query, loss_name, gen) * q_share
+                self._backward(lq * w, self.meta, add=True)
+                losses.append(lq.detach())
+        finally:
+            self.model.train(was)
+            with torch.no_grad():
+                for t, b in zip(self.local, self.backup):
+                    t.copy_(b)
+                for i, saved in kept:
+                    self.meta[i].copy_(saved)
+            self.bufs.put()
         return torch.stack(losses)
 
     def meta_backward(self, loss_fn: Callable) -> Tensor:
