@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
@@ -25,6 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from sophon_fast.attacks.spec import warmup_cosine
 from sophon_fast.models.lm import fresh_like
 from sophon_fast.tasks.lm import LanguageModelTask
 
@@ -70,10 +70,7 @@ class LMAttack:
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of ``lr`` at optimiser step ``step`` (0-based): linear warm-up, cosine decay."""
-        warm = int(self.warmup * self.steps)
-        if step < warm:
-            return (step + 1) / (warm + 1)
-        return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, self.steps - warm)))
+        return warmup_cosine(step, self.steps, self.warmup)
 
 
 def default_attacks(steps: int = 200, batch_size: int = 8, full_lrs: Sequence[float] = (1e-4, 5e-4, 2e-3),

@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -52,7 +52,7 @@ def _head_inputs(model: nn.Module, head: nn.Linear, X: torch.Tensor, batch_size:
 
 def run(model: nn.Module, train, test, attack: Attack, seed: int = 0, device: Union[str, torch.device] = "cpu",
         progress: bool = False, return_model: bool = False, eval_steps: Optional[Sequence[int]] = None,
-        loss_log: Optional[list] = None):
+        loss_log: Optional[list] = None, stop_if: Optional[Callable[[nn.Module], bool]] = None):
     """Fine-tune a copy of ``model`` on ``train`` with ``attack``; restricted ``test`` accuracy per epoch.
 
     Returns ``attack.epochs + 1`` accuracies in [0, 1]; index 0 is before any training (after the head
@@ -72,6 +72,11 @@ def run(model: nn.Module, train, test, attack: Attack, seed: int = 0, device: Un
     evaluate after each of those steps instead of after each epoch, and stop after the last one; the
     curve then has ``len(eval_steps) + 1`` entries (index 0 before training). ``loss_log``: a list that
     receives every step's training loss as a detached 0-d tensor (no host synchronisation).
+
+    The attack's schedule (:meth:`Attack.make_scheduler`) runs over the last of ``eval_steps`` when given, else
+    over ``attack.epochs`` x batches per epoch. ``stop_if``: called with the model being trained after each
+    evaluation but the last; when it returns True the run stops there and the curve is that much shorter (for a
+    run whose later accuracies are already determined, such as one whose weights went NaN).
     """
     device = torch.device(device)
     Xtr, Ytr = (t.to(device) for t in as_tensors(train))
@@ -100,6 +105,7 @@ def run(model: nn.Module, train, test, attack: Attack, seed: int = 0, device: Un
         curve = [evaluate()]
         n, bs = Xtr.shape[0], attack.batch_size
         pending = _check_eval_steps(eval_steps, attack.epochs * -(-n // bs))
+        sched = attack.make_scheduler(opt, pending[-1] if pending else attack.epochs * -(-n // bs))
         epochs = range(attack.epochs)
         if progress:
             from tqdm.auto import tqdm
@@ -114,6 +120,8 @@ def run(model: nn.Module, train, test, attack: Attack, seed: int = 0, device: Un
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if sched is not None:
+                    sched.step()
                 step += 1
                 if loss_log is not None:
                     loss_log.append(loss.detach())
@@ -121,10 +129,14 @@ def run(model: nn.Module, train, test, attack: Attack, seed: int = 0, device: Un
                     pending.pop(0)
                     curve.append(evaluate())
                     set_mode()
+                    if pending and stop_if is not None and stop_if(m):
+                        pending.clear()
                     if not pending:
                         break
             if eval_steps is None:
                 curve.append(evaluate())
+                if stop_if is not None and len(curve) <= attack.epochs and stop_if(m):
+                    break
             elif not pending:
                 break
     for p in m.parameters():
