@@ -97,6 +97,7 @@ def unrolled_trajectory(mode, tr, steps, n_steps: int, strategy, b1: float, b2: 
     for s in reversed(range(0, len(rec), c)):
         e = min(s + c, len(rec))
         states = [snaps.load(s)]
+        tr.forward_reads()
         for j in range(s, e - 1):                        # re-run the segment forward, as the forward sweep did
             tr.write_state(states[-1])
             set_rng_state(gen, rec[j].rng_support)
