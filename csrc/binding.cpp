@@ -9,6 +9,7 @@
 // kernels index) and raise c10::ValueError; target values are never checked here (that would be a
 // data-dependent pass): the kernels turn an out-of-range target into a NaN row without reading it.
 #include <torch/extension.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cstdint>
 #include <optional>
@@ -119,9 +120,9 @@ std::tuple<Tensor, Tensor> row_losses_fwd(const Tensor& logits, const std::optio
   if (on_cuda(logits, who)) {
 #ifdef WITH_CUDA
     c10::cuda::CUDAGuard guard(logits.device());
-    const int err = sf_row_losses_fwd_cuda(logits.data_ptr(), code, n, c, rs, target_ptr(target), float(w.ce),
-                                           float(w.ice), float(w.klu), float(w.negent), float(scale), ignore_index,
-                                           loss.data_ptr(), stats.data_ptr(), at::cuda::getCurrentCUDAStream().stream());
+    const int err = sf_row_losses_fwd_cuda(logits.data_ptr(), code, n, c, rs, target_ptr(target), w.ce, w.ice, w.klu,
+                                           w.negent, scale, ignore_index, loss.data_ptr(), stats.data_ptr(),
+                                           at::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(err == 0, who, ": CUDA launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
 #endif
   } else {
@@ -131,45 +132,172 @@ std::tuple<Tensor, Tensor> row_losses_fwd(const Tensor& logits, const std::optio
   return {loss, stats};
 }
 
-Tensor row_losses_bwd(const Tensor& grad_loss, const Tensor& logits, const std::optional<Tensor>& target,
-                      const Tensor& stats, at::ArrayRef<double> weights, double scale, int64_t ignore_index) {
-  const char* who = "row_losses_backward";
-  const LossWeights w = check_rows(logits, target, weights, who);
+// Backward kernels of both paths: row r's cotangent is grad_loss[r * gl_stride] / *denom (denom undefined: 1).
+Tensor bwd_rows(const Tensor& grad_loss, int64_t gl_stride, const Tensor& denom, const Tensor& logits,
+                const std::optional<Tensor>& target, const Tensor& stats, const LossWeights& w, double scale,
+                int64_t ignore_index, const char* who) {
   const int64_t n = logits.size(0), c = logits.size(1);
-  const auto acc = acc_type(logits);
-  check_same_device(logits, grad_loss, who, "grad_loss");
-  check_same_device(logits, stats, who, "stats");
-  TORCH_CHECK_VALUE(grad_loss.scalar_type() == acc && grad_loss.dim() == 1 && grad_loss.size(0) == n &&
-                        grad_loss.is_contiguous(),
-                    who, ": grad_loss must be a contiguous (", n, ",) ", acc, " tensor, got ", grad_loss.sizes(), " ",
-                    grad_loss.scalar_type());
-  TORCH_CHECK_VALUE(stats.scalar_type() == acc && stats.dim() == 2 && stats.size(0) == n && stats.size(1) == 3 &&
-                        stats.is_contiguous(),
-                    who, ": stats must be a contiguous (", n, ", 3) ", acc, " tensor, got ", stats.sizes(), " ",
-                    stats.scalar_type());
   Tensor grad = empty_output({n, c}, logits.options().memory_format(at::MemoryFormat::Contiguous));
   if (n == 0) return grad;
   const int code = dtype_code(logits, who);
   const int64_t rs = n > 1 ? logits.stride(0) : c;
+  const void* dp = denom.defined() ? denom.data_ptr() : nullptr;
   if (on_cuda(logits, who)) {
 #ifdef WITH_CUDA
     c10::cuda::CUDAGuard guard(logits.device());
-    const int err = sf_row_losses_bwd_cuda(grad_loss.data_ptr(), logits.data_ptr(), code, n, c, rs,
-                                           target_ptr(target), stats.data_ptr(), float(w.ce), float(w.ice),
-                                           float(w.klu), float(w.negent), float(scale), ignore_index, grad.data_ptr(),
-                                           at::cuda::getCurrentCUDAStream().stream());
+    const int err = sf_row_losses_bwd_cuda(grad_loss.data_ptr(), gl_stride, dp, logits.data_ptr(), code, n, c, rs,
+                                           target_ptr(target), stats.data_ptr(), w.ce, w.ice, w.klu, w.negent, scale,
+                                           ignore_index, grad.data_ptr(), at::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(err == 0, who, ": CUDA launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
 #endif
   } else {
-    sophon_fast::cpu::row_losses_bwd(grad_loss.data_ptr(), logits.data_ptr(), code, n, c, rs, target_ptr(target),
-                                     stats.data_ptr(), w, scale, ignore_index, grad.data_ptr());
+    sophon_fast::cpu::row_losses_bwd(grad_loss.data_ptr(), gl_stride, dp, logits.data_ptr(), code, n, c, rs,
+                                     target_ptr(target), stats.data_ptr(), w, scale, ignore_index, grad.data_ptr());
   }
   return grad;
 }
 
-void inner_step_(const Tensor& param, const Tensor& grad, const Tensor& exp_avg, const Tensor& exp_avg_sq, int64_t kind,
-                 double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step, bool zero_grad) {
-  const char* who = "inner_step_";
+void check_stats(const Tensor& logits, const Tensor& stats, const char* who) {
+  const auto acc = acc_type(logits);
+  check_same_device(logits, stats, who, "stats");
+  TORCH_CHECK_VALUE(stats.scalar_type() == acc && stats.dim() == 2 && stats.size(0) == logits.size(0) &&
+                        stats.size(1) == 3 && stats.is_contiguous(),
+                    who, ": stats must be a contiguous (", logits.size(0), ", 3) ", acc, " tensor, got ", stats.sizes(),
+                    " ", stats.scalar_type());
+}
+
+Tensor row_losses_bwd(const Tensor& grad_loss, const Tensor& logits, const std::optional<Tensor>& target,
+                      const Tensor& stats, at::ArrayRef<double> weights, double scale, int64_t ignore_index) {
+  const char* who = "row_losses_backward";
+  const LossWeights w = check_rows(logits, target, weights, who);
+  const int64_t n = logits.size(0);
+  const auto acc = acc_type(logits);
+  check_same_device(logits, grad_loss, who, "grad_loss");
+  TORCH_CHECK_VALUE(grad_loss.scalar_type() == acc && grad_loss.dim() == 1 && grad_loss.size(0) == n &&
+                        grad_loss.is_contiguous(),
+                    who, ": grad_loss must be a contiguous (", n, ",) ", acc, " tensor, got ", grad_loss.sizes(), " ",
+                    grad_loss.scalar_type());
+  check_stats(logits, stats, who);
+  return bwd_rows(grad_loss, 1, Tensor(), logits, target, stats, w, scale, ignore_index, who);
+}
+
+// ------------------------------------------------------------------------------------------------
+// The lean path of the public logits losses: forward = row kernel + the reduction kernel (which also checks
+// the targets), backward = one row kernel reading the cotangent and the divisor on the device.
+// ------------------------------------------------------------------------------------------------
+std::tuple<Tensor, Tensor, Tensor> fused_loss_fwd(const Tensor& logits, const std::optional<Tensor>& target,
+                                                  at::ArrayRef<double> weights, double scale, int64_t ignore_index,
+                                                  int64_t reduction, bool check_targets) {
+  const char* who = "fused_loss";
+  TORCH_CHECK_VALUE(reduction >= 0 && reduction <= 2, who, ": reduction code must be 0 (none), 1 (mean) or 2 (sum)");
+  auto [loss, stats] = row_losses_fwd(logits, target, weights, scale, ignore_index);
+  const int64_t n = logits.size(0), c = logits.size(1);
+  Tensor out = at::empty(reduction == 0 ? at::IntArrayRef{n} : at::IntArrayRef{}, logits.options());
+  Tensor denom = at::empty({}, loss.options());
+  const int code = dtype_code(logits, who);
+  const bool check = check_targets && target.has_value();
+  if (on_cuda(logits, who)) {
+#ifdef WITH_CUDA
+    c10::cuda::CUDAGuard guard(logits.device());
+    const int err = sf_reduce_rows_cuda(loss.data_ptr(), code, target_ptr(target), n, c, ignore_index,
+                                        static_cast<int>(reduction), check ? 1 : 0, out.data_ptr(), denom.data_ptr(),
+                                        at::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(err == 0, who, ": CUDA launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
+#endif
+  } else {
+    const int64_t bad = sophon_fast::cpu::reduce_rows(loss.data_ptr(), code, target_ptr(target), n, c, ignore_index,
+                                                      static_cast<int>(reduction), check, out.data_ptr(),
+                                                      denom.data_ptr());
+    // RuntimeError, as torch._assert_async on CPU tensors (the default mode of the public checks)
+    TORCH_CHECK(bad < 0, who, ": a target is out of range for C = ", c, " classes (and is not ignore_index=",
+                ignore_index, "): row ", bad, " has ", bad < 0 ? 0 : target->data_ptr<int64_t>()[bad]);
+  }
+  return {out, stats, denom};
+}
+
+// grad_out: the cotangent of fused_loss_fwd's `out` (any floating dtype; () for mean/sum, (N,) for none).
+Tensor fused_loss_bwd(const Tensor& grad_out, const Tensor& logits, const std::optional<Tensor>& target,
+                      const Tensor& stats, const Tensor& denom, at::ArrayRef<double> weights, double scale,
+                      int64_t ignore_index) {
+  const char* who = "fused_loss_backward";
+  const LossWeights w = check_rows(logits, target, weights, who);
+  const auto acc = acc_type(logits);
+  check_stats(logits, stats, who);
+  check_same_device(logits, grad_out, who, "grad_out");
+  TORCH_CHECK_VALUE(grad_out.dim() == 0 || (grad_out.dim() == 1 && grad_out.size(0) == logits.size(0)), who,
+                    ": grad_out must be a scalar or have shape (", logits.size(0), ",), got ", grad_out.sizes());
+  TORCH_CHECK_VALUE(denom.dim() == 0 && denom.scalar_type() == acc, who, ": denom must be a 0-d ", acc, " tensor");
+  const Tensor gl = grad_out.to(acc).contiguous();
+  return bwd_rows(gl, gl.dim() == 0 ? 0 : 1, denom, logits, target, stats, w, scale, ignore_index, who);
+}
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// The autograd of sophon_fast::_cpp_fused_loss in C++: one node, no Python on the eager path. With a graph of
+// the gradient requested (create_graph=True: the unrolled meta-gradient), the backward goes through the custom
+// op sophon_fast::row_losses_backward instead, which has a double backward (sophon_fast/ops/row_losses.py).
+class FusedLossFunction : public torch::autograd::Function<FusedLossFunction> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& logits, const std::optional<Tensor>& target,
+                        std::vector<double> weights, double scale, int64_t ignore_index, int64_t reduction,
+                        bool check_targets) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("sophon_fast::_cpp_fused_loss_fwd", "")
+                         .typed<decltype(fused_loss_fwd)>();
+    auto [out, stats, denom] = op.call(logits, target, weights, scale, ignore_index, reduction, check_targets);
+    ctx->save_for_backward({logits, target.value_or(Tensor()), stats, denom});
+    ctx->saved_data["weights"] = weights;
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["reduction"] = reduction;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &logits = saved[0], &stats = saved[2], &denom = saved[3];
+    const std::optional<Tensor> target = saved[1].defined() ? std::optional<Tensor>(saved[1]) : std::nullopt;
+    const auto weights = ctx->saved_data["weights"].toDoubleVector();
+    const double scale = ctx->saved_data["scale"].toDouble();
+    const int64_t ii = ctx->saved_data["ignore_index"].toInt();
+    const Tensor& g = grads[0];
+    Tensor grad;
+    if (!g.defined()) {
+      grad = Tensor();
+    } else if (at::GradMode::is_enabled()) {  // differentiable backward: per-row cotangents, then the custom op
+      static auto op = c10::Dispatcher::singleton()
+                           .findSchemaOrThrow("sophon_fast::row_losses_backward", "")
+                           .typed<Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&,
+                                         at::ArrayRef<double>, double, int64_t)>();
+      Tensor per_row = g.to(stats.scalar_type()) / denom;
+      if (per_row.dim() == 0) per_row = per_row.expand({logits.size(0)});
+      grad = op.call(per_row, logits, target, stats, weights, scale, ii);
+    } else {
+      static auto op = c10::Dispatcher::singleton()
+                           .findSchemaOrThrow("sophon_fast::_cpp_fused_loss_bwd", "")
+                           .typed<decltype(fused_loss_bwd)>();
+      grad = op.call(g, logits, target, stats, denom, weights, scale, ii);
+    }
+    return {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor fused_loss_autograd(const Tensor& logits, const std::optional<Tensor>& target, at::ArrayRef<double> weights,
+                           double scale, int64_t ignore_index, int64_t reduction, bool check_targets) {
+  return FusedLossFunction::apply(logits, target, weights.vec(), scale, ignore_index, reduction, check_targets);
+}
+
+// Below autograd (inference mode, or no input requires grad): the forward alone.
+Tensor fused_loss_plain(const Tensor& logits, const std::optional<Tensor>& target, at::ArrayRef<double> weights,
+                        double scale, int64_t ignore_index, int64_t reduction, bool check_targets) {
+  return std::get<0>(fused_loss_fwd(logits, target, weights, scale, ignore_index, reduction, check_targets));
+}
+
+// Shared checks of both inner steps; returns the dtype code.
+int check_step_buffers(const Tensor& param, const Tensor& grad, const Tensor& exp_avg, const Tensor& exp_avg_sq,
+                       int64_t kind, const char* who) {
   TORCH_CHECK_VALUE(kind >= 0 && kind <= 2, who, ": kind must be 0 (sgd), 1 (momentum) or 2 (adam), got ", kind);
   const int code = dtype_code(param, who);
   TORCH_CHECK_VALUE(param.is_contiguous(), who, ": param must be contiguous");
@@ -183,6 +311,13 @@ void inner_step_(const Tensor& param, const Tensor& grad, const Tensor& exp_avg,
                       who, ": ", name, " must be a contiguous tensor matching param (", param.sizes(), ", ",
                       param.scalar_type(), ", ", param.device(), ")");
   }
+  return code;
+}
+
+void inner_step_(const Tensor& param, const Tensor& grad, const Tensor& exp_avg, const Tensor& exp_avg_sq, int64_t kind,
+                 double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step, bool zero_grad) {
+  const char* who = "inner_step_";
+  const int code = check_step_buffers(param, grad, exp_avg, exp_avg_sq, kind, who);
   const int64_t numel = param.numel();
   if (numel == 0) return;
   void* m1 = kind >= 1 ? exp_avg.data_ptr() : nullptr;
@@ -191,13 +326,44 @@ void inner_step_(const Tensor& param, const Tensor& grad, const Tensor& exp_avg,
 #ifdef WITH_CUDA
     c10::cuda::CUDAGuard guard(param.device());
     const int err = sf_inner_step_cuda(param.data_ptr(), grad.data_ptr(), m1, m2, code, numel, static_cast<int>(kind),
-                                       float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), step,
-                                       zero_grad ? 1 : 0, at::cuda::getCurrentCUDAStream().stream());
+                                       lr, beta1, beta2, eps, weight_decay, step, zero_grad ? 1 : 0,
+                                       at::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(err == 0, who, ": CUDA launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
 #endif
   } else {
     sophon_fast::cpu::inner_step(param.data_ptr(), grad.data_ptr(), m1, m2, code, numel, static_cast<int>(kind), lr,
                                  beta1, beta2, eps, weight_decay, step, zero_grad);
+  }
+}
+
+// The capturable step: `step` is a one-element int64 tensor on param's device, incremented here (step += 1, a
+// device op) before the update, which reads the new value on the device. No host value depends on the step
+// number, so a CUDA graph can capture the call once and replay it for every inner step.
+void inner_step_capturable_(const Tensor& param, const Tensor& grad, const Tensor& exp_avg, const Tensor& exp_avg_sq,
+                            const Tensor& step, int64_t kind, double lr, double beta1, double beta2, double eps,
+                            double weight_decay, bool zero_grad) {
+  const char* who = "inner_step_capturable_";
+  const int code = check_step_buffers(param, grad, exp_avg, exp_avg_sq, kind, who);
+  TORCH_CHECK_VALUE(step.numel() == 1 && step.scalar_type() == at::kLong && step.device() == param.device(), who,
+                    ": step must be a one-element int64 tensor on ", param.device(), ", got ", step.sizes(), " ",
+                    step.scalar_type(), " on ", step.device());
+  step.add_(1);
+  const int64_t numel = param.numel();
+  if (numel == 0) return;
+  void* m1 = kind >= 1 ? exp_avg.data_ptr() : nullptr;
+  void* m2 = kind == 2 ? exp_avg_sq.data_ptr() : nullptr;
+  if (on_cuda(param, who)) {
+#ifdef WITH_CUDA
+    c10::cuda::CUDAGuard guard(param.device());
+    const int err = sf_inner_step_capturable_cuda(param.data_ptr(), grad.data_ptr(), m1, m2, code, numel,
+                                                  static_cast<int>(kind), lr, beta1, beta2, eps, weight_decay,
+                                                  step.data_ptr<int64_t>(), zero_grad ? 1 : 0,
+                                                  at::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(err == 0, who, ": CUDA launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
+#endif
+  } else {  // CPU tensors: reading the counter is not a device sync
+    sophon_fast::cpu::inner_step(param.data_ptr(), grad.data_ptr(), m1, m2, code, numel, static_cast<int>(kind), lr,
+                                 beta1, beta2, eps, weight_decay, *step.data_ptr<int64_t>(), zero_grad);
   }
 }
 
@@ -243,26 +409,37 @@ TORCH_LIBRARY_FRAGMENT(sophon_fast, m) {
         "-> (Tensor, Tensor)");
   m.def("_cpp_row_losses_bwd(Tensor grad_loss, Tensor logits, Tensor? target, Tensor stats, float[] weights, "
         "float scale, int ignore_index) -> Tensor");
+  m.def("_cpp_fused_loss(Tensor logits, Tensor? target, float[] weights, float scale, int ignore_index, "
+        "int reduction, bool check_targets) -> Tensor");
+  m.def("_cpp_fused_loss_fwd(Tensor logits, Tensor? target, float[] weights, float scale, int ignore_index, "
+        "int reduction, bool check_targets) -> (Tensor, Tensor, Tensor)");
+  m.def("_cpp_fused_loss_bwd(Tensor grad_out, Tensor logits, Tensor? target, Tensor stats, Tensor denom, "
+        "float[] weights, float scale, int ignore_index) -> Tensor");
   m.def("_cpp_inner_step_(Tensor(a!) param, Tensor(b!) grad, Tensor(c!) exp_avg, Tensor(d!) exp_avg_sq, int kind, "
         "float lr, float beta1, float beta2, float eps, float weight_decay, int step, bool zero_grad) -> ()");
+  m.def("_cpp_inner_step_capturable_(Tensor(a!) param, Tensor(b!) grad, Tensor(c!) exp_avg, Tensor(d!) exp_avg_sq, "
+        "Tensor(e!) step, int kind, float lr, float beta1, float beta2, float eps, float weight_decay, "
+        "bool zero_grad) -> ()");
   m.def("_cpp_row_sq_mean(Tensor x, Tensor? y) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(sophon_fast, CPU, m) {
-  m.impl("_cpp_row_losses_fwd", &row_losses_fwd);
-  m.impl("_cpp_row_losses_bwd", &row_losses_bwd);
-  m.impl("_cpp_inner_step_", &inner_step_);
-  m.impl("_cpp_row_sq_mean", &row_sq_mean);
-}
+#define SOPHON_FAST_KERNELS(m)                                        \
+  m.impl("_cpp_row_losses_fwd", &row_losses_fwd);                     \
+  m.impl("_cpp_row_losses_bwd", &row_losses_bwd);                     \
+  m.impl("_cpp_fused_loss", &fused_loss_plain);                       \
+  m.impl("_cpp_fused_loss_fwd", &fused_loss_fwd);                     \
+  m.impl("_cpp_fused_loss_bwd", &fused_loss_bwd);                     \
+  m.impl("_cpp_inner_step_", &inner_step_);                           \
+  m.impl("_cpp_inner_step_capturable_", &inner_step_capturable_);     \
+  m.impl("_cpp_row_sq_mean", &row_sq_mean)
+
+TORCH_LIBRARY_IMPL(sophon_fast, CPU, m) { SOPHON_FAST_KERNELS(m); }
 
 #ifdef WITH_CUDA
-TORCH_LIBRARY_IMPL(sophon_fast, CUDA, m) {
-  m.impl("_cpp_row_losses_fwd", &row_losses_fwd);
-  m.impl("_cpp_row_losses_bwd", &row_losses_bwd);
-  m.impl("_cpp_inner_step_", &inner_step_);
-  m.impl("_cpp_row_sq_mean", &row_sq_mean);
-}
+TORCH_LIBRARY_IMPL(sophon_fast, CUDA, m) { SOPHON_FAST_KERNELS(m); }
 #endif
+
+TORCH_LIBRARY_IMPL(sophon_fast, Autograd, m) { m.impl("_cpp_fused_loss", &fused_loss_autograd); }
 
 // Importing sophon_fast._C loads the library (and so the registrations above); the module itself only
 // says whether this build contains the CUDA kernels.

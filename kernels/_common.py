@@ -1,4 +1,4 @@
-"""Helpers shared by the Triton kernels: accumulation dtypes and the output cast."""
+"""Helpers shared by the Triton kernels: accumulation dtypes, the output cast and the launchers' guards."""
 import os
 
 import torch
@@ -23,3 +23,21 @@ def to_out(x, ptr, RNE_BF16: tl.constexpr):
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
         x = bits.to(tl.float32, bitcast=True)
     return x.to(ptr.dtype.element_ty)
+
+
+def check_rows(logits: torch.Tensor, target, weights, who: str) -> None:
+    """What the row-loss kernels index: 2-D logits of a supported dtype, a (N,) integer target or None, four
+    weights (CE and ICE need a target). The full contract is checked by the callers (sophon_fast/ops/_checks.py);
+    this package imports nothing from sophon_fast, so it repeats only these memory-safety guards."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ValueError(f"{who}: logits must be 2-D (N, C), got "
+                         f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
+    if logits.dtype not in ACC:
+        raise ValueError(f"{who}: logits dtype must be one of fp32/fp16/bf16/fp64, got {logits.dtype}")
+    if target is not None and (target.dtype.is_floating_point or target.shape != (logits.shape[0],)):
+        raise ValueError(f"{who}: target must be an integer tensor of shape ({logits.shape[0]},), got "
+                         f"{tuple(target.shape)} {target.dtype}")
+    if len(weights) != 4:
+        raise ValueError(f"{who}: weights must be [w_ce, w_ice, w_klu, w_negent], got {list(weights)}")
+    if target is None and (weights[0] or weights[1]):
+        raise ValueError(f"{who}: ce and ice need a target")

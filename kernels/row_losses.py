@@ -31,9 +31,7 @@ import triton
 import triton.language as tl
 
 from ._common import ACC as _ACC
-from sophon_fast.ops._checks import check_row_inputs
-
-from ._common import rne_bf16, to_out
+from ._common import check_rows, rne_bf16, to_out
 
 # Longest row the forward holds whole in one program. Rows up to 65536 work; on sm_90 ptxas keeps
 # 16384 (32 warps, 16 values per thread) in registers and spills from 32768 on, so longer rows default
@@ -217,8 +215,8 @@ def _num_warps(tile: int) -> int:
 
 
 def _check(logits: torch.Tensor, target: Optional[torch.Tensor], weights: Sequence[float], who: str):
-    """The shared validation (sophon_fast/ops/_checks.py); returns the target as contiguous int64."""
-    check_row_inputs(logits, target, weights, who)
+    """What the kernels index (``check_rows``); returns the target as contiguous int64."""
+    check_rows(logits, target, weights, who)
     return None if target is None else target.to(torch.int64).contiguous()
 
 

@@ -13,8 +13,6 @@ import torch
 import triton
 import triton.language as tl
 
-from sophon_fast.ops._checks import check_sq_mean_inputs
-
 from ._common import ACC as _ACC
 
 BLOCK = 1024
@@ -39,7 +37,9 @@ def _row_sq_mean_kernel(x_ptr, y_ptr, out_ptr, d, HAS_Y: tl.constexpr, ACC: tl.c
 
 def row_sq_mean(x: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
     """(B, D) x, optional (B, D) y of the same dtype -> (B,) fp32 (fp64 for fp64) mean of squares."""
-    check_sq_mean_inputs(x, y, "row_sq_mean")
+    if x.dim() != 2 or x.dtype not in _ACC or (y is not None and (y.shape != x.shape or y.dtype != x.dtype)):
+        raise ValueError(f"row_sq_mean: x must be a 2-D fp32/fp16/bf16/fp64 tensor and y None or x's shape and dtype, "
+                         f"got {tuple(x.shape)} {x.dtype}")
     x = x.contiguous()
     y = None if y is None else y.contiguous()
     n, d = x.shape

@@ -6,14 +6,24 @@ exactly; an op a backend lacks is simply absent (the selector skips it and says 
     row_losses_fwd(logits, target, weights, scale, ignore_index) -> (loss (N,), stats (N, 3))
     row_losses_bwd(grad_loss, logits, target, stats, weights, scale, ignore_index) -> grad_logits
     inner_step_(param, grad, exp_avg, exp_avg_sq, kind, lr, beta1, beta2, eps, weight_decay, step, zero_grad)
+    row_sq_mean(x, y) -> (B,)
     linear_loss(hidden, weight, target, bias, weights, ignore_index, reduction, chunk_size, compute_grad)
-        -> (loss, grad_hidden, grad_weight, grad_bias)
+        -> (loss, grad_hidden, grad_weight, grad_bias)   optional: without it, sophon_fast/ops/linear_loss.py
+        runs its chunk loop over the backend's row-loss kernels
 
-Selection order is data (``PRIORITY``), per device type. ``SOPHON_FAST_BACKEND`` (or
-``set_backend`` / ``use_backend``) forces one; forcing a backend that cannot serve the tensors raises an
-error naming every backend and why it was rejected. An automatic fallback past a preferred backend
-logs once. The choice is made once per (op, device type, dtype) and cached; the cache is dropped when
-the forced backend (``set_backend``, ``use_backend`` or the environment variable) changes.
+A backend may also offer ``fused_loss`` (the lean eager path of the logits losses: one dispatcher op with its
+autograd in C++, sophon_fast/ops/_cext.py); the public losses use it when the backend chosen for
+``row_losses_fwd`` has it, and the custom ops otherwise.
+
+Selection order is data (``PRIORITY``), per device type. ``SOPHON_FAST_BACKEND`` (read once, at import, or
+again by ``reload_environment``) or ``set_backend`` / ``use_backend`` force one; forcing a backend that cannot
+serve the tensors raises an error naming every backend and why it was rejected. An automatic fallback past a
+preferred backend logs once. The choice is made once per (op, device type, dtype) and cached; the cache is
+dropped when the forced backend changes. Nothing here reads the environment per call.
+
+Layering: this module knows the reference (sophon_fast.reference) and the Triton kernels (sophon_fast.kernels),
+which sit below it; the compiled extension's backends ("cpp", "cuda") are registered by sophon_fast/ops/_cext.py
+with ``register_prober``, so nothing here imports sophon_fast.ops.
 """
 from __future__ import annotations
 
@@ -55,34 +65,9 @@ def _probe_reference() -> Probe:
     return Probe("reference", True, {"cpu": True, "cuda": True}, {"cpu": "", "cuda": ""}, ops_impl)
 
 
-def _probe_cpp() -> Probe:
-    try:
-        from sophon_fast import _C  # noqa: F401
-    except ImportError as e:
-        why = f"extension sophon_fast._C not built ({e}); run `pip install --no-build-isolation -e .`"
-        return Probe("cpp", False, {"cpu": False, "cuda": False}, {"cpu": why, "cuda": why}, None)
-    from sophon_fast.ops import _cext
-    return Probe("cpp", True, {"cpu": True, "cuda": False},
-                 {"cpu": "", "cuda": "the C++ backend serves CPU tensors (the CUDA one serves GPU tensors)"},
-                 _cext.CPU)
-
-
-def _probe_cuda() -> Probe:
-    import torch
-    try:
-        from sophon_fast import _C
-    except ImportError as e:
-        why = f"extension sophon_fast._C not built ({e})"
-        return Probe("cuda", False, {"cpu": False, "cuda": False}, {"cpu": why, "cuda": why}, None)
-    built = bool(_C.has_cuda())
-    from sophon_fast.ops import _cext
-    cuda_why = ""
-    if not built:
-        cuda_why = "extension built without CUDA sources (torch has no CUDA or no nvcc at build time)"
-    elif not torch.cuda.is_available():
-        cuda_why = "no CUDA device available"
-    return Probe("cuda", built, {"cpu": False, "cuda": not cuda_why},
-                 {"cpu": "the CUDA backend serves GPU tensors only", "cuda": cuda_why}, _cext.CUDA)
+def unusable(name: str, why: str) -> Probe:
+    """A backend that cannot serve any device, for ``why``."""
+    return Probe(name, False, {"cpu": False, "cuda": False}, {"cpu": why, "cuda": why}, None)
 
 
 def _probe_triton() -> Probe:
@@ -92,53 +77,82 @@ def _probe_triton() -> Probe:
         impl = importlib.import_module("sophon_fast.kernels")
     except Exception as e:  # ImportError, or a triton that fails on this platform
         why = f"triton unusable ({type(e).__name__}: {e})"
-        return Probe("triton", False, {"cpu": False, "cuda": False}, {"cpu": why, "cuda": why}, None)
+        return unusable("triton", why)
     interp = _triton_interpret()
     cpu_why = "" if interp else "Triton runs CPU tensors only under TRITON_INTERPRET=1 (set before import)"
     cuda_why = "" if torch.cuda.is_available() else "no CUDA device available"
     return Probe("triton", True, {"cpu": interp, "cuda": not cuda_why}, {"cpu": cpu_why, "cuda": cuda_why}, impl)
 
 
-_PROBERS: Dict[str, Callable[[], Probe]] = {
-    "reference": _probe_reference, "cpp": _probe_cpp, "cuda": _probe_cuda, "triton": _probe_triton,
-}
+_PROBERS: Dict[str, Callable[[], Probe]] = {"reference": _probe_reference, "triton": _probe_triton}
 _cache: Dict[str, Probe] = {}
 _forced: Optional[str] = None
 _warned: set = set()
+_chosen: Dict[Tuple[str, str, object], Tuple[str, object]] = {}   # (op, device type, dtype) -> (name, impl)
+
+
+def register_prober(name: str, prober: Callable[[], Probe]) -> None:
+    """Make backend ``name`` (one of NAMES) known: ``prober()`` says once whether it is built and usable."""
+    if name not in NAMES:
+        raise ValueError(f"unknown backend {name!r}; NAMES = {NAMES}")
+    _PROBERS[name] = prober
+    _cache.pop(name, None)
+    _chosen.clear()
 
 
 def probe(name: str) -> Probe:
     if name not in _cache:
-        _cache[name] = _PROBERS[name]()
+        prober = _PROBERS.get(name)
+        if prober is None:   # not cached: the registering module may be imported later
+            return unusable(name, "not registered (importing sophon_fast.ops registers the compiled backends)")
+        _cache[name] = prober()
     return _cache[name]
 
 
-def forced_backend() -> Optional[str]:
-    name = _forced or os.environ.get("SOPHON_FAST_BACKEND", "auto").strip().lower() or "auto"
+def _parse(name: Optional[str], source: str) -> Optional[str]:
+    name = (name or "auto").strip().lower() or "auto"
     if name == "auto":
         return None
     if name not in NAMES:
-        raise BackendError(f"SOPHON_FAST_BACKEND={name!r} is not one of {NAMES + ('auto',)}")
+        raise BackendError(f"{source}={name!r} is not one of {NAMES + ('auto',)}")
     return name
+
+
+_env_value: Optional[str] = None   # SOPHON_FAST_BACKEND as read at import (validated when first used)
+
+
+def reload_environment() -> None:
+    """Read SOPHON_FAST_BACKEND again (it is read once, at import) and drop the cached choices."""
+    global _env_value
+    _env_value = os.environ.get("SOPHON_FAST_BACKEND")
+    _chosen.clear()
+
+
+reload_environment()
+
+
+def forced_backend() -> Optional[str]:
+    return _forced or _parse(_env_value, "SOPHON_FAST_BACKEND")
 
 
 def set_backend(name: Optional[str]) -> None:
     """Force a backend for this process (None or "auto" restores automatic selection)."""
     global _forced
-    _forced = None if name in (None, "auto") else name
-    forced_backend()  # validate
+    new = _parse(name, "set_backend")
+    if new != _forced:
+        _chosen.clear()
+    _forced = new
 
 
 @contextlib.contextmanager
 def use_backend(name: Optional[str]):
     """Context manager form of ``set_backend``."""
-    global _forced
     old = _forced
     set_backend(name)
     try:
         yield
     finally:
-        _forced = old
+        set_backend(old)
 
 
 def _reason(name: str, op: str, device_type: str) -> str:
@@ -177,30 +191,25 @@ def _choose(op: str, device_type: str) -> str:
     raise BackendError(f"no backend serves {op} on {device_type} tensors:\n{_rejections(op, device_type)}")
 
 
-_chosen: Dict[Tuple[str, str, object], Tuple[str, Callable]] = {}
-_chosen_under: Tuple[Optional[str], Optional[str]] = (None, None)
-
-
-def select(op: str, device_type: str, dtype=None) -> Callable:
-    """The function implementing ``op`` for tensors on ``device_type`` ("cpu", "cuda") of ``dtype``,
-    chosen once and cached until the forced backend changes."""
-    global _chosen_under
-    under = (_forced, os.environ.get("SOPHON_FAST_BACKEND"))
-    if under != _chosen_under:
-        _chosen.clear()
-        _chosen_under = under
+def select_backend(op: str, device_type: str, dtype=None) -> Tuple[str, object]:
+    """(name, implementation module) of the backend serving ``op`` for tensors on ``device_type`` ("cpu",
+    "cuda") of ``dtype``, chosen once and cached until the forced backend changes."""
     key = (op, device_type, dtype)
     hit = _chosen.get(key)
     if hit is None:
         name = _choose(op, device_type)
-        hit = _chosen[key] = (name, getattr(probe(name).impl, op))
-    return hit[1]
+        hit = _chosen[key] = (name, probe(name).impl)
+    return hit
+
+
+def select(op: str, device_type: str, dtype=None) -> Callable:
+    """The function implementing ``op`` for tensors on ``device_type`` of ``dtype`` (see ``select_backend``)."""
+    return getattr(select_backend(op, device_type, dtype)[1], op)
 
 
 def selected_name(device_type: str, op: str = "row_losses_fwd", dtype=None) -> str:
     """Name of the backend ``select`` picks for ``op`` on ``device_type``."""
-    select(op, device_type, dtype)
-    return _chosen[(op, device_type, dtype)][0]
+    return select_backend(op, device_type, dtype)[0]
 
 
 def backend_report(print_report: bool = True) -> dict:

@@ -13,9 +13,9 @@ Common contract of the logits losses:
             nothing and are not counted by "mean").
     reduction: "mean" (over counted rows), "sum" or "none" ((N,), zeros on ignored rows).
     Returns a tensor of the logits' dtype. Raises ValueError on bad input (type, shape, dtype, device,
-    options), on every backend. Target values are asserted without a host sync (``torch._assert_async``:
-    RuntimeError, on CUDA at a later sync); ``set_target_checks(True)`` checks them on the host and
-    raises ValueError instead. The hot path never synchronises, so the losses compile with
+    options), on every backend. Target values are asserted without a host sync (RuntimeError: inside the
+    kernels of the lean path, by ``torch._assert_async`` otherwise; on CUDA at a later sync);
+    ``set_target_checks(True)`` checks them on the host and raises ValueError instead. The hot path never synchronises, so the losses compile with
     ``torch.compile(fullgraph=True)`` and can be captured in CUDA graphs.
 """
 from __future__ import annotations
@@ -25,8 +25,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from sophon_fast import _backend
 from sophon_fast.ops._checks import (assert_targets_in_range, check_linear_inputs, check_logits,
-                                     check_per_sample_inputs, check_reduction, check_target)
+                                     check_per_sample_inputs, check_reduction, check_target, target_checks_on_host)
 from sophon_fast.ops._checks import set_target_checks  # noqa: F401  (re-exported: the debug switch)
 from sophon_fast.ops.linear_loss import linear_loss
 from sophon_fast.ops.row_losses import row_losses
@@ -34,16 +35,16 @@ from sophon_fast.ops.sq_mean import row_sq_mean
 from sophon_fast.reference.linear_loss import LOSS_WEIGHTS as LINEAR_LOSSES
 from sophon_fast.reference.losses import IGNORE_INDEX
 
-def _check(logits: Tensor, target: Optional[Tensor], reduction: str, ignore_index: int, who: str) -> None:
-    """Metadata checks (ValueError) and an asynchronous target-range assertion: no host sync, so every
-    loss compiles with ``fullgraph=True`` (see sophon_fast/ops/_checks.py for the debug switch)."""
+_REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
+
+
+def _check(logits: Tensor, target: Optional[Tensor], reduction: str, who: str) -> None:
+    """Metadata checks (ValueError): the one validation of a logits loss call, here at the public boundary."""
     check_logits(logits, who, min_classes=2)
     if logits.shape[0] == 0:
         raise ValueError(f"{who}: logits has N = 0 rows")
     check_reduction(reduction, who)
     check_target(target, logits.shape[0], logits.device, who)
-    if target is not None:
-        assert_targets_in_range(target, logits.shape[1], ignore_index, who)
 
 
 def _reduce(loss: Tensor, target: Optional[Tensor], reduction: str, ignore_index: int, dtype) -> Tensor:
@@ -60,14 +61,32 @@ def fused_loss(logits: Tensor, target: Optional[Tensor] = None, *, ce: float = 0
                klu: float = 0.0, negent: float = 0.0, scale: float = 1.0, reduction: str = "mean",
                ignore_index: int = IGNORE_INDEX) -> Tensor:
     """Weighted sum ``ce*CE + ice*ICE + klu*KLU + negent*NEGENT`` of ``scale * logits`` from ONE read
-    of the logits (forward) and one read + one write (backward). CE and ICE need ``target``."""
-    _check(logits, target, reduction, ignore_index, "fused_loss")
-    if target is None and (ce or ice):
+    of the logits (forward) and one read + one write (backward). CE and ICE need ``target``.
+
+    Eager calls on a backend with a lean path (the C++/CUDA extension: ``_cpp_fused_loss``) are one dispatcher op
+    with its autograd in C++, the reduction and the target-range check inside its kernels (second derivatives
+    through the custom op ``row_losses_backward``); under ``torch.compile``, and on the other backends, the custom
+    op ``sophon_fast::row_losses`` plus the reduction in torch ops."""
+    who = "fused_loss"
+    _check(logits, target, reduction, who)
+    weights = [float(ce), float(ice), float(klu), float(negent)]
+    if target is None and (weights[0] or weights[1]):
         raise ValueError("fused_loss: ce and ice need a target")
-    if target is not None:
+    if target is not None and (target.dtype != torch.int64 or not target.is_contiguous()):
         target = target.long().contiguous()
-    loss, _ = row_losses(logits, target, [float(ce), float(ice), float(klu), float(negent)], float(scale),
-                         int(ignore_index))
+    ignore_index = int(ignore_index)
+    host_check = target is not None and target_checks_on_host()
+    if not torch.compiler.is_compiling():
+        lean = getattr(_backend.select_backend("row_losses_fwd", logits.device.type, logits.dtype)[1], "fused_loss",
+                       None)
+        if lean is not None:
+            if host_check:
+                assert_targets_in_range(target, logits.shape[1], ignore_index, who)
+            return lean(logits, target, weights, float(scale), ignore_index, _REDUCTION_CODES[reduction],
+                        not host_check)
+    if target is not None:
+        assert_targets_in_range(target, logits.shape[1], ignore_index, who)
+    loss, _ = row_losses(logits, target, weights, float(scale), ignore_index)
     return _reduce(loss, target, reduction, ignore_index, logits.dtype)
 
 

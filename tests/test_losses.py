@@ -399,7 +399,7 @@ def test_backend_choice_is_cached_per_op_device_dtype(monkeypatch):
     calls = []
     choose = _backend._choose
     monkeypatch.setattr(_backend, "_choose", lambda op, dev: calls.append((op, dev)) or choose(op, dev))
-    monkeypatch.setattr(_backend, "_chosen_under", ("stale", None))   # start from an empty cache
+    monkeypatch.setattr(_backend, "_chosen", {})   # start from an empty cache
     z, y = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
     for _ in range(3):
         F.cross_entropy(z, y)
@@ -408,18 +408,96 @@ def test_backend_choice_is_cached_per_op_device_dtype(monkeypatch):
     with sophon_fast.use_backend("reference"):   # forcing a backend drops the cache
         F.cross_entropy(z, y)
         assert _backend.selected_name("cpu") == "reference"
-    monkeypatch.setenv("SOPHON_FAST_BACKEND", "reference")   # so does a new environment value
+    F.cross_entropy(z, y)   # leaving it drops the cache again: one new choice
     calls.clear()
+    monkeypatch.setenv("SOPHON_FAST_BACKEND", "reference")   # the environment is read once, at import ...
     F.cross_entropy(z, y)
-    assert calls == [("row_losses_fwd", "cpu")] and _backend.selected_name("cpu") == "reference"
+    assert calls == [] and _backend.selected_name("cpu", dtype=torch.float32) != "reference"
+    _backend.reload_environment()                            # ... or when asked to
+    F.cross_entropy(z, y)
+    assert calls == [("row_losses_fwd", "cpu")] and _backend.selected_name("cpu", dtype=torch.float32) == "reference"
+    monkeypatch.delenv("SOPHON_FAST_BACKEND")
+    _backend.reload_environment()
 
 
-def test_forcing_unusable_backend_names_every_backend(monkeypatch):
-    monkeypatch.setenv("SOPHON_FAST_BACKEND", "cuda")
-    with pytest.raises(sophon_fast.BackendError) as info:
+def test_forcing_unusable_backend_names_every_backend():
+    with sophon_fast.use_backend("cuda"), pytest.raises(sophon_fast.BackendError) as info:
         F.kl_uniform(torch.randn(2, 3))
     for name in _backend.NAMES:
         assert f"{name}:" in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# The lean eager path (_cpp_fused_loss: one op, autograd in C++, reduction and target check in the kernels)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the C++ extension is not built")
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_lean_path_is_one_op_with_a_cpp_autograd_node(reduction, dtype):
+    """One dispatcher op forward (no torch ops around it for the reduction or the target check) and one C++
+    autograd node; equal to the custom-op path of the same backend (which the parity tests pin to the gold)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(9, 13, generator=g).to(dtype).requires_grad_(True)
+    y = torch.randint(0, 13, (9,), generator=g)
+    y[4] = IGNORE
+    kw = dict(ce=0.5, ice=1.0, klu=0.25, negent=2.0, reduction=reduction)
+    with sophon_fast.use_backend("cpp"):
+        out = F.fused_loss(z, y, **kw)
+        assert type(out.grad_fn).__name__ == "CppFunction"
+        zd = z.detach()
+        with Ops() as ops:
+            F.fused_loss(zd, y, **kw)
+        assert ops.names == ["sophon_fast._cpp_fused_loss_fwd"], ops.names
+        grad, = torch.autograd.grad(out.sum(), z)
+        loss_op, _ = torch.ops.sophon_fast.row_losses(z, y, [0.5, 1.0, 0.25, 2.0], 1.0, IGNORE)
+        ref = sophon_fast.functional._reduce(loss_op, y, reduction, IGNORE, dtype)
+        ref_grad, = torch.autograd.grad(ref.sum(), z)
+    assert out.dtype == dtype and out.shape == ref.shape
+    tol = dict(rtol=0, atol=0) if dtype == torch.float64 else dict(rtol=2e-6, atol=2e-7)
+    if dtype == torch.bfloat16:
+        tol = dict(rtol=2 ** -7, atol=2 ** -7)
+    torch.testing.assert_close(out, ref, **{**tol, "atol": max(tol["atol"], 1e-15)})
+    torch.testing.assert_close(grad, ref_grad, **tol)
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the C++ extension is not built")
+def test_lean_path_target_check_is_in_the_kernel():
+    z, y = torch.randn(4, 5), torch.tensor([0, 1, 7, IGNORE])
+    with sophon_fast.use_backend("cpp"), pytest.raises(RuntimeError, match="out of range"):
+        F.cross_entropy(z, y)
+    with sophon_fast.use_backend("cpp"):   # ignore_index rows pass, the mean counts the others
+        got = F.cross_entropy(z, torch.tensor([0, 1, IGNORE, IGNORE]))
+    torch.testing.assert_close(got, torch.nn.functional.cross_entropy(z, torch.tensor([0, 1, IGNORE, IGNORE])))
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the C++ extension is not built")
+def test_lean_path_mean_over_no_rows_is_nan_with_zero_gradient():
+    z = torch.randn(3, 4, requires_grad=True)
+    with sophon_fast.use_backend("cpp"):
+        out = F.cross_entropy(z, torch.full((3,), IGNORE))
+        out.backward()
+    assert torch.isnan(out) and torch.equal(z.grad, torch.zeros_like(z))
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the C++ extension is not built")
+def test_lean_op_opcheck():
+    z = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 6, IGNORE, 3, 1])
+    for red in (0, 1, 2):
+        torch.library.opcheck(torch.ops.sophon_fast._cpp_fused_loss.default,
+                              (z, y, [0.5, 1.0, 0.25, 2.0], 1.5, IGNORE, red, True),
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -386,8 +386,9 @@ void bwd_chunk(const T* row, T* out, int64_t lo, int64_t hi, int64_t c, int64_t 
 }
 
 template <typename T, bool NEG>
-void bwd_impl(const acc_t<T>* grad_loss, const T* logits, int64_t n, int64_t c, int64_t rs, const int64_t* target,
-              const acc_t<T>* stats, const LossWeights& w, double scale, int64_t ignore_index, T* grad) {
+void bwd_impl(const acc_t<T>* grad_loss, int64_t gl_stride, acc_t<T> gl_denom, const T* logits, int64_t n, int64_t c,
+              int64_t rs, const int64_t* target, const acc_t<T>* stats, const LossWeights& w, double scale,
+              int64_t ignore_index, T* grad) {
   const int64_t splits = row_splits(n, c);
   const int64_t len = chunk_len(c, splits, IO<T>::W);
   const int64_t k = (c + len - 1) / len;
@@ -403,7 +404,7 @@ void bwd_impl(const acc_t<T>* grad_loss, const T* logits, int64_t n, int64_t c, 
       const double st[3] = {static_cast<double>(stats[3 * r]), static_cast<double>(stats[3 * r + 1]),
                             static_cast<double>(stats[3 * r + 2])};
       const int64_t hi = std::min(c, lo + len);
-      const double gl = static_cast<double>(grad_loss[r]);
+      const double gl = static_cast<double>(grad_loss[r * gl_stride] / gl_denom);
       if (sk == 1) bwd_chunk<T, NEG, 1>(logits + r * rs, grad + r * c, lo, hi, c, y, valid, gl, st, w, scale, stream);
       else if (sk == -1) bwd_chunk<T, NEG, -1>(logits + r * rs, grad + r * c, lo, hi, c, y, valid, gl, st, w, scale, stream);
       else bwd_chunk<T, NEG, 0>(logits + r * rs, grad + r * c, lo, hi, c, y, valid, gl, st, w, scale, stream);
@@ -412,15 +413,38 @@ void bwd_impl(const acc_t<T>* grad_loss, const T* logits, int64_t n, int64_t c, 
 }
 
 template <typename T>
-void bwd_dispatch(const void* grad_loss, const void* logits, int64_t n, int64_t c, int64_t rs, const int64_t* target,
-                  const void* stats, const LossWeights& w, double scale, int64_t ignore_index, void* grad) {
+void bwd_dispatch(const void* grad_loss, int64_t gl_stride, const void* gl_denom, const void* logits, int64_t n,
+                  int64_t c, int64_t rs, const int64_t* target, const void* stats, const LossWeights& w, double scale,
+                  int64_t ignore_index, void* grad) {
   using A = acc_t<T>;
   auto* gl = static_cast<const A*>(grad_loss);
+  const A gd = gl_denom == nullptr ? A(1) : *static_cast<const A*>(gl_denom);
   auto* z = static_cast<const T*>(logits);
   auto* st = static_cast<const A*>(stats);
   auto* g = static_cast<T*>(grad);
-  if (w.negent != 0) bwd_impl<T, true>(gl, z, n, c, rs, target, st, w, scale, ignore_index, g);
-  else bwd_impl<T, false>(gl, z, n, c, rs, target, st, w, scale, ignore_index, g);
+  if (w.negent != 0) bwd_impl<T, true>(gl, gl_stride, gd, z, n, c, rs, target, st, w, scale, ignore_index, g);
+  else bwd_impl<T, false>(gl, gl_stride, gd, z, n, c, rs, target, st, w, scale, ignore_index, g);
+}
+
+// Row reduction of the forward's per-row losses (see kernels.h).
+template <typename A, typename O>
+int64_t reduce_impl(const A* loss, const int64_t* target, int64_t n, int64_t c, int64_t ignore_index, int reduction,
+                    bool check, O* out, A* denom_out) {
+  int64_t bad = -1, count = 0;
+  double total = 0;
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t y = target == nullptr ? 0 : target[r];
+    const bool valid = target == nullptr || y != ignore_index;
+    if (check && bad < 0 && valid && (y < 0 || y >= c)) bad = r;
+    count += valid;
+    if (reduction == 0) out[r] = static_cast<O>(loss[r]);
+    else total += static_cast<double>(loss[r]);
+  }
+  // "mean" divides by the counted rows in the accumulation type, as the composite (sum / count) does
+  const A denom = reduction == 1 ? static_cast<A>(count) : A(1);
+  if (reduction != 0) out[0] = static_cast<O>(static_cast<A>(total) / denom);
+  *denom_out = denom;
+  return bad;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -504,12 +528,25 @@ void row_losses_fwd(const void* logits, int dtype, int64_t n, int64_t c, int64_t
   });
 }
 
-void row_losses_bwd(const void* grad_loss, const void* logits, int dtype, int64_t n, int64_t c, int64_t row_stride,
-                    const int64_t* target, const void* stats, LossWeights w, double scale, int64_t ignore_index,
-                    void* grad) {
+void row_losses_bwd(const void* grad_loss, int64_t gl_stride, const void* gl_denom, const void* logits, int dtype,
+                    int64_t n, int64_t c, int64_t row_stride, const int64_t* target, const void* stats, LossWeights w,
+                    double scale, int64_t ignore_index, void* grad) {
   by_dtype(dtype, "row_losses_backward", [&](auto tag) {
-    bwd_dispatch<decltype(tag)>(grad_loss, logits, n, c, row_stride, target, stats, w, scale, ignore_index, grad);
+    bwd_dispatch<decltype(tag)>(grad_loss, gl_stride, gl_denom, logits, n, c, row_stride, target, stats, w, scale,
+                                ignore_index, grad);
   });
+}
+
+int64_t reduce_rows(const void* loss, int dtype, const int64_t* target, int64_t n, int64_t c, int64_t ignore_index,
+                    int reduction, bool check, void* out, void* denom) {
+  int64_t bad = -1;
+  by_dtype(dtype, "fused_loss", [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    bad = reduce_impl<A, T>(static_cast<const A*>(loss), target, n, c, ignore_index, reduction, check,
+                            static_cast<T*>(out), static_cast<A*>(denom));
+  });
+  return bad;
 }
 
 void inner_step(void* param, void* grad, void* exp_avg, void* exp_avg_sq, int dtype, int64_t numel, int kind,

@@ -24,10 +24,20 @@ void row_losses_fwd(const void* logits, int dtype, int64_t n, int64_t c, int64_t
                     const int64_t* target, LossWeights w, double scale, int64_t ignore_index, void* loss,
                     void* stats);
 
-// grad_loss: n values; stats: the forward's; grad: contiguous n x c in the logits' dtype.
-void row_losses_bwd(const void* grad_loss, const void* logits, int dtype, int64_t n, int64_t c,
-                    int64_t row_stride, const int64_t* target, const void* stats, LossWeights w,
-                    double scale, int64_t ignore_index, void* grad);
+// grad_loss: row r's cotangent is grad_loss[r * gl_stride] / *gl_denom (gl_stride 0: one value broadcast;
+// gl_denom null: 1), both in the accumulation type; stats: the forward's; grad: contiguous n x c in the
+// logits' dtype.
+void row_losses_bwd(const void* grad_loss, int64_t gl_stride, const void* gl_denom, const void* logits, int dtype,
+                    int64_t n, int64_t c, int64_t row_stride, const int64_t* target, const void* stats,
+                    LossWeights w, double scale, int64_t ignore_index, void* grad);
+
+// The reduction of the lean loss path over the forward's per-row losses `loss` (accumulation type of
+// dtype code `dtype`): reduction 0 "none" writes out[r] = loss[r], 1 "mean" out[0] = sum / (rows not
+// ignored), 2 "sum" out[0] = sum; out in the logits' dtype `dtype`. *denom (accumulation type) gets the
+// divisor (the count for "mean", else 1), which the backward reads. With `check`, returns the first row whose
+// target is outside [0, c) and not ignore_index (-1: none), so the caller can raise.
+int64_t reduce_rows(const void* loss, int dtype, const int64_t* target, int64_t n, int64_t c, int64_t ignore_index,
+                    int reduction, bool check, void* out, void* denom);
 
 // In place over numel contiguous elements; kind 0 sgd, 1 momentum, 2 adam. Buffers a kind does not
 // use may be null.

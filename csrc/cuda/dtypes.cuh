@@ -25,6 +25,14 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, flo
   return __float2bfloat16_rn(x);
 }
 
+// e^x from one FMUL and one MUFU.EX2 (ex2.approx.ftz: relative error ~2^-22, Triton's tl.exp): fp32 only; the
+// fp64 kernels keep the accurate exp. Callers pass arguments <= 0 (or the small positive rescale gaps).
+__device__ __forceinline__ float fast_exp(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
+  return y;
+}
+__device__ __forceinline__ double fast_exp(double x) { return exp(x); }
 __device__ __forceinline__ float fexp(float x) { return expf(x); }
 __device__ __forceinline__ double fexp(double x) { return exp(x); }
 __device__ __forceinline__ float flog(float x) { return logf(x); }

@@ -7,7 +7,8 @@
 //             param -= (lr / (1 - beta1^t)) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 //   zero_grad grad = 0
 // Traffic per element: SGD 2R+1W, MOMENTUM 3R+2W, ADAM 4R+3W (+1W with zero_grad); 128-bit loads and
-// stores when every buffer used is 16-byte aligned. Arithmetic in fp32 (fp64 for fp64 buffers).
+// stores when every buffer used is 16-byte aligned. Arithmetic in fp32 (fp64 for fp64 buffers); the scalars
+// arrive as double. The capturable variant reads Adam's step number from device memory (CUDA-graph safe).
 #include <cmath>
 
 #include "dtypes.cuh"
@@ -36,11 +37,33 @@ template <int KIND, typename A> __device__ __forceinline__ void update(A& p, A g
   }
 }
 
+// Adam's step size lr / (1 - beta1^t) and sqrt(1 - beta2^t) in double, from the step number t.
+__host__ __device__ inline void bias_corrections(double lr, double beta1, double beta2, int64_t t, double* step_size,
+                                                 double* sqrt_bc2) {
+  *step_size = lr / (1.0 - pow(beta1, double(t)));
+  *sqrt_bc2 = sqrt(1.0 - pow(beta2, double(t)));
+}
+
+// step: NULL (the host folded the bias corrections into h) or Adam's step number on the device (capturable:
+// each block forms the corrections once, in double, from *step, into shared memory).
 template <typename T, int KIND, bool VEC>
 __global__ void __launch_bounds__(256)
 inner_step_kernel(T* __restrict__ param, T* __restrict__ grad, T* __restrict__ exp_avg, T* __restrict__ exp_avg_sq,
-                  int64_t numel, Hyper<typename Acc<T>::type> h, bool zero_grad) {
+                  int64_t numel, Hyper<typename Acc<T>::type> h, bool zero_grad, const int64_t* __restrict__ step,
+                  double lr, double beta1, double beta2) {
   using A = typename Acc<T>::type;
+  if (KIND == 2 && step != nullptr) {
+    __shared__ A corr[2];
+    if (threadIdx.x == 0) {
+      double ss, sq;
+      bias_corrections(lr, beta1, beta2, *step, &ss, &sq);
+      corr[0] = A(ss);
+      corr[1] = A(sq);
+    }
+    __syncthreads();
+    h.step_size = corr[0];
+    h.sqrt_bc2 = corr[1];
+  }
   constexpr int V = VEC ? Pack<T>::V : 1;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x * V;
   const int64_t nv = numel / V * V;
@@ -93,17 +116,18 @@ inner_step_kernel(T* __restrict__ param, T* __restrict__ grad, T* __restrict__ e
 
 template <typename T, int KIND>
 void launch(T* p, T* g, T* m, T* v, int64_t numel, const Hyper<typename Acc<T>::type>& h, bool zero_grad,
-            cudaStream_t stream) {
+            const int64_t* step, double lr, double b1, double b2, cudaStream_t stream) {
   constexpr int kThreads = 256;
   const bool vec = aligned16(p) && aligned16(g) && (KIND < 1 || aligned16(m)) && (KIND < 2 || aligned16(v));
   const int64_t per_block = int64_t(kThreads) * (vec ? Pack<T>::V : 1);
   int64_t blocks = (numel + per_block - 1) / per_block;
   blocks = blocks < 1 ? 1 : (blocks > 65536 ? 65536 : blocks);  // grid-stride beyond 65536 blocks
   if (vec) {
-    inner_step_kernel<T, KIND, true><<<static_cast<int>(blocks), kThreads, 0, stream>>>(p, g, m, v, numel, h, zero_grad);
+    inner_step_kernel<T, KIND, true><<<static_cast<int>(blocks), kThreads, 0, stream>>>(p, g, m, v, numel, h, zero_grad,
+                                                                                       step, lr, b1, b2);
   } else {
     inner_step_kernel<T, KIND, false><<<static_cast<int>(blocks), kThreads, 0, stream>>>(p, g, m, v, numel, h,
-                                                                                        zero_grad);
+                                                                                        zero_grad, step, lr, b1, b2);
   }
 }
 
@@ -111,32 +135,52 @@ void launch(T* p, T* g, T* m, T* v, int64_t numel, const Hyper<typename Acc<T>::
 }  // namespace cuda
 }  // namespace sophon_fast
 
-extern "C" int sf_inner_step_cuda(void* param, void* grad, void* exp_avg, void* exp_avg_sq, int dtype, int64_t numel,
-                                  int kind, float lr, float beta1, float beta2, float eps, float weight_decay,
-                                  int64_t step, int zero_grad, void* stream) {
+namespace {
+
+int step_cuda(void* param, void* grad, void* exp_avg, void* exp_avg_sq, int dtype, int64_t numel, int kind, double lr,
+              double beta1, double beta2, double eps, double weight_decay, int64_t step, const int64_t* step_ptr,
+              int zero_grad, void* stream) {
   using namespace sophon_fast::cuda;
-  if (numel < 0 || kind < 0 || kind > 2 || (kind == 2 && step < 1) || (kind >= 1 && exp_avg == nullptr) ||
-      (kind == 2 && exp_avg_sq == nullptr)) {
+  if (numel < 0 || kind < 0 || kind > 2 || (kind == 2 && step_ptr == nullptr && step < 1) ||
+      (kind >= 1 && exp_avg == nullptr) || (kind == 2 && exp_avg_sq == nullptr)) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   if (numel == 0) return 0;
-  // Bias corrections folded on the host in double, from the fp32 arguments.
-  const double b1 = beta1, b2 = beta2;
-  const double bc1 = kind == 2 ? 1.0 - pow(b1, double(step)) : 1.0;
-  const double bc2 = kind == 2 ? 1.0 - pow(b2, double(step)) : 1.0;
+  // Bias corrections folded on the host in double (or, capturable, on the device from *step_ptr).
+  double step_size = lr, sqrt_bc2 = 1.0;
+  if (kind == 2 && step_ptr == nullptr) bias_corrections(lr, beta1, beta2, step, &step_size, &sqrt_bc2);
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = typename Acc<T>::type;
-    const Hyper<A> h{A(lr), A(b1), A(1.0 - b1), A(b2), A(1.0 - b2), A(eps), A(weight_decay), A(double(lr) / bc1),
-                     A(sqrt(bc2))};
+    const Hyper<A> h{A(lr), A(beta1), A(1.0 - beta1), A(beta2), A(1.0 - beta2), A(eps), A(weight_decay),
+                     A(step_size), A(sqrt_bc2)};
     auto* p = static_cast<T*>(param);
     auto* g = static_cast<T*>(grad);
     auto* m = static_cast<T*>(exp_avg);
     auto* v = static_cast<T*>(exp_avg_sq);
     auto s = static_cast<cudaStream_t>(stream);
-    if (kind == 0) launch<T, 0>(p, g, m, v, numel, h, zero_grad != 0, s);
-    else if (kind == 1) launch<T, 1>(p, g, m, v, numel, h, zero_grad != 0, s);
-    else launch<T, 2>(p, g, m, v, numel, h, zero_grad != 0, s);
+    const bool zg = zero_grad != 0;
+    if (kind == 0) launch<T, 0>(p, g, m, v, numel, h, zg, step_ptr, lr, beta1, beta2, s);
+    else if (kind == 1) launch<T, 1>(p, g, m, v, numel, h, zg, step_ptr, lr, beta1, beta2, s);
+    else launch<T, 2>(p, g, m, v, numel, h, zg, step_ptr, lr, beta1, beta2, s);
     return static_cast<int>(cudaGetLastError());
   });
+}
+
+}  // namespace
+
+extern "C" int sf_inner_step_cuda(void* param, void* grad, void* exp_avg, void* exp_avg_sq, int dtype, int64_t numel,
+                                  int kind, double lr, double beta1, double beta2, double eps, double weight_decay,
+                                  int64_t step, int zero_grad, void* stream) {
+  return step_cuda(param, grad, exp_avg, exp_avg_sq, dtype, numel, kind, lr, beta1, beta2, eps, weight_decay, step,
+                   nullptr, zero_grad, stream);
+}
+
+extern "C" int sf_inner_step_capturable_cuda(void* param, void* grad, void* exp_avg, void* exp_avg_sq, int dtype,
+                                             int64_t numel, int kind, double lr, double beta1, double beta2,
+                                             double eps, double weight_decay, const int64_t* step, int zero_grad,
+                                             void* stream) {
+  if (step == nullptr) return static_cast<int>(cudaErrorInvalidValue);
+  return step_cuda(param, grad, exp_avg, exp_avg_sq, dtype, numel, kind, lr, beta1, beta2, eps, weight_decay, 0, step,
+                   zero_grad, stream);
 }

@@ -42,3 +42,26 @@ def inner_step_(param, grad, exp_avg, exp_avg_sq, kind, lr, beta1, beta2, eps, w
         raise ValueError(f"unknown inner step kind {kind}")
     if zero_grad:
         grad.zero_()
+
+
+@torch.no_grad()
+def inner_step_capturable_(param, grad, exp_avg, exp_avg_sq, step, kind, lr, beta1, beta2, eps, weight_decay,
+                           zero_grad):
+    """``inner_step_`` with Adam's step counter as a one-element int64 tensor ``step`` on the buffers' device:
+    ``step += 1``, then the step of number ``step``, with the bias corrections formed from the tensor (no host
+    value depends on it: a CUDA graph can capture the call once and replay it)."""
+    step.add_(1)
+    g = grad if weight_decay == 0 else grad + weight_decay * param
+    if kind != ADAM:
+        inner_step_(param, grad, exp_avg, exp_avg_sq, kind, lr, beta1, beta2, eps, weight_decay, 1, zero_grad)
+        return
+    t = step.reshape(()).to(torch.float64)
+    bc1 = 1 - torch.pow(beta1, t)
+    sqrt_bc2 = (1 - torch.pow(beta2, t)).sqrt()
+    exp_avg.mul_(beta1).add_((1 - beta1) * g)
+    exp_avg_sq.mul_(beta2).add_((1 - beta2) * g * g)
+    acc = torch.float64 if param.dtype == torch.float64 else torch.float32
+    denom = exp_avg_sq.sqrt() / sqrt_bc2.to(acc) + eps
+    param.sub_(((lr / bc1).to(acc) * exp_avg / denom).to(param.dtype))
+    if zero_grad:
+        grad.zero_()

@@ -53,10 +53,10 @@ def linear_suppression_loss(hidden: torch.Tensor, weight: torch.Tensor, target: 
 
 def linear_loss_with_grads(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                            bias: Optional[torch.Tensor], weights: Sequence[float], ignore_index: int,
-                           reduction: str, chunk_size: int, compute_grad: bool
+                           reduction: str, chunk_size: int, compute_grad: bool, low_memory: bool = False
                            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reference backend of ``sophon_fast::linear_loss``: (loss, grad_hidden, grad_weight, grad_bias) with
-    the full (N, V) logits materialised (``chunk_size`` is ignored). Gradients are of the reduced loss
+    the full (N, V) logits materialised (``chunk_size`` and ``low_memory`` are ignored). Gradients are of the reduced loss
     (cotangent 1); empty (0,) tensors when ``compute_grad`` is False or there is no bias."""
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     logits = F.linear(hidden, weight, bias)
