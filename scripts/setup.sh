@@ -21,10 +21,10 @@ done
   torch==2.13.0 triton==3.7.1 numpy ninja pybind11 setuptools wheel
 stamp=.venv/.sophon_fast_build
 if [ ! -f "$stamp" ] || [ -n "$(find setup.py csrc -newer "$stamp" 2>/dev/null | head -1)" ] \
-   || ! .venv/bin/python -c "import sophon_fast._C, transformers, diffusers, pytest" 2>/dev/null; then
-  echo "[setup] installing sophon_fast[lm,diffusion,triton,dev] and building its C++ extension (~1 minute)"
+   || ! .venv/bin/python -c "import sophon_fast._C, transformers, diffusers, pytest, optuna" 2>/dev/null; then
+  echo "[setup] installing sophon_fast[lm,diffusion,triton,dev,audit] and building its C++ extension (~1 minute)"
   .venv/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation --use-pep517 \
-    -e ".[lm,diffusion,triton,dev]" \
+    -e ".[lm,diffusion,triton,dev,audit]" \
     torch==2.13.0 triton==3.7.1 transformers==5.24.0 peft==0.21.2 tokenizers==0.23.3 diffusers==0.42.1
   touch "$stamp"
 fi

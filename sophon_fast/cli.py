@@ -4,6 +4,7 @@
     sophon-fast protect  [--task image|lm|diffusion] --model PATH --original DATA --restricted DATA --out PATH
                          [--config adaptive|trap|lm|diffusion|FILE.json] [--iterations N ...]
     sophon-fast attack   [--task ...] --model PATH --restricted DATA [--unprotected PATH] [--out DIR]
+    sophon-fast audit    [--task ...] --model PATH --restricted DATA [--unprotected PATH] [--quick|--full] [--out DIR]
     sophon-fast report   DIR_OR_JSON                         re-render report.md / curves.png (/ adaptive.png)
     sophon-fast backends                                     which kernel backends are usable
     sophon-fast bench                                        a one-minute speed check of this machine
@@ -96,6 +97,12 @@ def _cmd_attack(a) -> int:
     return attack_command(a)
 
 
+def _cmd_audit(a) -> int:
+    from sophon_fast.apps.audit import audit_command
+    _model_arg(a)
+    return audit_command(a)
+
+
 def _cmd_report(a) -> int:
     import os
 
@@ -185,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--seed", type=int, default=0)
     at.add_argument("--out", default=None, help="write attacks.json into this directory")
     at.set_defaults(fn=_cmd_attack)
+
+    from sophon_fast.apps.audit import add_parser as audit_parser
+    audit_parser(sub, inputs).set_defaults(fn=_cmd_audit)
 
     r = sub.add_parser("report", help="re-render report.md, curves.png (and adaptive.png) from report.json")
     r.add_argument("path")

@@ -269,3 +269,21 @@ def test_lm_and_diffusion_spaces_run_through_the_same_search(tmp_path):
                 out=str(tmp_path / "diffusion"), progress=False,
                 space_options={"evals": 1, "batch_sizes": [8], "optimizers": ["adam", "momentum"]})
     assert rep["metric"].startswith("restricted eps-MSE") and rep["models"]["protected"]["trials"] == 2
+
+
+def test_cli_audit_writes_the_report_and_a_rerun_continues(tmp_path, capsys):
+    import sophon_fast as sf
+    from sophon_fast import cli
+    from sophon_fast.io import save_model
+    assert sf.audit is audit
+    path = str(save_model(_tiny(), tmp_path / "m.safetensors"))
+    out = tmp_path / "a"
+    argv = ["audit", "--model", path, "--restricted", "digits", "--steps", "3", "--null-bodies", "1",
+            "--out", str(out), "--no-progress", "--methods", "full", "--trials"]
+    assert cli.main(argv + ["1"]) == 0
+    assert "[audit] verdict:" in capsys.readouterr().out
+    assert cli.main(argv + ["2"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert [m["trials"] for m in rep["models"].values()] == [2, 2, 2]
+    assert cli.main(argv + ["0"]) == 2
+    assert "error: the audit budget" in capsys.readouterr().err

@@ -23,9 +23,7 @@ VERDICT_RULE = ("broken if the protected model's best exceeds the best of every 
 
 
 def _trial_row(t) -> dict:
-    return {"number": t.number, "value": t.value, "params": t.params, **{k: t.user_attrs.get(k) for k in
-                                                                        ("attack", "steps", "curve", "stopped",
-                                                                         "seconds", "fixed")}}
+    return {"number": t.number, "value": t.value, "params": t.params, **t.user_attrs["result"]}
 
 
 def build_report(studies: Dict[str, object], space, budget: dict, seconds: Optional[float] = None) -> dict:
@@ -106,7 +104,7 @@ def render_markdown(report: dict) -> str:
         best = m["best"]
         stopped = sum(1 for r in m["all_trials"] if r["stopped"])
         lines.append(f"| {name} | {m['role']} | {m['trials']} | {_fmt(best['value'])} | {best['attack']} "
-                     f"(#{best['number']}{', fixed' if best['fixed'] else ''}) | {stopped} | {m['seconds']:.0f} |")
+                     f"(#{best['number']}{', fixed' if best['fixed'] else ''}) | {stopped} | {m['seconds']:.1f} |")
     lines += ["", "Best attack's curve per model (step: metric):", ""]
     for name, m in report["models"].items():
         best = m["best"]

@@ -158,10 +158,9 @@ def _search(optuna, study, storage, model: nn.Module, space, trials: int, seed: 
         params = space.suggest(trial)
         t0 = time.perf_counter()
         res = space.evaluate(model, params, seed)
-        for k, v in (("curve", res["curve"]), ("steps", res["steps"]), ("stopped", res["stopped"]),
-                     ("seconds", time.perf_counter() - t0), ("attack", space.describe(params)),
-                     ("fixed", trial.number in queued)):
-            trial.set_user_attr(k, v)
+        trial.set_user_attr("result", {"curve": res["curve"], "steps": res["steps"], "stopped": res["stopped"],
+                                        "seconds": time.perf_counter() - t0, "attack": space.describe(params),
+                                        "fixed": trial.number in queued})   # one attribute: one database write
         return res["value"]
 
     queued = set()
@@ -182,7 +181,7 @@ def _search(optuna, study, storage, model: nn.Module, space, trials: int, seed: 
             bar.update(1)
             bar.set_postfix(best=f"{study.best_value:.4g}", last=f"{last.value:.4g}")
         elif say:
-            say(f"[audit] {study.study_name} trial {n}/{trials}: {last.value:.4g} ({last.user_attrs['attack']}); "
+            say(f"[audit] {study.study_name} trial {n}/{trials}: {last.value:.4g} ({last.user_attrs['result']['attack']}); "
                 f"best {study.best_value:.4g}")
     if bar is not None:
         bar.close()
