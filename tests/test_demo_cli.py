@@ -11,10 +11,11 @@ from sophon_fast.apps.report import load_report, render_markdown, validate, writ
 
 def _report():
     curve = [0.1, 0.2, 0.3]
-    return {"domains": {"original": "fashion_mnist", "restricted": "mnist"},
-            "original_domain": {"unprotected_acc": 0.88, "protected_acc": 0.87},
+    return {"task": "image", "domains": {"original": "fashion_mnist", "restricted": "mnist"},
+            "metric": "test accuracy", "higher_is_better": True,
+            "original": {"metric": "original-domain test accuracy", "unprotected": 0.88, "protected": 0.87},
             "attacks": [{"name": "paper", "method": "full", "optimizer": "momentum", "lr": 1e-4, "batch_size": 200,
-                         "epochs": 2, "protected": curve, "unprotected": [0.1, 0.5, 0.6], "scratch": [0.1, 0.1, 0.1],
+                         "epochs": 2, "steps": [0, 1, 2], "protected": curve, "unprotected": [0.1, 0.5, 0.6], "scratch": [0.1, 0.1, 0.1],
                          "overhead": None, "never_reached": True, "head_start_removed": 0.6}],
             "config": {"seed": 0}, "timing": {"protect": 1.5},
             "targets": [{"target": "t", "met": False, "detail": "d"}]}
@@ -80,7 +81,7 @@ def test_demo_quick_end_to_end(tmp_path):
     assert a["name"] == "paper" and a["epochs"] == 1
     for key in ("protected", "unprotected", "scratch"):
         assert len(a[key]) == 2 and all(0 <= v <= 1 for v in a[key])
-    assert 0 <= report["original_domain"]["protected_acc"] <= 1
+    assert 0 <= report["original"]["protected"] <= 1 and a["steps"] == [0, 1]
     # a rerun reuses every finished step (resumable) and gives the same report
     assert cli.main(args) == 0
     again = json.loads((out / "report.json").read_text())
@@ -97,24 +98,25 @@ def test_demo_reprotects_a_model_made_with_other_settings(tmp_path, capsys):
     args = ["--threads", "1", "demo", "--quick", "--out", str(out), "--iterations", "1", "--suite", "paper",
             "--attack-epochs", "1", "--subset", "200", "--pretrain-epochs", "1", "--no-adaptive", "--no-progress"]
     assert cli.main(args) == 0
-    rec_path = out / "protected.json"
+    rec_path = out / "protected.config.json"                   # the protect stage's record (apps/pipeline.py)
     rec = json.loads(rec_path.read_text())
-    assert rec["metadata"]["protect_config"]["strategies"][0]["fresh"] == "block"     # the demo's recipe, e61
-    rec["metadata"]["protect_config"]["alpha"] = 1.0           # as if an older recipe had made it
+    import sophon_fast as sf
+    assert rec["strategies"] == sf.recipes.adaptive().to_dict()["strategies"]     # the demo's recipe, e61
+    rec["alpha"] = 1.0                                         # as if an older recipe had made it
     rec_path.write_text(json.dumps(rec))
     capsys.readouterr()
     assert cli.main(args) == 0
     said = capsys.readouterr()
-    assert "protected with other settings (alpha): protecting again" in said.out + said.err
-    assert json.loads(rec_path.read_text())["metadata"]["protect_config"]["alpha"] == 10.0
+    assert "made with other settings (alpha): protecting again" in said.out + said.err
+    assert json.loads(rec_path.read_text())["alpha"] == 10.0
     assert cli.main(args) == 0                                  # now it is reused
     said = capsys.readouterr()
-    assert "reusing protected model" in said.out + said.err
+    assert "reusing the protected model" in said.out + said.err
     longer = args[:args.index("--iterations") + 1] + ["2"] + args[args.index("--iterations") + 2:]
     assert cli.main(longer) == 0                                # more iterations: continue from the checkpoint
     said = capsys.readouterr()
     assert "(iterations): protecting again (resuming its checkpoint)" in said.out + said.err
-    assert json.loads(rec_path.read_text())["metadata"]["iterations"] == 2
+    assert json.loads((out / "protected.json").read_text())["metadata"]["iterations"] == 2
 
 
 def test_cli_bad_input_is_one_line_not_a_traceback(tmp_path, capsys):
@@ -134,7 +136,7 @@ def test_cli_protect_reads_a_config_file(tmp_path):
     assert cli.load_config("trap", sf.models.build("cnn_bn", seed=0)).ntr_steps == 6     # e75
     assert cli.load_config("trap", sf.models.build("cnn_small", seed=0)).ntr_steps == 3
     demo = cli.load_config("adaptive")                                                  # e61
-    assert not demo.defences and (demo.mode, demo.meta_gradient, demo.iterations) == ("reference", "unrolled", 1000)
+    assert not demo.defences and (demo.meta_gradient, demo.iterations) == ("unrolled", 1000) and demo == sf.recipes.adaptive()
     assert cli.load_config("adaptive", sf.models.build("cnn_bn", seed=0)).iterations == 400  # e72, e90-e93
     assert cli.load_config("lm") == sf.recipes.language_model()
     assert cli.load_config("diffusion").task == "diffusion"

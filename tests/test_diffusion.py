@@ -377,7 +377,8 @@ def test_demo_config_and_report(tmp_path):
     assert set(report["original"]) >= {"unprotected", "protected"} and report["higher_is_better"] is False
     row = report["attacks"][0]
     assert row["head_start"] == [s - u for s, u in zip(row["scratch"], row["unprotected"])]
-    paths = dd.write_report(report, str(tmp_path))
+    from sophon_fast.apps.report import write_report
+    paths = write_report(report, str(tmp_path))
     assert json.loads(open(paths["json"]).read())["metric"] == "eps_mse"
     md = open(paths["md"]).read()
     assert f"]({row['samples']})" in md and (tmp_path / row["samples"]).exists()

@@ -17,9 +17,8 @@ def _check_report(out, task):
     for a in r["attacks"]:
         assert len(a["protected"]) == len(a["scratch"]) == len(a["steps"]) >= 2
     assert r["targets"] and all("met" in t for t in r["targets"])
-    if task == "lm":   # the original-domain metric by its own name (the diffusion demo writes its own report)
-        label = "original next-token loss"
-        assert f"| {label} |" in (out / "report.md").read_text() and r["targets"][0]["target"].startswith(label)
+    label = {"lm": "original next-token loss", "diffusion": "original eps-MSE (uniform t)"}[task]   # one renderer
+    assert f"| model | {label} |" in (out / "report.md").read_text() and r["targets"][0]["target"].startswith(label)
     return r
 
 

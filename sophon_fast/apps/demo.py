@@ -20,14 +20,13 @@ from torch import nn
 
 from sophon_fast import data as sfdata
 from sophon_fast import models, recipes
-from sophon_fast._atomic import atomic_path
+from sophon_fast.apps.pipeline import protect_stage, write_json
 from sophon_fast.apps.report import write_report
 from sophon_fast.attacks import Attack, evaluate_suite, run, scratch, suite
 from sophon_fast.attacks import accuracy as attack_accuracy
 from sophon_fast.attacks.adaptive import AdaptiveConfig, default_attacks, evaluate_adaptive, excess
-from sophon_fast.engine import Checkpointing, ProtectConfig, protect
-from sophon_fast.engine.state import config_changes
-from sophon_fast.io import load_model, read_record, save_model
+from sophon_fast.engine import Checkpointing, ProtectConfig
+from sophon_fast.io import load_model, save_model
 
 DEMO_DOMAINS = {"original": "fashion_mnist", "restricted": "mnist", "arch": "cnn_small"}
 
@@ -83,16 +82,11 @@ def _subset(ds, n: Optional[int], seed: int):
 _JUDGE = AdaptiveConfig()   # the adaptive suite's thresholds, applied to the default suite's epochs as well
 
 
-def _write_json(path: str, obj) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj))
-
-
 def _targets(report: dict) -> list:
-    o = report["original_domain"]
+    o = report["original"]
     out = [{"target": "protected original accuracy >= unprotected - 2 points",
-            "met": o["protected_acc"] >= o["unprotected_acc"] - 0.02,
-            "detail": f"{100 * o['protected_acc']:.1f}% vs {100 * o['unprotected_acc']:.1f}%"}]
+            "met": o["protected"] >= o["unprotected"] - 0.02,
+            "detail": f"{100 * o['protected']:.1f}% vs {100 * o['unprotected']:.1f}%"}]
     for a in report["attacks"]:
         h = a["head_start_removed"]
         if h is not None:
@@ -149,33 +143,12 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, origina
     # 2. protection
     prot_path = os.path.join(out, "protected.safetensors")
     cfg = demo_config(quick, iterations, seed, progress, os.path.join(out, "checkpoints"), unprotected)
-    t0 = time.perf_counter()
-    history = []
-    stale = []
-    if os.path.exists(prot_path):
-        saved = read_record(prot_path).get("metadata", {}).get("protect_config", {})
-        changed = config_changes(saved, cfg)
-        stale = changed + (["iterations"] if saved.get("iterations") != cfg.iterations else [])
-        if stale:   # made by another recipe: its attack results (and, unless only longer, checkpoint) are stale
-            say(f"[demo] {prot_path} was protected with other settings ({', '.join(stale)}): protecting again"
-                + ("" if changed else " (resuming its checkpoint)"))
-            for p in ([os.path.join(cfg.checkpoint.dir, "protect.pt")] if changed else []) + \
-                    [os.path.join(out, "attacks.partial.json"), os.path.join(out, "adaptive.json")]:
-                if os.path.exists(p):
-                    os.remove(p)
-    if os.path.exists(prot_path) and not stale:
-        protected = load_model(prot_path)
-        say(f"[demo] reusing protected model {prot_path}")
-    else:
-        say(f"[demo] protecting against {restricted}: {cfg.iterations} iterations, K={cfg.inner_steps}, "
-            f"loss {cfg.loss}, mode {cfg.mode}")
-        res = protect(unprotected, o_train, r_train, cfg, original_test=o_test)
-        protected, history = res.model, res.history
-        if res.stop_reason:
-            say(f"[demo] protection stopped early: {res.stop_reason}")
-        save_model(protected, prot_path, metadata={"original": original, "restricted": restricted,
-                                                   "iterations": len(history), "protect_config": cfg.to_dict()})
-    timing["protect"] = time.perf_counter() - t0
+    meta = {"original": original, "restricted": restricted, "iterations": cfg.iterations}
+    protected, history, timing["protect"] = protect_stage(
+        out, cfg, unprotected, o_train, r_train, o_test, None,
+        lambda m: save_model(m, prot_path, metadata={**meta, "protect_config": cfg.to_dict()}),
+        lambda: load_model(prot_path), say,
+        derived=[os.path.join(out, "attacks.partial.json"), os.path.join(out, "adaptive.json")])
     prot_acc = attack_accuracy(protected, o_test)
     say(f"[demo] protected {original} test accuracy {100 * prot_acc:.1f}%")
 
@@ -201,7 +174,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, origina
         rows.append(row)
         say(f"[demo]   protected {100 * row['protected'][-1]:.1f}%  unprotected "
             f"{100 * row['unprotected'][-1]:.1f}%  scratch {100 * row['scratch'][-1]:.1f}%")
-        _write_json(partial_path, rows)
+        write_json(partial_path, rows)
     timing["attacks"] = time.perf_counter() - t0
 
     # 4. the adaptive suite (cached in adaptive.json with its settings)
@@ -224,14 +197,15 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, origina
             adaptive_report = evaluate_adaptive(protected, unprotected, r_train, r_test, o_train, acfg, seeds=(seed,),
                                                 say=lambda line: say(f"[demo]   {line}"), null_seeds=nulls)
             adaptive_report = json.loads(json.dumps(adaptive_report))
-            _write_json(adaptive_path, adaptive_report)
+            write_json(adaptive_path, adaptive_report)
         else:
             say(f"[demo] reusing the adaptive suite's results {adaptive_path}")
         timing["adaptive"] = time.perf_counter() - t0
 
-    report = {"domains": {"original": original, "restricted": restricted},
-              "original_domain": {"unprotected_acc": unprot_acc, "protected_acc": prot_acc},
-              "attacks": rows, "architecture": arch,
+    report = {"task": "image", "domains": {"original": original, "restricted": restricted},
+              "metric": "test accuracy", "higher_is_better": True,
+              "original": {"metric": "original-domain test accuracy", "unprotected": unprot_acc, "protected": prot_acc},
+              "attacks": [{**r, "steps": list(range(len(r["protected"])))} for r in rows], "architecture": arch,
               "config": {"protect": cfg.to_dict(), "suite": suite_name, "quick": quick, "seed": seed,
                          "subset": subset, "threads": torch.get_num_threads()},
               "timing": timing,

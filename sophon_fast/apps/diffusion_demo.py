@@ -4,7 +4,7 @@
     cfg = demo_config(quick)                               sophon_fast.recipes.diffusion with the demo's run settings
     protected = protect(data.unprotected, ..., cfg).model
     attacks = attack_all(protected, data, quick, seed, out_dir)
-    write_report(build_report(data, protected, attacks, ...), out_dir)   report.json, report.md, PNGs
+    sophon_fast.apps.report.write_report(build_report(data, protected, attacks, ...), out_dir)
 
 The metric everywhere is eps-MSE (lower = better denoising): on the original domain it measures
 intactness, on the restricted domain how well fine-tuning works. Budgets on a 2-core CPU with one
@@ -12,7 +12,6 @@ torch thread: ``quick`` (pre-training, protection and attacks) <= 10 minutes, fu
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from torch import Tensor, nn
 
 from sophon_fast import data as sfdata
 from sophon_fast import models, recipes
-from sophon_fast._atomic import atomic_path
+from sophon_fast.apps.report import step_targets
 from sophon_fast.attacks import diffusion as dattacks
 from sophon_fast.engine import Checkpointing, ProtectConfig
 from sophon_fast.io import load_model, read_record, save_model
@@ -133,25 +132,12 @@ def attack_all(protected: nn.Module, data: DemoData, quick: bool, seed: int = 0,
                                    sample_dir=out_dir, sample_attacks=1 if quick else None, say=say)
 
 
-def _targets(report: dict) -> list:
-    o = report["original"]
-    out = [{"target": "original eps-MSE within 10% of unprotected", "met": o["protected"] <= 1.10 * o["unprotected"],
-            "detail": f"{o['protected']:.4f} vs {o['unprotected']:.4f} ({o['protected'] / o['unprotected'] - 1:+.1%})"}]
-    for a in report["attacks"]:
-        pairs = [(p, s) for p, s in zip(a["protected"], a["scratch"]) if s is not None]
-        met = all(p is None or p >= s for p, s in pairs)   # None: the protected run diverged
-        worst = min((p - s for p, s in pairs if p is not None), default=float("nan"))
-        out.append({"target": f"{a['name']}: protected eps-MSE >= scratch at every evaluation", "met": met,
-                    "detail": f"smallest margin {worst:+.4f}"})
-    return out
-
-
 def build_report(data: DemoData, protected: nn.Module, attacks: dict, config: Optional[dict] = None,
                  timing: Optional[dict] = None, quick: bool = False, seed: int = 0) -> dict:
     """The report dict (what report.json holds)::
 
-        {"domains": {"original", "restricted"}, "metric": "eps_mse", "higher_is_better": False,
-         "original": {"unprotected", "protected", "unprotected_t1", "protected_t1"},
+        {"task": "diffusion", "domains": {"original", "restricted"}, "metric": "eps_mse", "higher_is_better": False,
+         "original": {"metric", "unprotected", "protected", "unprotected_t1", "protected_t1"},
          "attacks": [per attack: name, settings, "steps", and per-evaluation lists "protected",
                      "unprotected", "scratch" (uniform t) and "*_t1", "samples", "head_start"], "targets": [...],
          "schedule": {...}, "pretrain": {...}, "config": {...}, "timing": {...}}
@@ -160,64 +146,15 @@ def build_report(data: DemoData, protected: nn.Module, attacks: dict, config: Op
     better than scratch)."""
     rows = [{**a, "head_start": [None if u is None or s is None else s - u
                                  for u, s in zip(a["unprotected"] or [], a["scratch"])]} for a in attacks["attacks"]]
-    report = {"domains": {"original": DOMAINS["original"], "restricted": DOMAINS["restricted"]},
+    report = {"task": "diffusion", "domains": {"original": DOMAINS["original"], "restricted": DOMAINS["restricted"]},
               "metric": attacks["metric"], "higher_is_better": attacks["higher_is_better"],
-              "original": original_metrics(data, protected), "attacks": rows,
+              "original": {"metric": "original eps-MSE (uniform t)", **original_metrics(data, protected)},
+              "attacks": rows,
               "schedule": {"timesteps": data.schedule.timesteps, "beta_start": data.schedule.beta_start,
                            "beta_end": data.schedule.beta_end},
               "pretrain": {k: v for k, v in data.pretrain.items() if k != "path"},
               "config": {"protect": config or {}, "quick": quick, "seed": seed, "threads": torch.get_num_threads(),
                          "sizes": SIZES[bool(quick)]},
               "timing": timing or {}}
-    report["targets"] = _targets(report)
+    report["targets"] = step_targets(report, 0.10)
     return report
-
-
-def _fmt(v: Optional[float]) -> str:
-    return "diverged" if v is None else f"{v:.4f}"
-
-
-def render_markdown(report: dict) -> str:
-    """report.md: the original-domain table, one table and sample grid per attack, the targets, timing."""
-    d, o = report["domains"], report["original"]
-    lines = [f"# SOPHON diffusion report: {d['original']} (original) -> {d['restricted']} (restricted)", "",
-             "Metric: eps-MSE of the denoiser (lower = better denoising), averaged over uniform timesteps "
-             "and at the reference code's t = 1.", "", "## Original domain", "",
-             "| model | eps-MSE (uniform t) | eps-MSE (t = 1) |", "| --- | --- | --- |",
-             f"| unprotected | {_fmt(o['unprotected'])} | {_fmt(o['unprotected_t1'])} |",
-             f"| protected | {_fmt(o['protected'])} | {_fmt(o['protected_t1'])} |", ""]
-    lines += ["## Fine-tuning attacks on the restricted domain", ""]
-    for a in report["attacks"]:
-        lines += [f"### {a['name']}", "",
-                  f"{a['optimizer']} lr {a['lr']:g}, batch {a['batch_size']}, {a['train_steps']} steps, "
-                  f"timesteps {a['timestep']}.", "",
-                  "| step | protected | unprotected | scratch | protected (t=1) | unprotected (t=1) | scratch (t=1) |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
-        unp, unp1 = a["unprotected"] or [None] * len(a["steps"]), a["unprotected_t1"] or [None] * len(a["steps"])
-        for i, step in enumerate(a["steps"]):
-            lines.append(f"| {step} | {_fmt(a['protected'][i])} | {_fmt(unp[i])} | {_fmt(a['scratch'][i])} | "
-                         f"{_fmt(a['protected_t1'][i])} | {_fmt(unp1[i])} | {_fmt(a['scratch_t1'][i])} |")
-        if a.get("samples"):
-            lines += ["", f"Samples after the attack (full {report['schedule']['timesteps']}-step ancestral sampling):",
-                      "", f"![samples after {a['name']}]({a['samples']})"]
-        lines.append("")
-    checks = report.get("targets") or []
-    if checks:
-        lines += ["## Targets", "", "| target | met | detail |", "| --- | --- | --- |"]
-        lines += [f"| {c['target']} | {'yes' if c['met'] else '**no**'} | {c['detail']} |" for c in checks]
-        lines.append("")
-    lines += ["## Timing (seconds)", "", "| step | seconds |", "| --- | --- |"]
-    lines += [f"| {k} | {v:.1f} |" for k, v in report["timing"].items() if isinstance(v, (int, float))]
-    lines += ["", "## Configuration", "", "```json", json.dumps(report["config"], indent=1, sort_keys=True), "```", ""]
-    return "\n".join(lines)
-
-
-def write_report(report: dict, out_dir: str) -> dict:
-    """Write report.json and report.md into ``out_dir`` (atomically); returns their paths. The sample
-    grids named in the report are expected in ``out_dir`` already (:func:`attack_all` writes them there)."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {"json": os.path.join(out_dir, "report.json"), "md": os.path.join(out_dir, "report.md")}
-    for key, text in (("json", json.dumps(report, indent=1, allow_nan=False)), ("md", render_markdown(report))):
-        with atomic_path(paths[key]) as tmp:
-            tmp.write_text(text)
-    return paths
