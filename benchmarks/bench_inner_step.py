@@ -7,6 +7,8 @@ Providers in each group:
     reference      sophon_fast.reference.inner_step_ on the flat buffers
     torch_foreach  torch.optim.SGD / SGD(momentum) / Adam with foreach=True over the split tensors
     cpp / cuda / triton   sophon_fast.ops.inner_step_ with that backend forced (those usable here)
+    <backend>-capturable  sophon_fast.ops.inner_step_capturable_ (the step counter a device tensor) on the cpp or
+                   cuda backend: what a CUDA-graphed inner step would replay (one extra 1-element add per call)
 
 Kinds: sgd, momentum, adam with a constant gradient (zero_grad=False; no state decays to denormals),
 and ``sgd+zero``: the step plus zeroing the gradient, fused in one pass (as fast mode calls it) vs
@@ -22,7 +24,7 @@ import torch
 import sophon_fast
 from conftest import DEVICES
 from sophon_fast import _backend, models
-from sophon_fast.ops.inner_step import inner_step_
+from sophon_fast.ops.inner_step import inner_step_, inner_step_capturable_
 from sophon_fast.reference.inner_step import KINDS
 from sophon_fast.reference.inner_step import inner_step_ as reference_step
 
@@ -35,7 +37,7 @@ _shapes = {}
 
 def _impls(device):
     fast = [b for b in ("cuda", "triton", "cpp") if _backend.probe(b).usable.get(device)]
-    return ["copy", "reference", "torch_foreach", *fast]
+    return ["copy", "reference", "torch_foreach", *fast, *(f"{b}-capturable" for b in fast if b != "triton")]
 
 
 def _params():
@@ -80,6 +82,13 @@ def _case(impl, kind, shapes_, device):
     args = (k, LR, BETA1, BETA2, EPS, 0.0, STEP, zero)
     if impl == "reference":
         return lambda: reference_step(flat, grad, m, v, *args)
+    if impl.endswith("-capturable"):
+        counter = torch.full((), STEP, dtype=torch.long, device=device)
+
+        def capturable():
+            with sophon_fast.use_backend(impl.split("-")[0]):
+                inner_step_capturable_(flat, grad, m, v, counter, k, LR, BETA1, BETA2, EPS, 0.0, zero)
+        return capturable
 
     def fused():
         with sophon_fast.use_backend(impl):

@@ -4,10 +4,21 @@ sophon_fast fast backends, and a copy_ of the logits as the floor; on a CUDA mac
 
 Bytes per fwd+bwd: 2 reads + 1 write of the logits (copy_: 1 read + 1 write). Under
 --benchmark-disable every provider runs once on a small shape (torch.compile on the first only).
+
+Host overhead (``bench_host_overhead``): one forward + backward of cross-entropy on 8 x 10 logits (CPU, one
+thread), where the kernels cost nothing and the time is the call path: ``torch`` (F.cross_entropy, the peer),
+``lean`` (sophon_fast.functional.cross_entropy: one dispatcher op, autograd in C++), ``custom_op`` (the path
+it replaced, still taken under torch.compile and on the Triton/reference backends: the async target assertion,
+the Python custom ops and the reduction in torch ops). The summary prints each provider's ratio to ``torch``.
+Target: lean <= 2x torch. CPU time, not wall clock, on a shared machine:
+
+    SOPHON_BENCH_THREADS=1 .venv/bin/python -m pytest benchmarks/bench_losses.py -k host \
+        --benchmark-timer=time.process_time
 """
 import pytest
 import torch
 
+import sophon_fast
 from conftest import COMPILED, DEVICES, LIGER, liger_available, provider_names
 from sophon_fast import functional as F
 from sophon_fast.reference import losses as R
@@ -67,3 +78,42 @@ def bench_row_loss_fwd_bwd(measure, fwd_bwd, bench_disabled, device, shape, loss
     tag = "fp32" if dtype == FP32 else "bf16"
     measure(fn, group=f"{loss} fwd+bwd {tag} {n}x{c}" + (" cuda" if device == "cuda" else ""), provider=provider,
             nbytes=nbytes, device=torch.device(device))
+
+
+HOST_IMPLS = ("torch", "lean", "custom_op")
+
+
+def _host_fn(impl):
+    import torch.nn.functional as TF
+    from sophon_fast.functional import _reduce
+    from sophon_fast.ops._checks import assert_targets_in_range
+    if impl == "torch":
+        return TF.cross_entropy
+    if impl == "lean":
+        return F.cross_entropy
+
+    def custom_op(z, y):
+        assert_targets_in_range(y, z.shape[1], R.IGNORE_INDEX, "cross_entropy")
+        loss, _ = torch.ops.sophon_fast.row_losses(z, y, [1.0, 0.0, 0.0, 0.0], 1.0, R.IGNORE_INDEX)
+        return _reduce(loss, y, "mean", R.IGNORE_INDEX, z.dtype)
+    return custom_op
+
+
+@pytest.mark.parametrize("impl", HOST_IMPLS)
+def bench_host_overhead(measure, impl):
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(8, 10, generator=g).requires_grad_(True)
+    y = torch.randint(0, 10, (8,), generator=g)
+    fn = _host_fn(impl)
+
+    def run():
+        loss = fn(z, y)
+        return torch.autograd.grad(loss, z)[0]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with sophon_fast.use_backend("cpp" if impl != "torch" else None):
+            measure(run, group="host overhead: cross_entropy fwd+bwd 8x10 fp32 cpu (1 thread)", provider=impl,
+                    device=torch.device("cpu"), warmup=100, layer="host_overhead")
+    finally:
+        torch.set_num_threads(threads)

@@ -196,11 +196,13 @@ def pytest_terminal_summary(terminalreporter):
     tr.section("median ms; x copy_ = time / copy_ floor; vs compile = torch.compile time / time")
     for group, meds in _medians.items():
         tr.write_line(group)
-        floor, compiled = meds.get(FLOOR), meds.get(COMPILED)
+        floor, compiled, peer = meds.get(FLOOR), meds.get(COMPILED), meds.get("torch")
         for provider, median in meds.items():
             parts = [f"  {provider:<8} {median * 1e3:9.3f} ms"]
             if floor:
                 parts.append(f"{median / floor:7.2f} x copy_")
+            if peer:   # a group with a plain-torch peer (the host-overhead case): time / torch's time
+                parts.append(f"{median / peer:7.2f} x torch")
             if compiled and provider != COMPILED:
                 parts.append(f"{compiled / median:7.2f} x faster than compile")
             tr.write_line("".join(parts))

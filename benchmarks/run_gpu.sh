@@ -4,12 +4,15 @@
 #   2. the CUDA and Triton tests: tests/test_cuda_backend.py, tests/test_cuda_engine.py (protect on the GPU),
 #      tests/test_triton_kernels.py (real GPU, not the interpreter), tests/test_cuda_sources.py (nvcc/ptxas)
 #      and, with 2 GPUs or more, tests/test_distributed.py on NCCL (SOPHON_TEST_BACKEND=nccl)
-#   3. the benchmark suite on the GPU, one pytest run (one JSON) per part so that finished parts survive a cut
+#   3. benchmarks/gpu_probe.py (issue 37, ../shared/docs/gpu_plan.md section 7): host overhead at 4096 x 1000, the
+#      row kernels alone, the bf16 GEMM rate, the fused linear loss per chunk size and accumulation mode, the
+#      capturable inner step replayed from a CUDA graph -> gpu_probe.json
+#   4. the benchmark suite on the GPU, one pytest run (one JSON) per part so that finished parts survive a cut
 #      later one: gpu_losses.json (row losses at LM vocabularies in bf16/fp32, Liger-Kernel's cross-entropy
 #      as the peer where it imports), gpu_inner_step.json (with a 256 MiB device-to-device copy as the
 #      measured floor), gpu_linear_loss.json (fused linear + loss, Liger's fused linear CE as the peer),
 #      gpu_engine.json (protect on cuda; peak memory from max_memory_allocated in a child process per case)
-#   4. benchmarks/RESULTS.md re-rendered (CPU tables from results/latest.json when present + GPU tables)
+#   5. benchmarks/RESULTS.md re-rendered (CPU tables from results/latest.json when present + GPU tables)
 #      and a short table printed last.
 # Usage: bash benchmarks/run_gpu.sh [extra pytest args for both benchmark runs, e.g. --benchmark-max-time=0.2]
 # Environment:
@@ -22,6 +25,10 @@
 #   SOPHON_GPU_OUT=DIR         where the JSON go (default benchmarks/results)
 #   SOPHON_GPU_TEST_ARGS=...   extra pytest args for the tests (e.g. "-n 8" with pytest-xdist)
 #   SOPHON_GPU_ENGINE_K=EXPR   a pytest -k expression limiting the engine run (default: every case)
+#   SOPHON_GPU_PROBE=0         skip gpu_probe.py
+# Time: every step after the build runs under its own `timeout` (seconds: SOPHON_GPU_T_TESTS=150, _PROBE=200,
+# _LOSSES=120, _INNER=45, _LINEAR=150, _ENGINE=150), so that set-up + build (about 2-3 minutes) and all of them stay
+# inside a 15-minute lease; a step cut by its timeout says so and the next one runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PY:-.venv/bin/python}"
@@ -54,10 +61,19 @@ elif [ "${SOPHON_GPU_BUILD:-1}" = 1 ] && ! $PY -c "import sys, torch, sophon_fas
 fi
 $PY -c "import sophon_fast; sophon_fast.backend_report()"
 
-echo "[run_gpu] CUDA and Triton tests"
+T0=$SECONDS
+stamp() { echo "[run_gpu] +$((SECONDS - T0)) s: $*"; }
+stamp "CUDA and Triton tests"
 # shellcheck disable=SC2086  # SOPHON_GPU_TEST_ARGS is a list of words
-env -u TRITON_INTERPRET $PY -m pytest -q ${SOPHON_GPU_TEST_ARGS:-} tests/test_cuda_backend.py tests/test_cuda_engine.py \
-  tests/test_triton_kernels.py tests/test_cuda_sources.py || echo "[run_gpu] TESTS FAILED (benchmarks still run)"
+timeout "${SOPHON_GPU_T_TESTS:-150}" env -u TRITON_INTERPRET $PY -m pytest -q ${SOPHON_GPU_TEST_ARGS:-} \
+  tests/test_cuda_backend.py tests/test_cuda_engine.py tests/test_triton_kernels.py tests/test_cuda_sources.py \
+  || echo "[run_gpu] TESTS FAILED or cut (benchmarks still run)"
+
+if [ "${SOPHON_GPU_PROBE:-1}" = 1 ]; then
+  stamp "gpu_probe.py (issue 37's measurements)"
+  timeout "${SOPHON_GPU_T_PROBE:-200}" env -u TRITON_INTERPRET $PY benchmarks/gpu_probe.py --out "$OUT_DIR/gpu_probe.json" \
+    || echo "[run_gpu] gpu_probe: FAILED or cut (its JSON keeps the parts that finished)"
+fi
 
 if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
   echo "[run_gpu] torch.distributed on NCCL (2 ranks, one GPU each; data-parallel and FSDP2)"
@@ -67,14 +83,17 @@ else
 fi
 
 BENCH="env -u TRITON_INTERPRET SOPHON_BENCH_THREADS=${SOPHON_BENCH_THREADS:-1} $PY -m pytest -q -p no:cacheprovider"
-for part in losses inner_step linear_loss; do
-  echo "[run_gpu] benchmarks on the GPU: $part"
-  $BENCH "benchmarks/bench_$part.py" -k cuda --benchmark-json="$OUT_DIR/gpu_$part.json" "$@" \
-    || echo "[run_gpu] $part: FAILED (the other parts still run)"
+for part in losses:${SOPHON_GPU_T_LOSSES:-120} inner_step:${SOPHON_GPU_T_INNER:-45} linear_loss:${SOPHON_GPU_T_LINEAR:-150}; do
+  name=${part%%:*}
+  stamp "benchmarks on the GPU: $name"
+  timeout "${part##*:}" $BENCH "benchmarks/bench_$name.py" -k cuda --benchmark-json="$OUT_DIR/gpu_$name.json" "$@" \
+    || echo "[run_gpu] $name: FAILED or cut (the other parts still run)"
 done
-echo "[run_gpu] benchmarks on the GPU: engine (protect on cuda)"
-$BENCH benchmarks/bench_engine.py benchmarks/bench_lm_engine.py ${SOPHON_GPU_ENGINE_K:+-k "$SOPHON_GPU_ENGINE_K"} \
-  --benchmark-json="$OUT_DIR/gpu_engine.json" "$@" || echo "[run_gpu] engine: FAILED"
+stamp "benchmarks on the GPU: engine (protect on cuda)"
+timeout "${SOPHON_GPU_T_ENGINE:-150}" $BENCH benchmarks/bench_engine.py benchmarks/bench_lm_engine.py \
+  ${SOPHON_GPU_ENGINE_K:+-k "$SOPHON_GPU_ENGINE_K"} --benchmark-json="$OUT_DIR/gpu_engine.json" "$@" \
+  || echo "[run_gpu] engine: FAILED or cut"
+stamp "done"
 
 [ "$OUT_DIR" = benchmarks/results ] && $PY benchmarks/render_results.py
 $PY benchmarks/render_results.py "$OUT_DIR"/gpu_*.json --short

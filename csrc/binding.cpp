@@ -181,6 +181,35 @@ Tensor row_losses_bwd(const Tensor& grad_loss, const Tensor& logits, const std::
   return bwd_rows(grad_loss, 1, Tensor(), logits, target, stats, w, scale, ignore_index, who);
 }
 
+// The backward written over the logits (the fused linear loss's private chunk buffer): no (N, C) allocation.
+void row_losses_bwd_(const Tensor& grad_loss, const Tensor& logits, const std::optional<Tensor>& target,
+                     const Tensor& stats, at::ArrayRef<double> weights, double scale, int64_t ignore_index) {
+  const char* who = "row_losses_backward_";
+  const LossWeights w = check_rows(logits, target, weights, who);
+  TORCH_CHECK_VALUE(logits.is_contiguous(), who, ": logits must be contiguous to take the gradient in place");
+  const int64_t n = logits.size(0), c = logits.size(1);
+  const auto acc = acc_type(logits);
+  check_same_device(logits, grad_loss, who, "grad_loss");
+  TORCH_CHECK_VALUE(grad_loss.scalar_type() == acc && grad_loss.dim() == 1 && grad_loss.size(0) == n &&
+                        grad_loss.is_contiguous(),
+                    who, ": grad_loss must be a contiguous (", n, ",) ", acc, " tensor");
+  check_stats(logits, stats, who);
+  if (n == 0) return;
+  const int code = dtype_code(logits, who);
+  if (on_cuda(logits, who)) {
+#ifdef WITH_CUDA
+    c10::cuda::CUDAGuard guard(logits.device());
+    const int err = sf_row_losses_bwd_cuda(grad_loss.data_ptr(), 1, nullptr, logits.data_ptr(), code, n, c, c,
+                                           target_ptr(target), stats.data_ptr(), w.ce, w.ice, w.klu, w.negent, scale,
+                                           ignore_index, logits.data_ptr(), at::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(err == 0, who, ": CUDA launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
+#endif
+  } else {
+    sophon_fast::cpu::row_losses_bwd(grad_loss.data_ptr(), 1, nullptr, logits.data_ptr(), code, n, c, c,
+                                     target_ptr(target), stats.data_ptr(), w, scale, ignore_index, logits.data_ptr());
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // The lean path of the public logits losses: forward = row kernel + the reduction kernel (which also checks
 // the targets), backward = one row kernel reading the cotangent and the divisor on the device.
@@ -409,6 +438,8 @@ TORCH_LIBRARY_FRAGMENT(sophon_fast, m) {
         "-> (Tensor, Tensor)");
   m.def("_cpp_row_losses_bwd(Tensor grad_loss, Tensor logits, Tensor? target, Tensor stats, float[] weights, "
         "float scale, int ignore_index) -> Tensor");
+  m.def("_cpp_row_losses_bwd_(Tensor grad_loss, Tensor(a!) logits, Tensor? target, Tensor stats, float[] weights, "
+        "float scale, int ignore_index) -> ()");
   m.def("_cpp_fused_loss(Tensor logits, Tensor? target, float[] weights, float scale, int ignore_index, "
         "int reduction, bool check_targets) -> Tensor");
   m.def("_cpp_fused_loss_fwd(Tensor logits, Tensor? target, float[] weights, float scale, int ignore_index, "
@@ -426,6 +457,7 @@ TORCH_LIBRARY_FRAGMENT(sophon_fast, m) {
 #define SOPHON_FAST_KERNELS(m)                                        \
   m.impl("_cpp_row_losses_fwd", &row_losses_fwd);                     \
   m.impl("_cpp_row_losses_bwd", &row_losses_bwd);                     \
+  m.impl("_cpp_row_losses_bwd_", &row_losses_bwd_);                   \
   m.impl("_cpp_fused_loss", &fused_loss_plain);                       \
   m.impl("_cpp_fused_loss_fwd", &fused_loss_fwd);                     \
   m.impl("_cpp_fused_loss_bwd", &fused_loss_bwd);                     \

@@ -15,6 +15,25 @@ def rne_bf16(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def split_scalars(values):
+    """Each float x as two fp32 kernel arguments (hi, lo) with hi = fp32(x), lo = fp32(x - hi): Triton passes a
+    Python float as fp32, so fp64 kernels rebuild x = hi + lo (``join``) to about 2^-48 relative, while the
+    32-bit kernels use hi alone. Returns the flat list [hi0, lo0, hi1, lo1, ...]."""
+    out = []
+    for x in values:
+        hi = float(torch.tensor(float(x), dtype=torch.float32))
+        out += [hi, float(x) - hi]
+    return out
+
+
+@triton.jit
+def join(hi, lo, ACC: tl.constexpr):
+    """The scalar of ``split_scalars`` in the accumulation type: hi + lo for fp64, hi for fp32."""
+    if ACC == tl.float64:
+        return tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
+    return tl.cast(hi, ACC)
+
+
 @triton.jit
 def to_out(x, ptr, RNE_BF16: tl.constexpr):
     """Cast fp32/fp64 ``x`` to ``ptr``'s element type, rounding to nearest even (see ``rne_bf16``)."""

@@ -10,7 +10,8 @@ One pass over flat, contiguous buffers, in place, per element:
     zero_grad: grad = 0
 
 Traffic per element: SGD 2R+1W, MOMENTUM 3R+2W, ADAM 4R+3W, plus one write of grad with zero_grad.
-Arithmetic in fp32 (fp64 for fp64 buffers); the host folds the bias corrections into two scalars.
+Arithmetic in fp32 (fp64 for fp64 buffers); the host folds the bias corrections into two scalars. Scalars
+travel as fp32 (hi, lo) pairs (``split_scalars``), rebuilt to about 2^-48 for fp64 buffers.
 """
 from __future__ import annotations
 
@@ -21,18 +22,23 @@ import triton
 import triton.language as tl
 
 from ._common import ACC as _ACC
-from ._common import rne_bf16, to_out
+from ._common import join, rne_bf16, split_scalars, to_out
 
 SGD, MOMENTUM, ADAM = 0, 1, 2
 BLOCK = 1024
 
 
 @triton.jit
-def _inner_step_kernel(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, numel, lr, beta1, one_minus_beta1,
-                       beta2, one_minus_beta2, eps, weight_decay, step_size, sqrt_bc2,
+def _inner_step_kernel(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, numel, lr_hi, lr_lo, beta1_hi, beta1_lo,
+                       omb1_hi, omb1_lo, beta2_hi, beta2_lo, omb2_hi, omb2_lo, eps_hi, eps_lo, wd_hi, wd_lo,
+                       step_size_hi, step_size_lo, sqrt_bc2_hi, sqrt_bc2_lo,
                        KIND: tl.constexpr, HAS_WD: tl.constexpr, ZERO_GRAD: tl.constexpr, ACC: tl.constexpr,
                        BLOCK: tl.constexpr, RNE_BF16: tl.constexpr):
     """Grid: cdiv(numel, BLOCK); each program updates BLOCK elements of every buffer the kind uses."""
+    lr, beta1, one_minus_beta1 = join(lr_hi, lr_lo, ACC), join(beta1_hi, beta1_lo, ACC), join(omb1_hi, omb1_lo, ACC)
+    beta2, one_minus_beta2 = join(beta2_hi, beta2_lo, ACC), join(omb2_hi, omb2_lo, ACC)
+    eps, weight_decay = join(eps_hi, eps_lo, ACC), join(wd_hi, wd_lo, ACC)
+    step_size, sqrt_bc2 = join(step_size_hi, step_size_lo, ACC), join(sqrt_bc2_hi, sqrt_bc2_lo, ACC)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     p = tl.load(param_ptr + offs, mask=mask, other=0.0).to(ACC)
@@ -82,7 +88,7 @@ def inner_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, 
         return
     _inner_step_kernel[(triton.cdiv(numel, BLOCK),)](
         param, grad, exp_avg if kind != SGD else param, exp_avg_sq if kind == ADAM else param, numel,
-        float(lr), float(beta1), 1.0 - float(beta1), float(beta2), 1.0 - float(beta2), float(eps),
-        float(weight_decay), float(lr) / bc1, math.sqrt(bc2),
+        *split_scalars([lr, beta1, 1.0 - float(beta1), beta2, 1.0 - float(beta2), eps, weight_decay,
+                        float(lr) / bc1, math.sqrt(bc2)]),
         KIND=int(kind), HAS_WD=weight_decay != 0, ZERO_GRAD=bool(zero_grad), ACC=_ACC[param.dtype], BLOCK=BLOCK,
         RNE_BF16=rne_bf16(param.dtype), num_warps=4)

@@ -15,7 +15,8 @@ Backward, with p_c = exp(z'_c - lse), q_c = exp(z'_c - lse_x), p_y = exp(z'_y - 
 
 Traffic: forward reads the logits once (plus one target logit per row) and writes 4 values per row;
 backward reads the logits once and writes the gradient once. Accumulation is fp32 (fp64 for fp64
-logits); scalars (weights, scale) travel as fp32 kernel arguments, as in csrc/cuda/launchers.h.
+logits); scalars (weights, scale) travel as fp32 (hi, lo) pairs (``split_scalars``), rebuilt to about 2^-48
+for fp64 logits (the CUDA launchers take them as double).
 
 Two forward strategies share one kernel: row-resident (a [ROWS, BLOCK_C] tile holds whole rows,
 C <= ``resident_max_c``; exact two-pass max/sum in registers) and chunked (one row per program,
@@ -31,7 +32,7 @@ import triton
 import triton.language as tl
 
 from ._common import ACC as _ACC
-from ._common import check_rows, rne_bf16, to_out
+from ._common import check_rows, join, rne_bf16, split_scalars, to_out
 
 # Longest row the forward holds whole in one program. Rows up to 65536 work; on sm_90 ptxas keeps
 # 16384 (32 warps, 16 values per thread) in registers and spills from 32768 on, so longer rows default
@@ -61,22 +62,26 @@ def _row_targets(target_ptr, rows, row_ok, n_cols, ignore_index, HAS_TARGET: tl.
         valid = row_ok & (y != ignore_index)
         bad = valid & ((y < 0) | (y >= n_cols))
         has_y = valid & ~bad
-        y = tl.where(has_y, y, 0)
+        y = tl.where(has_y, y, 0).to(tl.int32)   # a column (< n_cols < 2^31): 32-bit compares per element
     else:
         valid = row_ok
         has_y = rows < 0
         bad = has_y
-        y = rows * 0
+        y = (rows * 0).to(tl.int32)
     return valid, has_y, bad, y
 
 
 @triton.jit
 def _row_losses_fwd_kernel(logits_ptr, target_ptr, loss_ptr, stats_ptr, n_rows, n_cols, row_stride,
-                           w_ce, w_ice, w_klu, w_ne, scale, ignore_index,
+                           w_ce_hi, w_ce_lo, w_ice_hi, w_ice_lo, w_klu_hi, w_klu_lo, w_ne_hi, w_ne_lo, scale_hi,
+                           scale_lo, ignore_index,
                            HAS_TARGET: tl.constexpr, HAS_CE: tl.constexpr, HAS_ICE: tl.constexpr,
                            HAS_KLU: tl.constexpr, HAS_NEGENT: tl.constexpr, ACC: tl.constexpr,
                            ROWS: tl.constexpr, BLOCK_C: tl.constexpr, ONE_CHUNK: tl.constexpr):
     """Forward: reads each logit once, writes loss[r] and stats[r, 0:3]. Grid: cdiv(n_rows, ROWS)."""
+    w_ce, w_ice = join(w_ce_hi, w_ce_lo, ACC), join(w_ice_hi, w_ice_lo, ACC)
+    w_klu, w_ne = join(w_klu_hi, w_klu_lo, ACC), join(w_ne_hi, w_ne_lo, ACC)
+    scale = join(scale_hi, scale_lo, ACC)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
     row_ok = rows < n_rows
     valid, has_y, bad, y = _row_targets(target_ptr, rows, row_ok, n_cols, ignore_index, HAS_TARGET)
@@ -153,11 +158,16 @@ def _row_losses_fwd_kernel(logits_ptr, target_ptr, loss_ptr, stats_ptr, n_rows, 
 
 @triton.jit
 def _row_losses_bwd_kernel(grad_loss_ptr, logits_ptr, target_ptr, stats_ptr, grad_ptr, n_rows, n_cols,
-                           row_stride, w_ce, w_ice, w_klu, w_ne, scale, ignore_index,
+                           row_stride, w_ce_hi, w_ce_lo, w_ice_hi, w_ice_lo, w_klu_hi, w_klu_lo, w_ne_hi, w_ne_lo,
+                           scale_hi, scale_lo, ignore_index,
                            HAS_TARGET: tl.constexpr, HAS_CE: tl.constexpr, HAS_ICE: tl.constexpr,
                            HAS_KLU: tl.constexpr, HAS_NEGENT: tl.constexpr, ACC: tl.constexpr,
                            ROWS: tl.constexpr, BLOCK_C: tl.constexpr, RNE_BF16: tl.constexpr):
-    """Backward: reads each logit once and writes each gradient once (contiguous rows of n_cols)."""
+    """Backward: reads each logit once and writes each gradient once (contiguous rows of n_cols). With ICE and
+    another term, one exponential per element: p = q e^(lse_x - lse) (the factor is <= 1)."""
+    w_ce, w_ice = join(w_ce_hi, w_ce_lo, ACC), join(w_ice_hi, w_ice_lo, ACC)
+    w_klu, w_ne = join(w_klu_hi, w_klu_lo, ACC), join(w_ne_hi, w_ne_lo, ACC)
+    scale = join(scale_hi, scale_lo, ACC)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
     row_ok = rows < n_rows
     valid, has_y, bad, y = _row_targets(target_ptr, rows, row_ok, n_cols, ignore_index, HAS_TARGET)
@@ -169,6 +179,7 @@ def _row_losses_bwd_kernel(grad_loss_ptr, logits_ptr, target_ptr, stats_ptr, gra
         lse_x = tl.load(stats_ptr + rows * 3 + 1, mask=row_ok, other=0.0).to(ACC)
         z_y = tl.load(row_ptr + y, mask=has_y, other=0.0).to(ACC) * scale
         p_y = tl.exp(tl.where(has_y, z_y - lse, 0.0))
+        k_x = tl.exp(tl.where(row_ok, lse_x - lse, 0.0))   # <= 1
     if HAS_NEGENT:
         negent = tl.load(stats_ptr + rows * 3 + 2, mask=row_ok, other=0.0).to(ACC)
     if HAS_KLU:
@@ -180,8 +191,13 @@ def _row_losses_bwd_kernel(grad_loss_ptr, logits_ptr, target_ptr, stats_ptr, gra
         z = tl.load(row_ptr[:, None] + c[None, :], mask=mask, other=0.0).to(ACC) * scale
         is_y = has_y[:, None] & (c[None, :] == y[:, None])
         g = tl.zeros([ROWS, BLOCK_C], ACC)
+        if HAS_ICE:
+            q = tl.exp(tl.where(mask & ~is_y, z - lse_x[:, None], 0.0))   # <= 1 off the target
         if HAS_CE or HAS_KLU or HAS_NEGENT:
-            p = tl.exp(tl.where(mask, z - lse[:, None], 0.0))   # masked lanes stay finite
+            if HAS_ICE:   # the one exponential: p = q e^(lse_x - lse), and p_y itself on the target
+                p = tl.where(is_y, p_y[:, None], q * k_x[:, None])
+            else:
+                p = tl.exp(tl.where(mask, z - lse[:, None], 0.0))   # masked lanes stay finite
             if HAS_CE:
                 g += w_ce * (p - tl.where(is_y, 1.0, 0.0))
             if HAS_KLU:
@@ -189,7 +205,6 @@ def _row_losses_bwd_kernel(grad_loss_ptr, logits_ptr, target_ptr, stats_ptr, gra
             if HAS_NEGENT:
                 g += w_ne * p * (z - lse[:, None] - negent[:, None])
         if HAS_ICE:
-            q = tl.exp(tl.where(mask & ~is_y, z - lse_x[:, None], 0.0))   # <= 1 off the target
             g += w_ice * tl.where(is_y, p_y[:, None], -p_y[:, None] * q)
         g = tl.where(valid[:, None], g * gl[:, None], 0.0)
         g = tl.where(bad[:, None], float("nan"), g)
@@ -249,7 +264,7 @@ def row_losses_fwd(logits: torch.Tensor, target: Optional[torch.Tensor], weights
     w = [float(x) for x in weights]
     _row_losses_fwd_kernel[(triton.cdiv(n, rows),)](
         logits, logits if target is None else target, loss, stats, n, c, logits.stride(0),
-        w[0], w[1], w[2], w[3], float(scale), int(ignore_index), **_flags(w, target), ACC=_ACC[logits.dtype],
+        *split_scalars(w + [scale]), int(ignore_index), **_flags(w, target), ACC=_ACC[logits.dtype],
         ROWS=rows, BLOCK_C=block_c, ONE_CHUNK=one_chunk, num_warps=_num_warps(rows * block_c))
     return loss, stats
 
@@ -272,6 +287,6 @@ def row_losses_bwd(grad_loss: torch.Tensor, logits: torch.Tensor, target: Option
     w = [float(x) for x in weights]
     _row_losses_bwd_kernel[(triton.cdiv(n, rows),)](
         grad_loss, logits, logits if target is None else target, stats, grad, n, c, logits.stride(0),
-        w[0], w[1], w[2], w[3], float(scale), int(ignore_index), **_flags(w, target), ACC=_ACC[logits.dtype],
+        *split_scalars(w + [scale]), int(ignore_index), **_flags(w, target), ACC=_ACC[logits.dtype],
         ROWS=rows, BLOCK_C=block_c, RNE_BF16=rne_bf16(logits.dtype), num_warps=_num_warps(rows * block_c))
     return grad

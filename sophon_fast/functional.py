@@ -140,7 +140,7 @@ def suppression_loss(name: str, logits: Tensor, target: Tensor) -> Tensor:
 
 def linear_suppression_loss(hidden: Tensor, weight: Tensor, target: Tensor, *, loss: str = "ice",
                             bias: Optional[Tensor] = None, ignore_index: int = IGNORE_INDEX, reduction: str = "mean",
-                            chunk_size: Optional[int] = None) -> Tensor:
+                            chunk_size: Optional[int] = None, low_memory: bool = False) -> Tensor:
     """The loss of ``logits = hidden @ weight.T (+ bias)`` without ever holding the full logits.
 
     hidden: (N, H); weight: (V, H) (the LM head, possibly tied to an input embedding: gradients add up);
@@ -149,10 +149,14 @@ def linear_suppression_loss(hidden: Tensor, weight: Tensor, target: Tensor, *, l
     for every loss, including "klu" and "neg_entropy", which do not otherwise use the target).
     loss: "ice" (paper variant), "klu", "ce" or "neg_entropy". reduction: "mean" or "sum" (the gradients
     are formed during the forward, which needs a scalar loss; there is no "none").
-    chunk_size: tokens per chunk (default: one (T, V) logits buffer of at most 64 MiB).
+    chunk_size: tokens per chunk (default: one (T, V) logits buffer of at most 64 MiB on CPU, 256 MiB on CUDA, in
+    whole GEMM tiles of 256 tokens). low_memory: 16-bit inputs accumulate grad_weight in their own dtype instead
+    of an fp32 (V, H) buffer (one rounding of the running sum per chunk: the bound is in tests/tolerances.py);
+    no effect for fp32/fp64 inputs.
     Returns a 0-d tensor of the inputs' dtype, differentiable for hidden, weight and bias. Extra memory:
-    two (chunk_size, V) buffers plus fp32 gradient accumulators, never (N, V). Raises ValueError on bad
-    input; target values are asserted like the other losses (no host sync).
+    one (chunk_size, V) buffer (the gradient of a chunk is written over its logits on the C++/CUDA backends)
+    plus the fp32 gradient accumulators, never (N, V) and never a (V, H) temporary per chunk. Raises ValueError
+    on bad input; target values are asserted like the other losses (no host sync).
     """
     who = "linear_suppression_loss"
     check_linear_inputs(hidden, weight, target, bias, chunk_size, who)
@@ -163,7 +167,7 @@ def linear_suppression_loss(hidden: Tensor, weight: Tensor, target: Tensor, *, l
     compute_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     out, _, _, _ = linear_loss(hidden, weight, target.long().contiguous(), bias, list(LINEAR_LOSSES[loss]),
-                               int(ignore_index), reduction, int(chunk_size or 0), compute_grad)
+                               int(ignore_index), reduction, int(chunk_size or 0), compute_grad, bool(low_memory))
     return out
 
 

@@ -225,3 +225,103 @@ def test_op_is_memory_safe_for_out_of_range_targets(backend, vocab_blocks, monke
                                                             "sum", 0, True)
     assert out.isnan() and gh[[1, 3]].isnan().all() and gw.isnan().any()
     assert torch.isfinite(gh[[0, 2, 4, 5]]).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Chunking to GEMM tiles, the grad_weight accumulation without (V, H) temporaries, the in-place row backward,
+# the low-memory mode
+# ------------------------------------------------------------------------------------------------
+def test_automatic_chunks_are_whole_gemm_tiles():
+    LL = importlib.import_module("sophon_fast.ops.linear_loss")
+    # the GPU headline: 8192 tokens x 128256 bf16 -> chunks of 1024 tokens (8 chunks, 256 MiB of logits)
+    t = LL.auto_chunk(8192, 128256, torch.bfloat16, "cuda")
+    assert t == 1024 and -(-8192 // t) == 8
+    # CPU keeps its 64 MiB budget (at least as lean as before), rounded down to a tile
+    t_cpu = LL.auto_chunk(4096, 128256, torch.bfloat16, "cpu")
+    assert t_cpu % LL.TILE_ROWS == 0 and t_cpu * 128256 * 2 <= LL.CHUNK_BYTES
+    t32 = LL.auto_chunk(4096, 128256, torch.float32, "cpu")
+    assert t32 % 64 == 0 and t32 * 128256 * 4 <= LL.CHUNK_BYTES
+    assert LL.auto_chunk(5, 128256, torch.float32, "cpu") == 5   # never more tokens than there are
+
+
+def test_grad_weight_accumulation_makes_no_vocab_by_hidden_temporary():
+    """bf16 inputs, an fp32 accumulator, several chunks: no op inside the loop creates a (V, H) tensor (the
+    accumulation goes into grad_weight, by a mixed-dtype GEMM or by blocks of vocabulary rows); the only (V, H)
+    results are the accumulator itself and the final cast."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    LL = importlib.import_module("sophon_fast.ops.linear_loss")
+    v, h, n = 3001, 16, 40
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.vh = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor) and tuple(t.shape) == (v, h):
+                    self.vh.append(str(func.overloadpacket))
+            return out
+
+    hidden, weight, _, y = _inputs(n, h, v)
+    hidden, weight = hidden.bfloat16(), weight.bfloat16()
+    module = _backend.select_backend("row_losses_fwd", "cpu", torch.bfloat16)[1]
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(LL, "W_BLOCK_BYTES", 700 * h * 2)   # several row blocks
+    try:
+        with Shapes() as rec:
+            LL.chunked_linear_loss(hidden, weight, y, None, [0.0, 1.0, 0.0, 0.0], IGNORE,
+                                   "mean", 8, True, row_fwd=module.row_losses_fwd, row_bwd=module.row_losses_bwd,
+                                   row_bwd_=getattr(module, "row_losses_bwd_", None))
+    finally:
+        monkey.undo()
+    # the accumulator (written outright by the first chunk: empty, not zeros) and the final bf16 copy
+    assert sorted(rec.vh) == ["aten._to_copy", "aten.empty"], rec.vh
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the C++ extension is not built")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("c", [1, 7, 37, 4099])
+def test_in_place_row_backward_equals_out_of_place(dtype, c):
+    g = torch.Generator().manual_seed(c)
+    z = (torch.randn(6, c, generator=g, dtype=torch.float64) * 3).to(dtype)
+    y = torch.randint(0, c, (6,), generator=g)
+    y[2] = IGNORE
+    y[4] = c + 3   # out of range: a NaN row, in place too
+    w = [0.5, 1.0, 0.25, 2.0]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    _, stats = torch.ops.sophon_fast._cpp_row_losses_fwd(z, y, w, 1.0, IGNORE)
+    gl = torch.rand(6, generator=g, dtype=torch.float64).to(acc)
+    want = torch.ops.sophon_fast._cpp_row_losses_bwd(gl, z, y, stats, w, 1.0, IGNORE)
+    buf = z.clone()
+    torch.ops.sophon_fast._cpp_row_losses_bwd_(gl, buf, y, stats, w, 1.0, IGNORE)
+    assert torch.equal(buf.nan_to_num(7.0), want.nan_to_num(7.0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_low_memory_mode_parity_bf16(backend, loss):
+    """bf16 accumulation of grad_weight: within the fp32-accumulation bound plus one bf16 unit per chunk."""
+    from tolerances import LOW_MEMORY_GRAD_FLOOR_PER_CHUNK
+    (hidden, weight, b, y), gold = _gold(loss, "mean", True, 0)
+    chunk = 8
+    chunks = -(-hidden.shape[0] // chunk)
+
+    def fused(low_memory):
+        def fn(hd, w, bb, t):
+            with sophon_fast.use_backend(backend):
+                return F.linear_suppression_loss(hd, w, t, loss=loss, bias=bb, chunk_size=chunk,
+                                                 low_memory=low_memory)
+        return fn
+
+    got = _run(fused(True), hidden, weight, b, y, torch.bfloat16)
+    base = _run(fused(False), hidden, weight, b, y, torch.bfloat16)
+    ref = _run(_fused("reference", loss, "mean", chunk), hidden, weight, b, y, torch.bfloat16)
+    for name, out, want in zip(("loss", "grad_hidden", "grad_bias"), (got[0], got[1], got[3]),
+                               (base[0], base[1], base[3])):
+        assert torch.equal(out, want), f"low_memory changes only grad_weight ({name} differs)"
+    assert_parity(got[2], ref[2], gold[2], torch.bfloat16, f"{backend} {loss} low-memory grad_weight", "grad",
+                  extra_floor=chunks * LOW_MEMORY_GRAD_FLOOR_PER_CHUNK[torch.bfloat16])
+    fp32 = _run(fused(True), hidden, weight, b, y, torch.float32)   # no effect at fp32: the output accumulates
+    assert all(torch.equal(a, c) for a, c in zip(fp32, _run(fused(False), hidden, weight, b, y, torch.float32)))

@@ -568,6 +568,64 @@ def test_inner_step_matches_torch_optim(backend, kind):
     torch.testing.assert_close(p, ref.detach(), rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("zero_grad", [False, True])
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_capturable_inner_step_equals_the_host_step(backend, kind, zero_grad, dtype):
+    """The device step counter (step = 0, incremented by each call) gives today's step of number 1, 2, 3: bitwise
+    on the C++ backend (same kernel), to a unit of the dtype on the reference (bias corrections as tensors)."""
+    bufs, grads = _step_buffers(1_013, dtype, 5)
+    want = _steps(backend, bufs, grads, kind, 0.1, zero_grad, dtype)
+    p, m, v = (b.clone() for b in bufs)
+    grad = torch.zeros_like(p)
+    step = torch.zeros((), dtype=torch.long)
+    for g in grads:
+        grad.copy_(g)
+        with sophon_fast.use_backend(backend):
+            torch.ops.sophon_fast.inner_step_capturable_(p, grad, m, v, step, KINDS[kind], HYPER["lr"],
+                                                         HYPER["beta1"], HYPER["beta2"], HYPER["eps"], 0.1, zero_grad)
+        assert (grad == 0).all() if zero_grad else torch.equal(grad, g)
+    assert int(step) == len(grads)
+    for got, ref in zip((p, m, v), want):
+        if backend == "cpp":
+            assert torch.equal(got, ref)
+        else:
+            tol = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2 ** -7}[dtype]   # ~1 unit
+            torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_capturable_inner_step_never_reads_a_tensor_on_the_host(backend, monkeypatch):
+    """Graph-safe: no .item(), bool(), int(), float() or .tolist() of a tensor while the step runs."""
+    bufs, grads = _step_buffers(64, torch.float32, 2)
+    p, m, v = bufs
+    step = torch.zeros(1, dtype=torch.long)
+
+    def refuse(*_):
+        raise AssertionError("host read of a tensor inside the capturable step")
+    with sophon_fast.use_backend(backend):
+        torch.ops.sophon_fast.inner_step_capturable_(p, grads[0], m, v, step, 2, 1e-3, 0.9, 0.99, 1e-8, 0.0, False)
+        for name in ("item", "__bool__", "__int__", "__float__", "tolist"):
+            monkeypatch.setattr(torch.Tensor, name, refuse)
+        torch.ops.sophon_fast.inner_step_capturable_(p, grads[1], m, v, step, 2, 1e-3, 0.9, 0.99, 1e-8, 0.0, False)
+    monkeypatch.undo()
+    assert int(step) == 2
+
+
+def test_capturable_inner_step_opcheck_and_errors():
+    p, g, m, v = (torch.randn(33, dtype=torch.float64) for _ in range(4))
+    step = torch.zeros((), dtype=torch.long)
+    for backend in BACKENDS:
+        with sophon_fast.use_backend(backend):
+            torch.library.opcheck(torch.ops.sophon_fast.inner_step_capturable_.default,
+                                  (p, g, m, v, step, 2, 1e-3, 0.9, 0.99, 1e-8, 0.01, True),
+                                  test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(ValueError, match="step"):
+        torch.ops.sophon_fast.inner_step_capturable_(p, g, m, v, torch.zeros(()), 2, 1e-3, 0.9, 0.99, 1e-8, 0.0,
+                                                     False)
+
+
 def test_tolerance_floor_covers_every_dtype():
     assert set(FLOOR) >= {torch.float32, torch.float16, torch.bfloat16, torch.float64}
     assert all(set(f) == {"value", "grad"} for f in FLOOR.values())

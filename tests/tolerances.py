@@ -19,9 +19,14 @@ FLOOR = {            # dtype: {"value": ..., "grad": ...}
     torch.bfloat16: {"value": 2.0 ** -7, "grad": 2.0 ** -7},
     torch.float64: {"value": 2.0 ** -40, "grad": 2.0 ** -40},
 }
-# Kernels that take their scalars (loss weights, lr, betas) as fp32 — the C launchers of
-# csrc/cuda/launchers.h and compiled Triton — carry ~1e-8 relative error into fp64 results.
-FP32_SCALARS_FP64_FLOOR = 2.0 ** -22
+# Scalars (loss weights, lr, betas, eps) reach every kernel in full fp64 precision: the CUDA launchers take
+# double (csrc/cuda/launchers.h), the Triton kernels rebuild them from fp32 (hi, lo) pairs (kernels/_common.py),
+# so fp64 results get no wider floor on a GPU than on the CPU.
+
+# The opt-in low-memory mode of the fused linear loss accumulates grad_weight in the inputs' dtype: each chunk
+# rounds the running sum once, so its error grows by at most one unit of that dtype per chunk on top of the fp32
+# accumulation's (relative to the largest gradient entry).
+LOW_MEMORY_GRAD_FLOOR_PER_CHUNK = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 
 
 def max_err(x: torch.Tensor, gold: torch.Tensor) -> float:
@@ -34,13 +39,14 @@ def max_err(x: torch.Tensor, gold: torch.Tensor) -> float:
 
 
 def assert_parity(out: torch.Tensor, baseline: torch.Tensor, gold: torch.Tensor, dtype: torch.dtype, what: str,
-                  kind: str = "value", fp32_scalars: bool = False) -> None:
+                  kind: str = "value", extra_floor: float = 0.0) -> None:
     """``out`` (a backend's result) is no worse than RATIO x ``baseline`` (the reference backend's
-    result in the same dtype) against ``gold``, plus the dtype's floor for ``kind`` ("value"/"grad");
-    ``fp32_scalars`` selects the fp64 floor of kernels whose scalar arguments are fp32."""
+    result in the same dtype) against ``gold``, plus the dtype's floor for ``kind`` ("value"/"grad") and
+    ``extra_floor`` (a documented mode's own bound, e.g. LOW_MEMORY_GRAD_FLOOR_PER_CHUNK x chunks), both
+    relative to max(1, max |gold|)."""
     assert out.shape == gold.shape, f"{what}: shape {tuple(out.shape)} != {tuple(gold.shape)}"
     err, base = max_err(out, gold), max_err(baseline, gold)
     scale = max(1.0, gold.detach().double().nan_to_num(0.0, 0.0, 0.0).abs().max().item()) if gold.numel() else 1.0
-    floor = FP32_SCALARS_FP64_FLOOR if fp32_scalars and dtype == torch.float64 else FLOOR[dtype][kind]
+    floor = FLOOR[dtype][kind] + extra_floor
     bound = RATIO * base + floor * scale
     assert err <= bound, f"{what}: error {err:.3g} > {RATIO} x reference error {base:.3g} + floor ({bound:.3g})"

@@ -311,7 +311,7 @@ void fwd_dispatch(const void* logits, int64_t n, int64_t c, int64_t rs, const in
 // ---------------------------------------------------------------------------------------------
 template <typename T, bool NEG, int SK>
 void bwd_chunk(const T* row, T* out, int64_t lo, int64_t hi, int64_t c, int64_t y, bool valid, double gl,
-               const double* st, const LossWeights& w, double scale, bool stream) {
+               const double* st, const LossWeights& w, double scale, bool stream, bool in_place) {
   using io = IO<T>;
   using A = typename io::A;
   using V = typename io::V;
@@ -368,7 +368,7 @@ void bwd_chunk(const T* row, T* out, int64_t lo, int64_t hi, int64_t c, int64_t 
     io::load(row + i, a, b);
     io::store(out + i, grad(a), grad(b));
   }
-  if (i < hi && hi - lo >= W) {  // overlapping last step: rewrites a few elements with equal values
+  if (i < hi && hi - lo >= W && !in_place) {  // overlapping last step: rewrites a few elements with equal values
     V a, b;
     io::load(row + hi - W, a, b);
     io::store(out + hi - W, grad(a), grad(b));
@@ -389,12 +389,16 @@ template <typename T, bool NEG>
 void bwd_impl(const acc_t<T>* grad_loss, int64_t gl_stride, acc_t<T> gl_denom, const T* logits, int64_t n, int64_t c,
               int64_t rs, const int64_t* target, const acc_t<T>* stats, const LossWeights& w, double scale,
               int64_t ignore_index, T* grad) {
-  const int64_t splits = row_splits(n, c);
+  // In place (grad == logits, the fused linear loss's chunk buffer): every element is read before it is
+  // overwritten only if a row is one piece (z'_y is read first), steps never overlap and no streaming head
+  // re-reads written elements.
+  const bool in_place = static_cast<const void*>(logits) == static_cast<const void*>(grad);
+  const int64_t splits = in_place ? 1 : row_splits(n, c);
   const int64_t len = chunk_len(c, splits, IO<T>::W);
   const int64_t k = (c + len - 1) / len;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::min(len, c));
   // Gradients bigger than the caches bypass them (saves the read-for-ownership of every line).
-  const bool stream = n * c * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
+  const bool stream = !in_place && n * c * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
   const int sk = scale_kind(scale);
   at::parallel_for(0, n * k, grain, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
@@ -405,9 +409,11 @@ void bwd_impl(const acc_t<T>* grad_loss, int64_t gl_stride, acc_t<T> gl_denom, c
                             static_cast<double>(stats[3 * r + 2])};
       const int64_t hi = std::min(c, lo + len);
       const double gl = static_cast<double>(grad_loss[r * gl_stride] / gl_denom);
-      if (sk == 1) bwd_chunk<T, NEG, 1>(logits + r * rs, grad + r * c, lo, hi, c, y, valid, gl, st, w, scale, stream);
-      else if (sk == -1) bwd_chunk<T, NEG, -1>(logits + r * rs, grad + r * c, lo, hi, c, y, valid, gl, st, w, scale, stream);
-      else bwd_chunk<T, NEG, 0>(logits + r * rs, grad + r * c, lo, hi, c, y, valid, gl, st, w, scale, stream);
+      const T* row = logits + r * rs;
+      T* out = grad + r * c;
+      if (sk == 1) bwd_chunk<T, NEG, 1>(row, out, lo, hi, c, y, valid, gl, st, w, scale, stream, in_place);
+      else if (sk == -1) bwd_chunk<T, NEG, -1>(row, out, lo, hi, c, y, valid, gl, st, w, scale, stream, in_place);
+      else bwd_chunk<T, NEG, 0>(row, out, lo, hi, c, y, valid, gl, st, w, scale, stream, in_place);
     }
   });
 }

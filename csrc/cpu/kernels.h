@@ -26,7 +26,7 @@ void row_losses_fwd(const void* logits, int dtype, int64_t n, int64_t c, int64_t
 
 // grad_loss: row r's cotangent is grad_loss[r * gl_stride] / *gl_denom (gl_stride 0: one value broadcast;
 // gl_denom null: 1), both in the accumulation type; stats: the forward's; grad: contiguous n x c in the
-// logits' dtype.
+// logits' dtype; grad == logits (contiguous rows) writes the gradient over the logits, each element read first.
 void row_losses_bwd(const void* grad_loss, int64_t gl_stride, const void* gl_denom, const void* logits, int dtype,
                     int64_t n, int64_t c, int64_t row_stride, const int64_t* target, const void* stats,
                     LossWeights w, double scale, int64_t ignore_index, void* grad);

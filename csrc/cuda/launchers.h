@@ -23,7 +23,8 @@ int sf_row_losses_fwd_cuda(const void* logits, int dtype, int64_t n, int64_t c, 
                            double scale, int64_t ignore_index, void* loss, void* stats, void* stream);
 
 // Row r's cotangent is grad_loss[r * gl_stride] / *gl_denom (gl_stride 0: one device value broadcast;
-// gl_denom NULL: 1), read on the device (no host sync); grad: contiguous n x c output in the logits' dtype.
+// gl_denom NULL: 1), read on the device (no host sync); grad: contiguous n x c output in the logits' dtype, or
+// the logits themselves (contiguous rows: the gradient is written over them).
 int sf_row_losses_bwd_cuda(const void* grad_loss, int64_t gl_stride, const void* gl_denom, const void* logits,
                            int dtype, int64_t n, int64_t c, int64_t row_stride, const int64_t* target,
                            const void* stats, double w_ce, double w_ice, double w_klu, double w_negent,

@@ -272,6 +272,8 @@ row_losses_bwd_kernel(const typename Acc<T>::type* __restrict__ grad_loss, int64
     gr.negent = w.ne != A(0) ? stats[3 * r + 2] : A(0);
     gr.k = (NEED_P && ICE) ? fexp(gr.lse_x - gr.lse) : A(1);
     const A z_y = rt.has_y ? w.scale * to_acc<A>(row[y]) : A(0);
+    // In place (grad == logits): every thread of the row has read z'_y before any writes it over.
+    if (TPR == 32) __syncwarp(); else __syncthreads();
     gr.p_y = rt.has_y ? fexp(z_y - gr.lse) : A(0);
     gr.ice_py = w.ice * gr.p_y;
     gr.ce_klu = w.ce + w.klu;

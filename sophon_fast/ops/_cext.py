@@ -37,6 +37,10 @@ def _register_fakes() -> None:
     def _(grad_loss, logits, target, stats, weights, scale, ignore_index):
         return logits.new_empty(logits.shape)
 
+    @torch.library.register_fake("sophon_fast::_cpp_row_losses_bwd_")
+    def _(grad_loss, logits, target, stats, weights, scale, ignore_index):
+        return None
+
     @torch.library.register_fake("sophon_fast::_cpp_fused_loss_fwd")
     def _(logits, target, weights, scale, ignore_index, reduction, check_targets):
         n, acc = logits.shape[0], _acc(logits.dtype)
@@ -80,6 +84,12 @@ def row_losses_bwd(grad_loss, logits, target, stats, weights, scale, ignore_inde
                                                      float(scale), int(ignore_index))
 
 
+def row_losses_bwd_(grad_loss, logits, target, stats, weights, scale, ignore_index):
+    """The backward written over ``logits`` (contiguous; the caller's private buffer)."""
+    torch.ops.sophon_fast._cpp_row_losses_bwd_(grad_loss.contiguous(), logits, target, stats.contiguous(),
+                                               [float(w) for w in weights], float(scale), int(ignore_index))
+
+
 def fused_loss(logits, target, weights, scale, ignore_index, reduction, check_targets):
     """(N, C) logits (unit class stride), contiguous int64 target or None, weights as 4 floats, reduction
     code (REDUCTION_CODES) -> the reduced loss in the logits' dtype, differentiable (twice) for the logits.
@@ -105,7 +115,8 @@ def row_sq_mean(x, y):
     return torch.ops.sophon_fast._cpp_row_sq_mean(x.contiguous(), None if y is None else y.contiguous())
 
 
-_IMPL = SimpleNamespace(row_losses_fwd=row_losses_fwd, row_losses_bwd=row_losses_bwd, fused_loss=fused_loss,
+_IMPL = SimpleNamespace(row_losses_fwd=row_losses_fwd, row_losses_bwd=row_losses_bwd, row_losses_bwd_=row_losses_bwd_,
+                        fused_loss=fused_loss,
                         inner_step_=inner_step_, inner_step_capturable_=inner_step_capturable_,
                         row_sq_mean=row_sq_mean)
 _loaded: dict = {}
