@@ -15,10 +15,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, Type
 
-from sophon_fast.defences.collapse import CollapseConfig
 from sophon_fast.defences.trap import TrapConfig
 
-REGISTRY: Dict[str, Type] = {"trap": TrapConfig, "collapse": CollapseConfig}
+REGISTRY: Dict[str, Type] = {"trap": TrapConfig}
 
 
 def defence_to_dict(cfg) -> dict:
@@ -35,4 +34,4 @@ def defence_from_dict(d: dict):
     return REGISTRY[kind](**d)
 
 
-__all__ = ["REGISTRY", "CollapseConfig", "TrapConfig", "defence_from_dict", "defence_to_dict"]
+__all__ = ["REGISTRY", "TrapConfig", "defence_from_dict", "defence_to_dict"]
