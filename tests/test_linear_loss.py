@@ -325,3 +325,19 @@ def test_low_memory_mode_parity_bf16(backend, loss):
                   extra_floor=chunks * LOW_MEMORY_GRAD_FLOOR_PER_CHUNK[torch.bfloat16])
     fp32 = _run(fused(True), hidden, weight, b, y, torch.float32)   # no effect at fp32: the output accumulates
     assert all(torch.equal(a, c) for a, c in zip(fp32, _run(fused(False), hidden, weight, b, y, torch.float32)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_scales_by_a_cotangent_other_than_one(backend):
+    """A cotangent of 1 returns the saved gradients unscaled (CPU): other cotangents, and a second backward
+    through a retained graph, still get the product."""
+    hidden, weight, b, y = _inputs(13, 7, 11)
+    leaves = [hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)]
+    with sophon_fast.use_backend(backend):
+        out = F.linear_suppression_loss(leaves[0], leaves[1], y, loss="ice")
+    ones = torch.autograd.grad(out, leaves, retain_graph=True)
+    again = torch.autograd.grad(out, leaves, retain_graph=True)
+    scaled = torch.autograd.grad(out * -2.5, leaves)
+    for a, b2, c in zip(ones, again, scaled):
+        assert torch.equal(a, b2)
+        torch.testing.assert_close(c, -2.5 * a, rtol=1e-14, atol=0)

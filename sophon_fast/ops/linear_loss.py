@@ -30,7 +30,8 @@ large that MIN_ROWS tokens' logits exceed the budget is split into blocks with a
 Gradients are empty (0,) tensors when ``compute_grad`` is False (no input needs them) or, for the bias,
 when there is none. The op's backward scales the saved gradients by the incoming cotangent, out of place
 (AOT autograd refuses a backward that mutates saved outputs), so the backward briefly holds (V, H) twice;
-autograd does not materialise zeros for the gradient outputs' own cotangents. Backends: "reference"
+on CPU tensors a cotangent of exactly 1 (``loss.backward()``) returns the saved gradients as they are.
+Autograd does not materialise zeros for the gradient outputs' own cotangents. Backends: "reference"
 materialises the logits; "cpp", "triton" and "cuda" run the chunk loop above on their own row-loss
 kernels and torch's GEMMs.
 """
@@ -219,6 +220,11 @@ def _backward(ctx, grad_loss, *_):
     if grad_loss is None:   # the loss itself did not reach the output (grads are not materialised)
         return (None,) * 10
     grad_h, grad_w, grad_b = ctx.saved_tensors
+    eager_cpu = type(grad_loss) is torch.Tensor and grad_loss.device.type == "cpu"   # not traced (fake, functional)
+    if eager_cpu and not torch.compiler.is_compiling() and bool(grad_loss == 1):
+        # the common cotangent 1 (loss.backward()): the saved gradients as they are, no second (V, H) in the
+        # backward (reading a CPU scalar is no device sync; on CUDA that test would be one, so it scales)
+        return grad_h, grad_w, None, grad_b if ctx.has_bias else None, None, None, None, None, None, None
     return (grad_h * grad_loss, grad_w * grad_loss, None, grad_b * grad_loss if ctx.has_bias else None,
             None, None, None, None, None, None)
 
