@@ -47,7 +47,11 @@ MMAP_THRESHOLD = 64 * 1024                 # bytes; for run_in_child's allocator
 DEVICE = os.environ.get("SOPHON_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+UNROLLED = "+adaptive"       # "cnn_bn+adaptive": the adaptive recipe's five attackers, unrolled (run_protect)
+
+
 def make_case(arch: str, n: int = 1200, seed: int = 0, device: str = "cpu"):
+    arch = arch.replace(UNROLLED, "")
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 1, 28, 28, generator=g)
     y = torch.randint(0, 10, (n,), generator=g)
@@ -89,8 +93,17 @@ def run_lm(model, data, K: int, mode: str, iterations: int, device: str = "cpu")
                    evaluation=Evaluation(max_drop=None), device=device)
 
 
-def run_protect(model, data, K: int, mode: str, iterations: int, device: str = "cpu"):
-    """protect() of an architecture case for ``iterations`` outer iterations; returns its ProtectResult."""
+def run_protect(model, data, K: int, mode: str, iterations: int, device: str = "cpu", unrolled: bool = False):
+    """protect() of an architecture case for ``iterations`` outer iterations; returns its ProtectResult.
+    ``unrolled``: the adaptive recipe (sophon_fast.recipes.adaptive: a fresh block under Adam and momentum, the
+    model as it is, two probes, taking turns; the meta-gradient unrolled), every attacker at K steps."""
+    if unrolled:
+        from sophon_fast.recipes import ADAPTIVE_STRATEGIES, adaptive
+        strategies = [Strategy(s.optimizer, lr=s.lr, attacker=s.attacker, steps=K).to_dict() for s in ADAPTIVE_STRATEGIES]
+        cfg = adaptive(iterations=iterations).replace(mode=mode, inner_steps=K, strategies=strategies, progress=False,
+                                                      evaluation={"every": 10, "size": None, "max_drop": None},
+                                                      device=device)
+        return protect(model, data, data, cfg)
     return protect(model, data, data, mode=mode, loss="ice", iterations=iterations, inner_steps=K,
                    progress=False, evaluation=Evaluation(max_drop=None), device=device)
 
@@ -122,7 +135,7 @@ def time_outer(measure, arch: str, K: int, impl: str, rounds: int, device: str =
     ``t_outer_history_s`` lists each round's iteration by protect()'s own (wall) clock.
     Returns the median seconds (None under --benchmark-disable)."""
     model, data = make_case(arch, device=device)
-    history, mode = [], impl.replace("-setup", "")
+    history, mode, unrolled = [], impl.replace("-setup", ""), arch.endswith(UNROLLED)
     if impl == "passes":
         bare_passes(model, data, 1)                      # warm-up outside the timed rounds
 
@@ -130,14 +143,16 @@ def time_outer(measure, arch: str, K: int, impl: str, rounds: int, device: str =
             bare_passes(model, data, K)
     elif impl.endswith("-setup"):
         def fn():
-            run_protect(model, data, K, mode, 0, device)
+            run_protect(model, data, K, mode, 0, device, unrolled)
         rounds = None                                    # milliseconds: let pytest-benchmark calibrate
     else:
-        run_protect(model, data, 2, impl, 1, device)     # warm-up outside the timed rounds
+        run_protect(model, data, 2, impl, 1, device, unrolled)     # warm-up outside the timed rounds
+
+        iters = 5 if unrolled else 1                     # unrolled: one iteration of each of the recipe's attackers
 
         def fn():
-            h = run_protect(model, data, K, impl, 1, device).history[0]
-            history.append(h["t_fts"] + h["t_ntr"])
+            hs = run_protect(model, data, K, impl, iters, device, unrolled).history
+            history.append(sum(h["t_fts"] + h["t_ntr"] for h in hs))
     return measure(fn, group=f"engine outer iteration {arch} K={K}", provider=impl, device=torch.device(device),
                    rounds=rounds, warmup=0 if rounds else 1, layer="engine", arch=arch, K=K,
                    params=models.num_parameters(model), threads=torch.get_num_threads(),
@@ -200,15 +215,16 @@ def run_case(arch: str, mode: str, K: int = 50, iterations: int = 3, device: str
         out["K"] = res.config.inner_steps
     else:
         model, data = make_case(arch, device=device)
-        run_protect(model, data, 2, mode, 1, device)     # warm-up: kernels, lazy imports, allocator
+        unrolled = arch.endswith(UNROLLED)
+        run_protect(model, data, 2, mode, 1, device, unrolled)     # warm-up: kernels, lazy imports, allocator
         peak.start()
-        res = run_protect(model, data, K, mode, iterations, device)
+        res = run_protect(model, data, K, mode, iterations, device, unrolled)
     sync(device)
     out.update(peak_mb=peak.stop(), peak_kind=peak.kind, protect_s=res.seconds)
     if not memory_only:
         t = [h["t_fts"] + h["t_ntr"] for h in res.history]
         out["t_outer"] = statistics.median(t[1:] or t)
-        if arch != DEMO:
+        if arch != DEMO and not arch.endswith(UNROLLED):
             out["t_passes"] = median_time(lambda: bare_passes(model, data, K), repeat=3, warmup=0, device=device)
     return out
 

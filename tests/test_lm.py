@@ -401,7 +401,7 @@ def _protect(model, mode="fast", loss="ice", attacker="as_is", iterations=2, **k
     from sophon_fast.engine.config import Strategy
 
     cfg = sf.ProtectConfig(task="lm", loss=loss, mode=mode, iterations=iterations, inner_steps=3, **kw,
-                           strategies=[Strategy("sgd", lr=1e-2, batch_size=6, query_size=2, attacker="reinit_head" if reinit_head else "as_is")],
+                           strategies=[Strategy("sgd", lr=1e-2, batch_size=6, query_size=2, attacker=attacker)],
                            ntr_batch_size=4, evaluation={"every": 1, "size": None, "max_drop": None}, progress=False)
     return sf.protect(model, _batch(n=16, seed=4), _batch(n=16, seed=5), cfg, task=LanguageModelTask(),
                       original_test=_batch(n=4, seed=6))

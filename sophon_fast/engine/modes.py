@@ -1,4 +1,4 @@
-"""The two ways to compute SOPHON's first-order meta-gradient: ``ReferenceMode`` and ``FastMode``.
+"""The two ways to compute SOPHON's meta-gradient (first order or unrolled): ``ReferenceMode`` and ``FastMode``.
 
 Both implement one interface used by the outer loop (sophon_fast/engine/loop.py), generic over a
 :class:`~sophon_fast.tasks.base.Task`:
@@ -23,7 +23,11 @@ O(K)). FastMode computes the same numbers with the protected parameters as views
 the inner optimiser step (and the zeroing of the support gradient) is one fused pass over flat buffers
 (``torch.ops.sophon_fast.inner_step_``), and each query loss is back-propagated at once with the
 parameters' ``.grad`` pointing into the meta-gradient buffer, so autograd's own accumulation adds
-``w_k * grad L_k`` in place: no per-step graph survives and memory is flat in K.
+``w_k * grad L_k`` in place: no per-step graph survives and memory is flat in K. Every simulated attacker kind
+(sophon_fast/engine/attackers.py) runs in both; in FastMode what it trains is flat segments
+(sophon_fast/engine/trained.py), and the unrolled meta-gradient is a forward sweep that keeps each step's state
+and a reverse sweep that re-runs one step at a time (sophon_fast/engine/unroll.py): memory flat in K but for
+the snapshots.
 
 Low-precision weights (bf16/fp16) in FastMode keep an fp32 master copy for the outer optimisers and an fp32
 meta-gradient (each query gradient lands in a staging buffer of the weights' dtype and is added in fp32).
