@@ -65,8 +65,8 @@ def fused_loss(logits: Tensor, target: Optional[Tensor] = None, *, ce: float = 0
 
     Eager calls on a backend with a lean path (the C++/CUDA extension: ``_cpp_fused_loss``) are one dispatcher op
     with its autograd in C++, the reduction and the target-range check inside its kernels (second derivatives
-    through the custom op ``row_losses_backward``); under ``torch.compile``, and on the other backends, the custom
-    op ``sophon_fast::row_losses`` plus the reduction in torch ops."""
+    through the custom op ``row_losses_backward``); under ``torch.compile`` or a ``torch.func`` transform, and on
+    the other backends, the custom op ``sophon_fast::row_losses`` plus the reduction in torch ops."""
     who = "fused_loss"
     _check(logits, target, reduction, who)
     weights = [float(ce), float(ice), float(klu), float(negent)]
@@ -76,7 +76,9 @@ def fused_loss(logits: Tensor, target: Optional[Tensor] = None, *, ce: float = 0
         target = target.long().contiguous()
     ignore_index = int(ignore_index)
     host_check = target is not None and target_checks_on_host()
-    if not torch.compiler.is_compiling():
+    # the lean path is eager only: torch.compile traces the custom ops, and torch.func transforms (grad, vmap)
+    # cannot run a C++ autograd function
+    if not torch.compiler.is_compiling() and not torch._C._functorch.is_functorch_wrapped_tensor(logits):
         lean = getattr(_backend.select_backend("row_losses_fwd", logits.device.type, logits.dtype)[1], "fused_loss",
                        None)
         if lean is not None:
