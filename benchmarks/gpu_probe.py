@@ -13,8 +13,9 @@ recorded if it fails, so one failure never loses the others):
    bf16 8192 x 131072 and fp32 16384 x 131072, with the bytes each moves and a ``copy_`` of the same logits.
 3. ``gemm``: one 8192 x 4096 x 128256 bf16 ``torch.mm``: the TFLOP/s that sets the fused linear loss's floor.
 4. ``linear_loss``: the fused linear ICE at 8192 x 128256 x 4096 bf16, forward + backward, for chunks of
-   {256, 512, 1024, 2048} tokens x {fp32 accumulation, low_memory}: time and max_memory_allocated above the
-   inputs (the returned gradients included; their size is recorded).
+   {256, 512, 1024, 2048, automatic} tokens with fp32 accumulation and {256, 512, automatic} in low_memory
+   mode: time and max_memory_allocated above the inputs (the returned gradients included; their size is
+   recorded).
 5. ``inner_step_graph``: the capturable inner step (Adam, 11.2M fp32 parameters: resnet18_width's size) captured
    in a CUDA graph and replayed, against eager calls: bitwise equality and time per step (GB/s, 4R+3W).
 """
@@ -134,20 +135,26 @@ def part_linear_loss(reps: int, quick: bool) -> dict:
     from sophon_fast.ops.linear_loss import mixed_mm_available
     out = dict(shape=f"{n}x{v}x{h}", returned_grads_mb=round(grads_mb, 1),
                mixed_mm_available=mixed_mm_available("cuda"))
-    for t in (256, 512, 1024, 2048):
-        for low in (False, True):
-            def step():
-                loss = F.linear_suppression_loss(hidden, weight, y, loss="ice", chunk_size=t, low_memory=low)
-                return torch.autograd.grad(loss, (hidden, weight))
-            step()
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            ms = _events_ms(step, max(1, reps // 4), warmup=1)
-            peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-            out[f"T={t}{' low_memory' if low else ''}"] = dict(ms=round(ms, 2), peak_mb=round(peak, 1),
-                                                                extra_beyond_grads_mb=round(peak - grads_mb, 1))
+    for t, low in [(t, False) for t in (256, 512, 1024, 2048, None)] + [(t, True) for t in (256, 512, None)]:
+        def step():
+            loss = F.linear_suppression_loss(hidden, weight, y, loss="ice", chunk_size=t, low_memory=low)
+            return torch.autograd.grad(loss, (hidden, weight))
+        step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        ms = _events_ms(step, max(1, reps // 4), warmup=1)
+        peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+        key = f"T={t or 'auto'}{' low_memory' if low else ''}"
+        out[key] = dict(ms=round(ms, 2), peak_mb=round(peak, 1), extra_beyond_grads_mb=round(peak - grads_mb, 1))
     return out
+
+
+def _reset(p, m, v, step, p0) -> None:
+    p.copy_(p0)
+    m.zero_()
+    v.zero_()
+    step.zero_()
 
 
 def part_inner_step_graph(reps: int) -> dict:
@@ -171,12 +178,12 @@ def part_inner_step_graph(reps: int) -> dict:
         with torch.cuda.stream(s):   # warm-up on the side stream, then capture one step (which advances sg once)
             torch.ops.sophon_fast.inner_step_capturable_(pg, grad, mg, vg, sg, *args)
             torch.cuda.synchronize()
-            pg.copy_(p0), mg.zero_(), vg.zero_(), sg.zero_()
+            _reset(pg, mg, vg, sg, p0)
             torch.cuda.synchronize()
             with torch.cuda.graph(graph, stream=s):
                 torch.ops.sophon_fast.inner_step_capturable_(pg, grad, mg, vg, sg, *args)
         torch.cuda.current_stream().wait_stream(s)
-        pg.copy_(p0), mg.zero_(), vg.zero_(), sg.zero_()
+        _reset(pg, mg, vg, sg, p0)
         for _ in range(10):
             graph.replay()
         torch.cuda.synchronize()

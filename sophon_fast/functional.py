@@ -153,8 +153,9 @@ def linear_suppression_loss(hidden: Tensor, weight: Tensor, target: Tensor, *, l
     are formed during the forward, which needs a scalar loss; there is no "none").
     chunk_size: tokens per chunk (default: one (T, V) logits buffer of at most 64 MiB on CPU, 256 MiB on CUDA, in
     whole GEMM tiles of 256 tokens). low_memory: 16-bit inputs accumulate grad_weight in their own dtype instead
-    of an fp32 (V, H) buffer (one rounding of the running sum per chunk: the bound is in tests/tolerances.py);
-    no effect for fp32/fp64 inputs.
+    of an fp32 (V, H) buffer (one rounding of the running sum per chunk: the bound is in tests/tolerances.py),
+    with 64 MiB chunks on every device, and the backward of a loss with cotangent 1 returns the gradients
+    without a copy (one host sync on CUDA to test that); no effect on the values for fp32/fp64 inputs.
     Returns a 0-d tensor of the inputs' dtype, differentiable for hidden, weight and bias. Extra memory:
     one (chunk_size, V) buffer (the gradient of a chunk is written over its logits on the C++/CUDA backends)
     plus the fp32 gradient accumulators, never (N, V) and never a (V, H) temporary per chunk. Raises ValueError

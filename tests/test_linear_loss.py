@@ -242,6 +242,8 @@ def test_automatic_chunks_are_whole_gemm_tiles():
     t32 = LL.auto_chunk(4096, 128256, torch.float32, "cpu")
     assert t32 % 64 == 0 and t32 * 128256 * 4 <= LL.CHUNK_BYTES
     assert LL.auto_chunk(5, 128256, torch.float32, "cpu") == 5   # never more tokens than there are
+    # low-memory mode: the CPU budget everywhere (256 tokens at the headline: Liger's chunk)
+    assert LL.auto_chunk(8192, 128256, torch.bfloat16, "cuda", low_memory=True) == 256
 
 
 def test_grad_weight_accumulation_makes_no_vocab_by_hidden_temporary():

@@ -21,7 +21,8 @@ one read and one write (backward) of the chunk's logits. The grad_weight accumul
 temporary: one GEMM into it for fp32/fp64 inputs; for 16-bit inputs torch's mixed-dtype GEMM into the fp32
 accumulator (``addmm(out_dtype=float32)``: CUDA), else (CPU) blocks of vocabulary rows; the first chunk writes
 it outright (no zero fill). ``low_memory=True`` keeps the accumulator in the inputs' dtype instead (Liger's
-default: no fp32 (V, H) buffer, one rounding of the running sum per chunk; bound in tests/tolerances.py).
+default: no fp32 (V, H) buffer, one rounding of the running sum per chunk; bound in tests/tolerances.py), with
+64 MiB chunks on every device and no second (V, H) in the backward.
 Automatic chunks are whole GEMM tiles (multiples of TILE_ROWS): 64 MiB of logits on CPU, 256 MiB on CUDA
 (1024 tokens at V = 128256 in bf16: 8 chunks of M = 1024). With the automatic chunk size, a vocabulary so
 large that MIN_ROWS tokens' logits exceed the budget is split into blocks with an online log-sum-exp
@@ -30,7 +31,8 @@ large that MIN_ROWS tokens' logits exceed the budget is split into blocks with a
 Gradients are empty (0,) tensors when ``compute_grad`` is False (no input needs them) or, for the bias,
 when there is none. The op's backward scales the saved gradients by the incoming cotangent, out of place
 (AOT autograd refuses a backward that mutates saved outputs), so the backward briefly holds (V, H) twice;
-on CPU tensors a cotangent of exactly 1 (``loss.backward()``) returns the saved gradients as they are.
+on CPU tensors, and in low-memory mode on any device (one host sync there), a cotangent of exactly 1
+(``loss.backward()``) returns the saved gradients as they are.
 Autograd does not materialise zeros for the gradient outputs' own cotangents. Backends: "reference"
 materialises the logits; "cpp", "triton" and "cuda" run the chunk loop above on their own row-loss
 kernels and torch's GEMMs.
@@ -57,11 +59,12 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def auto_chunk(n: int, v: int, dtype: torch.dtype, device_type: str = "cpu") -> int:
+def auto_chunk(n: int, v: int, dtype: torch.dtype, device_type: str = "cpu", low_memory: bool = False) -> int:
     """Tokens per chunk so that one (T, V) buffer of ``dtype`` stays within the device's budget (CHUNK_BYTES,
-    CUDA_CHUNK_BYTES), rounded down to whole GEMM tiles (a multiple of TILE_ROWS, or of 64 below it); at
-    least MIN_ROWS (the vocabulary is then split into blocks, see ``vocab_block``)."""
-    budget = CUDA_CHUNK_BYTES if device_type == "cuda" else CHUNK_BYTES
+    CUDA_CHUNK_BYTES; CHUNK_BYTES everywhere in low-memory mode), rounded down to whole GEMM tiles (a multiple
+    of TILE_ROWS, or of 64 below it); at least MIN_ROWS (the vocabulary is then split into blocks, see
+    ``vocab_block``)."""
+    budget = CUDA_CHUNK_BYTES if device_type == "cuda" and not low_memory else CHUNK_BYTES
     t = budget // (v * _itemsize(dtype))
     tile = TILE_ROWS if t >= TILE_ROWS else (64 if t >= 64 else 1)
     return max(1, min(n, max(MIN_ROWS, t // tile * tile)))
@@ -129,7 +132,7 @@ def chunked_linear_loss(hidden: Tensor, weight: Tensor, target: Tensor, bias: Op
     n, v = hidden.shape[0], weight.shape[0]
     dev = hidden.device.type
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    t = chunk_size if chunk_size > 0 else auto_chunk(n, v, hidden.dtype, dev)
+    t = chunk_size if chunk_size > 0 else auto_chunk(n, v, hidden.dtype, dev, low_memory)
     count = (target != ignore_index).sum().to(acc)
     per_row = (1.0 / count if reduction == "mean" else torch.ones((), dtype=acc, device=hidden.device)).expand(t)
     total = torch.zeros((), dtype=acc, device=hidden.device)
@@ -208,6 +211,7 @@ def _setup_context(ctx, inputs, output):
     _, grad_h, grad_w, grad_b = output
     ctx.has_bias = inputs[3] is not None
     ctx.compute_grad = inputs[8]
+    ctx.low_memory = len(inputs) > 9 and bool(inputs[9])
     ctx.save_for_backward(grad_h, grad_w, grad_b)
     ctx.mark_non_differentiable(grad_h, grad_w, grad_b)
     ctx.set_materialize_grads(False)   # no (V, H) zeros for the gradient outputs' own (unused) cotangents
@@ -220,10 +224,11 @@ def _backward(ctx, grad_loss, *_):
     if grad_loss is None:   # the loss itself did not reach the output (grads are not materialised)
         return (None,) * 10
     grad_h, grad_w, grad_b = ctx.saved_tensors
-    eager_cpu = type(grad_loss) is torch.Tensor and grad_loss.device.type == "cpu"   # not traced (fake, functional)
-    if eager_cpu and not torch.compiler.is_compiling() and bool(grad_loss == 1):
+    eager = type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling()   # not traced (fake, functional)
+    if eager and (grad_loss.device.type == "cpu" or ctx.low_memory) and bool(grad_loss == 1):
         # the common cotangent 1 (loss.backward()): the saved gradients as they are, no second (V, H) in the
-        # backward (reading a CPU scalar is no device sync; on CUDA that test would be one, so it scales)
+        # backward. Reading a CPU scalar is no device sync; on CUDA it is one, taken in low-memory mode only
+        # (as Liger-Kernel does); otherwise the gradients are scaled out of place
         return grad_h, grad_w, None, grad_b if ctx.has_bias else None, None, None, None, None, None, None
     return (grad_h * grad_loss, grad_w * grad_loss, None, grad_b * grad_loss if ctx.has_bias else None,
             None, None, None, None, None, None)
