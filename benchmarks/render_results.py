@@ -423,17 +423,75 @@ def _markers(title):
     return f"<!-- BEGIN {title} (render_results.py) -->", f"<!-- END {title} (render_results.py) -->"
 
 
-def render(runs, previous: str = "") -> str:
+PROBE_TITLE = "GPU probe (issue 37)"
+
+
+def is_probe(run) -> bool:
+    """benchmarks/gpu_probe.py's JSON (not pytest-benchmark's)."""
+    return "machine_info" not in run and "row_kernels" in run
+
+
+def _cells(d: dict, keys) -> list:
+    return [d.get(k, "—") for k in keys]
+
+
+def render_probe(probes) -> str:
+    """Tables of benchmarks/gpu_probe.py's parts (one probe JSON each), the card named."""
+    out = [f"# {PROBE_TITLE}", ""]
+    for pr in probes:
+        out.append(f"_{pr.get('device', '?')}; torch {pr.get('torch', '?')}; {pr['path']}_")
+        host = pr.get("host", {})
+        if "error" not in host:
+            out += ["", "## Host overhead: CE fwd+bwd 4096 x 1000 fp32", "",
+                    table(["path", "CUDA events ms", "wall ms", "CUDA kernels", "CPU self us"],
+                          [[k] + _cells(v, ("event_ms", "wall_ms", "cuda_kernels", "cpu_self_us"))
+                           for k, v in host.items()])]
+        rk = pr.get("row_kernels", {})
+        if "error" not in rk:
+            rows = []
+            for tag, r in rk.items():
+                for loss in ("ice", "ce"):
+                    v = r.get(loss, {})
+                    rows.append([f"{loss} {tag} {r.get('shape')}"] + _cells(v, ("fwd_ms", "bwd_ms", "total_ms"))
+                                + [r.get("copy_ms"), v.get("of_copy_2r1w")])
+            out += ["", "## Row kernels alone (CUDA events)", "",
+                    table(["case", "fwd ms", "bwd ms", "total ms", "copy_ ms", "of copy (2R+1W)"], rows)]
+        gm = pr.get("gemm", {})
+        if "error" not in gm:
+            out += ["", f"bf16 GEMM {gm.get('shape')}: {gm.get('ms')} ms, {gm.get('tflops')} TFLOP/s"]
+        ll = pr.get("linear_loss", {})
+        if "error" not in ll:
+            rows = [[k] + _cells(v, ("ms", "peak_mb", "extra_beyond_grads_mb")) for k, v in ll.items()
+                    if isinstance(v, dict)]
+            out += ["", f"## Fused linear ICE {ll.get('shape')} bf16 fwd+bwd (mixed-dtype addmm: "
+                        f"{ll.get('mixed_mm_available')}; returned gradients {ll.get('returned_grads_mb')} MB)", "",
+                    table(["chunk", "ms", "peak MB", "beyond the gradients MB"], rows)]
+        ig = pr.get("inner_step_graph", {})
+        if "error" not in ig:
+            out += ["", "## Capturable inner step, Adam, 11.2M fp32", "",
+                    table(["graph == eager", "graph replay ms", "eager capturable ms", "host step ms", "graph GB/s"],
+                          [_cells(ig, ("graph_equals_eager", "graph_replay_ms", "eager_capturable_ms",
+                                       "eager_host_step_ms", "graph_gbps"))])]
+        failed = [k for k, v in pr.items() if isinstance(v, dict) and "error" in v]
+        if failed:
+            out += ["", "Parts that failed: " + "; ".join(f"{k}: {pr[k]['error'][:200]}" for k in failed)]
+    return "\n".join(out)
+
+
+def render(runs, previous: str = "", probes=()) -> str:
     """The whole file. A machine kind (CPU / GPU) with no JSON given keeps its section from
     ``previous`` (the file as it was), so a GPU-only run never drops the CPU tables."""
     kinds = {"CPU": [r for r in runs if not _is_gpu(r) and not _standalone(r)],
              "GPU": [r for r in runs if _is_gpu(r) and not _standalone(r)],
              **{t: [r for r in runs if _standalone(r) == t] for base in STANDALONE.values()
-                for t in (base, f"{base} (GPU)")}}
+                for t in (base, f"{base} (GPU)")},
+             PROBE_TITLE: list(probes)}
     parts = [HEADER]
     for title, rs in kinds.items():
         begin, end = _markers(title)
-        if rs:
+        if rs and title == PROBE_TITLE:
+            body = render_probe(rs)
+        elif rs:
             body = render_section(title, rs)
         elif begin in previous and end in previous:
             body = previous[previous.index(begin) + len(begin):previous.index(end)].strip("\n")
@@ -480,13 +538,14 @@ def main(argv=None) -> int:
     if not paths:
         print("render_results: no JSON given and none in benchmarks/results/", file=sys.stderr)
         return 1
-    runs = [_load(p) for p in paths]
+    loaded = [_load(p) for p in paths]
+    runs, probes = [r for r in loaded if not is_probe(r)], [r for r in loaded if is_probe(r)]
     if a.short:
-        print("\n\n".join(short(r) for r in runs))
+        print("\n\n".join([short(r) for r in runs] + ([render_probe(probes)] if probes else [])))
         return 0
     previous = open(a.out).read() if os.path.exists(a.out) else ""
     with open(a.out, "w") as f:
-        f.write(render(runs, previous))
+        f.write(render(runs, previous, probes))
     print(f"render_results: wrote {a.out} from {', '.join(paths)}")
     return 0
 
