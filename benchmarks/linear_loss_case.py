@@ -94,7 +94,8 @@ def run_case(tokens: int, vocab: int, hidden: int, loss: str, impl: str, reps: i
             "dtype": dtype, "threads": torch.get_num_threads(), "seconds": statistics.median(times), "times": times,
             "peak_mb": peak.stop(), "peak_kind": peak.kind,
             "logits_mb": tokens * vocab * DTYPES[dtype].itemsize / 2 ** 20,
-            "chunk_size": auto_chunk(tokens, vocab, DTYPES[dtype]) if impl == "fused" else None,
+            "chunk_size": (auto_chunk(tokens, vocab, DTYPES[dtype], torch.device(device).type)
+                           if impl == "fused" else None),
             # the linear loss runs its chunk loop over the row-loss kernels of this backend
             "backend": _backend.selected_name(torch.device(device).type, "row_losses_fwd", DTYPES[dtype])
             if impl == "fused" else None}
