@@ -113,9 +113,10 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, origina
              restricted: Optional[str] = None, arch: Optional[str] = None, iterations: Optional[int] = None,
              attacks: Optional[str] = None, attack_epochs: Optional[int] = None, subset: Optional[int] = None,
              pretrain_epochs: Optional[int] = None, adaptive: bool = True, progress: bool = True,
-             say: Callable[[str], None] = print) -> dict:
+             say: Callable[[str], None] = print, config: Optional[ProtectConfig] = None) -> dict:
     """Run the whole demo into ``out``; returns the report dict (also written as report.json).
-    ``adaptive``: run the adaptive stage (:func:`demo_adaptive_config`) after the attack suite."""
+    ``adaptive``: run the adaptive stage (:func:`demo_adaptive_config`) after the attack suite. ``config``: protect
+    with these settings (checkpointed into ``out``) instead of :func:`demo_config`'s (an experiment's config.json)."""
     original = original or DEMO_DOMAINS["original"]
     restricted = restricted or DEMO_DOMAINS["restricted"]
     arch = arch or DEMO_DOMAINS["arch"]
@@ -142,7 +143,9 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, origina
 
     # 2. protection
     prot_path = os.path.join(out, "protected.safetensors")
-    cfg = demo_config(quick, iterations, seed, progress, os.path.join(out, "checkpoints"), unprotected)
+    cfg = demo_config(quick, iterations, seed, progress, os.path.join(out, "checkpoints"), unprotected) \
+        if config is None else config.replace(progress=progress, checkpoint=Checkpointing(
+            os.path.join(out, "checkpoints"), every=10, resume=True))
     meta = {"original": original, "restricted": restricted, "iterations": cfg.iterations}
     protected, history, timing["protect"] = protect_stage(
         out, cfg, unprotected, o_train, r_train, o_test, None,

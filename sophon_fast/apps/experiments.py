@@ -1,0 +1,146 @@
+"""Experiments as data: ``experiments/ID/`` holds what ran and what it gave, and the results table is generated.
+
+    config.json       the protection's settings, ``ProtectConfig.to_dict()`` (today's code loads every one:
+                      tests/test_experiments.py)
+    experiment.json   the rest of what the runner needs: {"description", "task": "image", "domains": {"original",
+                      "restricted"}, "arch", "seed", "quick", "suite", "attack_epochs", "pretrain_epochs",
+                      "subset", "adaptive", "threads"}
+    results.json      what the run gave: the demo's report (the schema of sophon_fast.apps.report) plus "commit"
+                      (the git commit it ran at, "+dirty" when the tree had changes) and "date"
+
+    python -m sophon_fast.apps.experiments run experiments/ID     run it (work files under runs/experiments/ID)
+    python -m sophon_fast.apps.experiments table                  write docs/experiment-results.md from every results.json
+    python -m sophon_fast.apps.experiments table --check          exit 1 when that file is not what the results give
+
+The runner is the image demo's pipeline (:func:`sophon_fast.apps.demo.run_demo`) with the experiment's config.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from sophon_fast._atomic import atomic_path
+from sophon_fast.engine import ProtectConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+EXPERIMENTS = ROOT / "experiments"
+TABLE = ROOT / "docs" / "experiment-results.md"
+SETTINGS = ("description", "task", "domains", "arch", "seed", "quick", "suite", "attack_epochs", "pretrain_epochs",
+            "subset", "adaptive", "threads")
+
+
+def load(path: os.PathLike) -> Dict:
+    """``{"id", "config": ProtectConfig, "experiment": dict, "results": dict or None}`` of one experiment folder;
+    ``ValueError`` naming the file when a file is missing or does not load with today's code."""
+    path = Path(path)
+    out: Dict = {"id": path.name, "results": None}
+    for name in ("config.json", "experiment.json"):
+        if not (path / name).exists():
+            raise ValueError(f"{path / name}: missing")
+    try:
+        out["config"] = ProtectConfig.from_dict(json.loads((path / "config.json").read_text()))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path / 'config.json'}: does not load with today's ProtectConfig ({e})") from None
+    out["experiment"] = json.loads((path / "experiment.json").read_text())
+    unknown = sorted(set(out["experiment"]) - set(SETTINGS))
+    missing = sorted(set(SETTINGS) - set(out["experiment"]))
+    if unknown or missing or out["experiment"]["task"] != "image":
+        raise ValueError(f"{path / 'experiment.json'}: unknown {unknown}, missing {missing}, task must be 'image'")
+    if (path / "results.json").exists():
+        out["results"] = json.loads((path / "results.json").read_text())
+    return out
+
+
+def all_experiments(root: Path = EXPERIMENTS) -> List[Dict]:
+    return [load(p) for p in sorted(root.iterdir()) if p.is_dir()]
+
+
+def _commit() -> str:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    sha = git("rev-parse", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--", "sophon_fast", "kernels", "csrc")
+    return sha + ("+dirty" if dirty else "")
+
+
+def run(path: os.PathLike, work: Optional[os.PathLike] = None) -> Dict:
+    """Run the experiment in ``path`` and write its ``results.json``; returns the results."""
+    import torch
+
+    from sophon_fast.apps.demo import run_demo
+    exp = load(path)
+    e = exp["experiment"]
+    work = Path(work) if work is not None else ROOT / "runs" / "experiments" / exp["id"]
+    if e["threads"]:
+        torch.set_num_threads(e["threads"])
+    commit = _commit()
+    report = run_demo(out=str(work), quick=e["quick"], seed=e["seed"], original=e["domains"]["original"],
+                      restricted=e["domains"]["restricted"], arch=e["arch"], attacks=e["suite"],
+                      attack_epochs=e["attack_epochs"], subset=e["subset"], pretrain_epochs=e["pretrain_epochs"],
+                      adaptive=e["adaptive"], progress=False, config=exp["config"])
+    results = {**report, "commit": commit, "date": datetime.date.today().isoformat()}
+    with atomic_path(Path(path) / "results.json") as tmp:
+        tmp.write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
+    return results
+
+
+def _met(results: Dict) -> str:
+    targets = [t for t in results.get("targets", []) if t["met"] is not None]
+    return f"{sum(bool(t['met']) for t in targets)} of {len(targets)}"
+
+
+def table(experiments: List[Dict]) -> str:
+    """docs/experiment-results.md: one row per experiment with results, generated (never edited by hand)."""
+    lines = ["# Experiment results (generated)", "",
+             "Generated by `python -m sophon_fast.apps.experiments table` from `experiments/*/results.json`; do not "
+             "edit by hand. Each experiment folder holds its `config.json` (the protection's `ProtectConfig`), "
+             "`experiment.json` (the data, model and attacks) and `results.json` (the report and the commit it ran "
+             "at); `python -m sophon_fast.apps.experiments run experiments/ID` runs one again.", "",
+             "| experiment | what | original → restricted | model | iterations | original accuracy: unprotected → "
+             "protected | targets met | commit | date |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for exp in experiments:
+        r, e = exp["results"], exp["experiment"]
+        if r is None:
+            continue
+        o = r["original"]
+        lines.append(f"| {exp['id']} | {e['description']} | {e['domains']['original']} → {e['domains']['restricted']} "
+                     f"| {e['arch']} | {exp['config'].iterations} | {100 * o['unprotected']:.1f}% → "
+                     f"{100 * o['protected']:.1f}% | {_met(r)} | `{r['commit'][:10]}` | {r['date']} |")
+    pending = [exp["id"] for exp in experiments if exp["results"] is None]
+    if pending:
+        lines += ["", "Configured, not yet run with today's code: " + ", ".join(pending) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sophon_fast.apps.experiments")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("path")
+    r.add_argument("--work", default=None)
+    t = sub.add_parser("table")
+    t.add_argument("--check", action="store_true")
+    a = p.parse_args(argv)
+    if a.cmd == "run":
+        run(a.path, a.work)
+        print(f"wrote {Path(a.path) / 'results.json'}")
+        return 0
+    text = table(all_experiments())
+    if a.check:
+        same = TABLE.exists() and TABLE.read_text() == text
+        print(f"{TABLE} is {'up to date' if same else 'stale: run python -m sophon_fast.apps.experiments table'}")
+        return 0 if same else 1
+    TABLE.write_text(text)
+    print(f"wrote {TABLE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
