@@ -93,9 +93,9 @@ def test_three_iterations_parity(builder, loss, inner):
 
 
 @pytest.mark.parametrize("builder,trap", [(mlp, None), (cnn_bn, None),
-                                          (relu_mlp, TrapConfig(weight=0.5, margin=1.0, decay=0.3, decay_samples=2,
+                                          (relu_mlp, TrapConfig(weight=0.5, margin=1.0, decay=0.3,
                                                                 robust=0.01, straight_through=True)),
-                                          (cnn_relu, TrapConfig(weight=0.5, margin=1.0, decay=0.3, decay_samples=2))])
+                                          (cnn_relu, TrapConfig(weight=0.5, margin=1.0, decay=0.3))])
 def test_parity_strategy_mixture_two_domains_sgd_outer(builder, trap):
     strats = [sf.Strategy("sgd", lr=1e-2, batch_size=24, query_size=8),
               sf.Strategy("adam", lr=1e-3, batch_size=20, query_size=5, attacker="reinit_head", steps=2),

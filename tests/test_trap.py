@@ -130,6 +130,6 @@ def test_trap_config_errors():
     with pytest.raises(ValueError, match="margin"):
         TrapConfig(margin=-1.0)
     with pytest.raises(ValueError, match="decay"):
-        TrapConfig(decay_samples=0)
+        TrapConfig(decay=-1.0)
     with pytest.raises(ValueError, match="unknown kind"):
         sf.ProtectConfig(defences=[{"kind": "moat"}])

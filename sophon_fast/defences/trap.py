@@ -6,8 +6,8 @@ switched off for restricted inputs, so fine-tuning gets no gradient below the he
 z: the pre-activation of the last ``nn.ReLU`` module that runs before the head; h: the input of the
 ``nn.Linear`` producing z (``robust`` > 0 keeps the units off under any change of at most ``robust`` in
 every weight and bias of that Linear: the worst case of one sign-like Adam step). ``decay`` > 0 also
-takes the hinge at body weights soft-thresholded by s ~ U(0, decay) (``decay_samples`` draws), the
-path Adam/RMSprop with L2 weight decay take on dead units, and averages; ``straight_through`` passes the
+takes the hinge at body weights soft-thresholded by one draw s ~ U(0, decay), the path Adam/RMSprop
+with L2 weight decay take on dead units, and averages the two; ``straight_through`` passes the
 hinge's gradient through the soft-threshold unchanged (its exact derivative is 0 for weights already
 decayed to 0, so decayed biases would get no push).
 
@@ -39,7 +39,6 @@ class TrapConfig:
     margin: float = 3.0
     robust: float = 0.0
     decay: float = 0.0
-    decay_samples: int = 1
     straight_through: bool = False
 
     def __post_init__(self):
@@ -49,8 +48,8 @@ class TrapConfig:
             raise ValueError(f"TrapConfig.margin must be >= 0, got {self.margin}")
         if not self.robust >= 0:
             raise ValueError(f"TrapConfig.robust must be >= 0, got {self.robust}")
-        if not self.decay >= 0 or self.decay_samples < 1:
-            raise ValueError("TrapConfig.decay must be >= 0 and decay_samples >= 1")
+        if not self.decay >= 0:
+            raise ValueError(f"TrapConfig.decay must be >= 0, got {self.decay}")
 
     def build(self) -> "DeadUnitTrap":
         return DeadUnitTrap(self)
@@ -146,12 +145,12 @@ class DeadUnitTrap:
         if self.cfg.decay > 0:
             head_ids = {id(p) for p in self.head.parameters()}
             named = [(n, p) for n, p in model.named_parameters() if id(p) not in head_ids]
-            draws = torch.rand(self.cfg.decay_samples, generator=gen, device=gen.device, dtype=x.dtype)
+            draws = torch.rand(1, generator=gen, device=gen.device, dtype=x.dtype)
             for s in (self.cfg.decay * draws).unbind():
                 params = {n: (p + (soft_threshold(p, s) - p).detach()) if self.cfg.straight_through
                           else soft_threshold(p, s) for n, p in named}
                 loss = loss + self.hinge(lambda: functional_call(model, params, (x,)))
-            loss = loss / (1 + self.cfg.decay_samples)
+            loss = loss / 2
         return self.cfg.weight * loss
 
 
