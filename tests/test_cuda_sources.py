@@ -38,14 +38,37 @@ def test_nvcc_compiles(source, tmp_path):
         pytest.skip("no nvcc on PATH, in $CUDA_HOME/bin or in /usr/local/cuda/bin")
     procs = {arch: subprocess.Popen(
         [nvcc, "-c", "-std=c++17", "-O3", f"-arch=sm_{arch}", "-Werror", "all-warnings", *TORCH_NVCC_FLAGS,
-         "-o", str(tmp_path / f"{source.stem}_sm{arch}.o"), str(source)],
+         "-Xptxas", "-v", "-o", str(tmp_path / f"{source.stem}_sm{arch}.o"), str(source)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for arch in ARCHS}
     failures = []
     for arch, proc in procs.items():
         out, _ = proc.communicate(timeout=600)
         if proc.returncode != 0:
             failures.append(f"--- sm_{arch}: nvcc exited {proc.returncode}\n{out}")
+        elif source.name == "row_losses.cu":
+            failures += [f"sm_{arch}: {f}" for f in _backward_register_budget(out)]
     assert not failures, "\n".join(failures)
+
+
+# Register budget of the row-loss backward kernels for 16- and 32-bit logits (issue 37: enough 16-byte loads in flight
+# needs >= 6 blocks of 256 threads per SM): at most 40 registers and no spills, as __launch_bounds__ asks.
+BWD_MAX_REGISTERS = 40
+
+
+def _backward_register_budget(ptxas_out: str):
+    """Violations of BWD_MAX_REGISTERS (or spills) among the non-fp64 row_losses_bwd_kernel instances."""
+    import re
+    pat = re.compile(r"Compiling entry function '(\w+)'.*?\n.*?(\d+) bytes spill stores, (\d+) bytes spill loads"
+                     r"\n.*?Used (\d+) registers", re.S)
+    found, bad = 0, []
+    for name, stores, loads, regs in pat.findall(ptxas_out):
+        # mangled template arguments: d = double; the backward kernel's name carries "row_losses_bwd_kernel"
+        if "row_losses_bwd_kernel" not in name or name.split("row_losses_bwd_kernel")[1].startswith("IdL"):
+            continue
+        found += 1
+        if int(regs) > BWD_MAX_REGISTERS or int(stores) or int(loads):
+            bad.append(f"{name}: {regs} registers, {stores}/{loads} bytes spilled")
+    return bad if found else ["no row_losses_bwd_kernel found in the ptxas report"]
 
 
 def test_cuda_sources_present():
