@@ -7,8 +7,9 @@ in a fresh child process (benchmarks/linear_loss_case.py: RSS high-water above t
 warm-up excluded), in ``extra_info['peak_mb']``. Under --benchmark-disable every case runs once on a
 small stand-in shape, in process, with no child (torch.compile on the first shape only).
 
-On a CUDA machine also a Llama-3-sized head in bf16 (8192 tokens, vocabulary 128256, hidden 4096), with
-Liger-Kernel's fused linear cross-entropy as the peer for CE where ``liger_kernel`` imports; time is wall
+On a CUDA machine also a Llama-3-sized head in bf16 (8192 tokens, vocabulary 128256, hidden 4096), with the fused
+op's low-memory mode (``fused_low_memory``: bf16 grad_weight accumulation, issue 37) beside it and Liger-Kernel's
+fused linear cross-entropy as the peer for CE where ``liger_kernel`` imports; time is wall
 clock after a device sync, peak memory ``max_memory_allocated`` in the child.
 """
 import pytest
@@ -32,7 +33,7 @@ GPU_CASES = [("8192x128256x4096-bf16", "ice"), ("8192x128256x4096-bf16", "ce")]
 def _params():
     out = [("cpu", s, loss, impl) for s, loss in CASES for impl in IMPLS]
     if "cuda" in DEVICES:
-        impls = IMPLS + (("liger",) if liger_available() else ())
+        impls = IMPLS + ("fused_low_memory",) + (("liger",) if liger_available() else ())
         out += [("cuda", s, loss, impl) for s, loss in GPU_CASES for impl in impls if impl != "liger" or loss == "ce"]
     return out
 

@@ -11,7 +11,7 @@ never counted) and the fused op's chunk size.
 
 Impls: ``eager`` (the materialised textbook composite, sophon_fast/reference/linear_loss.py),
 ``compile`` (``torch.compile`` of it), ``fused`` (sophon_fast.functional.linear_suppression_loss on the
-automatic backend), ``liger`` (Liger-Kernel's fused linear cross-entropy: CUDA, ``--loss ce`` only).
+automatic backend), ``fused_low_memory`` (the same with ``low_memory=True``: 16-bit grad_weight accumulation), ``liger`` (Liger-Kernel's fused linear cross-entropy: CUDA, ``--loss ce`` only).
 Inputs: hidden (N, H) ~ N(0, 1), weight (V, H) ~ N(0, 1/H) in ``--dtype`` on ``--device``, targets
 uniform, gradients for hidden and weight. On CUDA the time is wall clock after a device sync and the peak
 is ``max_memory_allocated`` above the allocation at the start.
@@ -30,7 +30,7 @@ from sophon_fast import functional as F
 from sophon_fast.ops.linear_loss import auto_chunk
 from sophon_fast.reference.linear_loss import linear_suppression_loss as textbook
 
-IMPLS = ("eager", "compile", "fused", "liger")
+IMPLS = ("eager", "compile", "fused", "fused_low_memory", "liger")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -48,9 +48,10 @@ def make_inputs(tokens: int, vocab: int, hidden: int, seed: int = 0, device: str
 
 def fwd_bwd(impl: str, loss: str, chunk_size=None):
     """A callable (hidden, weight, target) -> (loss, grad_hidden, grad_weight) for ``impl``."""
-    if impl == "fused":
+    if impl in ("fused", "fused_low_memory"):
         def fn(h, w, y):
-            return F.linear_suppression_loss(h, w, y, loss=loss, chunk_size=chunk_size)
+            return F.linear_suppression_loss(h, w, y, loss=loss, chunk_size=chunk_size,
+                                             low_memory=impl == "fused_low_memory")
     elif impl == "liger":
         if loss != "ce":
             raise ValueError("impl 'liger' is Liger-Kernel's fused linear cross-entropy: loss must be 'ce'")
@@ -94,11 +95,11 @@ def run_case(tokens: int, vocab: int, hidden: int, loss: str, impl: str, reps: i
             "dtype": dtype, "threads": torch.get_num_threads(), "seconds": statistics.median(times), "times": times,
             "peak_mb": peak.stop(), "peak_kind": peak.kind,
             "logits_mb": tokens * vocab * DTYPES[dtype].itemsize / 2 ** 20,
-            "chunk_size": (auto_chunk(tokens, vocab, DTYPES[dtype], torch.device(device).type)
-                           if impl == "fused" else None),
+            "chunk_size": (auto_chunk(tokens, vocab, DTYPES[dtype], torch.device(device).type,
+                                      impl == "fused_low_memory") if impl.startswith("fused") else None),
             # the linear loss runs its chunk loop over the row-loss kernels of this backend
             "backend": _backend.selected_name(torch.device(device).type, "row_losses_fwd", DTYPES[dtype])
-            if impl == "fused" else None}
+            if impl.startswith("fused") else None}
 
 
 def run_in_child(tokens: int, vocab: int, hidden: int, loss: str, impl: str, reps: int = 2, threads: int = 1,

@@ -307,7 +307,8 @@ def linear_loss_section(run) -> str:
     gs = groups(run, layer="linear_loss")
     if not gs:
         return ""
-    impls = ("eager", "compile", "fused") + (("liger",) if any("liger" in p for p in gs.values()) else ())
+    impls = ("eager", "compile", "fused") + tuple(n for n in ("fused_low_memory", "liger")
+                                                  if any(n in p for p in gs.values()))
     rows = []
     for g, p in gs.items():
         peak = {n: p[n]["extra_info"].get("peak_mb") if n in p else None for n in impls}
@@ -317,7 +318,8 @@ def linear_loss_section(run) -> str:
                      ratio(med(p.get("compile")), med(p.get("fused"))), *mb,
                      ratio(peak["eager"], peak["fused"], "{:.1f}x") if peak["fused"] else "—",
                      f"{f.get('backend', '—')}, {f.get('chunk_size', '—')}"])
-    names = {"eager": "eager", "compile": "compile", "fused": "fused", "liger": "Liger FLCE"}
+    names = {"eager": "eager", "compile": "compile", "fused": "fused", "fused_low_memory": "fused low-memory",
+             "liger": "Liger FLCE"}
     return ("## Fused linear + loss: forward + backward\n\n" + caption(run) + "\n\n" + table(
         ["case", "logits MB", *(f"{names[n]} ms" for n in impls), "fused speed-up vs compile",
          *(f"{names[n]} peak MB" for n in impls), "eager / fused memory", "fused backend, chunk"], rows) +
