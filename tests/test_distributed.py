@@ -146,10 +146,10 @@ def run_ranks(tmp, cfg, restricted_seeds=(2,), die_at=None, timeout=120, sharded
     return time.monotonic() - t0
 
 
-@pytest.mark.parametrize("mode", ["fast", "reference"])
+@pytest.mark.parametrize("mode", ["fast", "reference", "fast-unrolled"])
 def test_two_ranks_give_the_weights_of_one_process(tmp_path, mode):
     """2 trajectories per iteration (one per rank), 2 restricted domains, a defence and NTR split over ranks."""
-    cfg = config(mode=mode)
+    cfg = config(mode=mode.split("-")[0], meta_gradient="unrolled" if mode.endswith("unrolled") else "first_order")
     run_ranks(tmp_path, cfg, restricted_seeds=(2, 3))
     one = flat(sf.protect(model(), data(1), [data(2), data(3)], cfg).model)
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
@@ -181,6 +181,22 @@ def test_fsdp2_sharded_model_gives_the_weights_of_one_process(tmp_path):
     """FSDP2 shards: every rank runs every trajectory on its rows (uneven: 15 support rows split 7/8), the
     reduce-scatter sums the shares; a head re-initialisation, Adam and SGD inner steps, NTR, clipping, a defence."""
     cfg = config(in_place=True, clip_norm=0.5)
+    run_ranks(tmp_path, cfg, restricted_seeds=(2, 3), sharded=True)
+    one = flat(sf.protect(model(), data(1), [data(2), data(3)], cfg).model)
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert torch.equal(r0, r1)
+    assert not torch.equal(one, flat(model()))
+    assert float((r0 - one).norm() / one.norm()) <= 1e-9
+
+
+def test_fsdp2_every_first_order_attacker_kind_gives_the_weights_of_one_process(tmp_path):
+    """Fresh heads (drawn in full on every rank, each keeping its shard; a constant of the meta-gradient), a probe
+    on the frozen body, and the simulated schedules (warm-up + cosine, benign-first steps, late query weights)."""
+    strats = [sf.Strategy("sgd", lr=1e-2, batch_size=24, query_size=8, attacker="fresh_head"),
+              sf.Strategy("adam", lr=1e-3, batch_size=20, query_size=5, attacker="probe", benign_steps=1,
+                          schedule="warmup_cosine", warmup=2),
+              sf.Strategy("momentum", lr=1e-2, batch_size=24, query_size=8, attacker="as_is", query_weighting="late")]
+    cfg = config(in_place=True, strategies=strats, trajectories=3, defences=[])
     run_ranks(tmp_path, cfg, restricted_seeds=(2, 3), sharded=True)
     one = flat(sf.protect(model(), data(1), [data(2), data(3)], cfg).model)
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
@@ -224,8 +240,11 @@ def one_rank_group(tmp_path):
 def test_fsdp2_settings_are_checked(one_rank_group):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     net = shard(model())
+    lora = [sf.Strategy("sgd", lr=1e-2, batch_size=24, query_size=8, attacker={"kind": "lora", "rank": 2})]
     for bad, msg in ((dict(in_place=True, mode="reference"), "mode='fast'"), (dict(), "in_place=True"),
-                     (dict(in_place=True, device="cpu"), "device=None")):
+                     (dict(in_place=True, device="cpu"), "device=None"),
+                     (dict(in_place=True, meta_gradient="unrolled"), "unrolled' does not run on an FSDP2-sharded"),
+                     (dict(in_place=True, strategies=lora), "lora attacker, which does not run on an FSDP2")):
         with pytest.raises(ValueError, match=msg):
             sf.protect(net, data(1), data(2), config(**bad))
     half = model().to(torch.bfloat16)

@@ -69,9 +69,9 @@ class Task:
         return None
 
     def block(self, model: nn.Module) -> List[nn.Module]:
-        """The modules a strategy with ``fresh='block'`` draws afresh (classification: the classifier block, every
+        """The modules a fresh_block or Probe(layers='block') attacker draws afresh (classification: the classifier block, every
         parameterised layer after the last convolution / pooling). Raises ValueError where none is defined."""
-        raise ValueError(f"{self.name} task: no classifier block is defined for fresh='block'")
+        raise ValueError(f"{self.name} task: no classifier block is defined for the fresh_block attacker")
 
     def lora_targets(self, model: nn.Module) -> List[Tuple[str, nn.Parameter, bool]]:
         """The weights a simulated LoRA attacker (``Strategy.lora``) adapts: :func:`linear_weights` of the model

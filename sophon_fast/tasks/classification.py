@@ -99,5 +99,5 @@ class ClassificationTask(Task):
         try:
             return classifier_block(model)
         except ValueError as e:
-            raise ValueError(f"protect: fresh='block' needs a classifier block (parameterised layers after the last "
+            raise ValueError(f"protect: the fresh_block attacker needs a classifier block (parameterised layers after the last "
                              f"convolution / pooling): {e}") from None

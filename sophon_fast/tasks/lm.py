@@ -192,14 +192,14 @@ class LanguageModelTask(Task):
         return None if adapter.is_tied(model) else adapter.head(model)
 
     def block(self, model: nn.Module):
-        """What ``Strategy(fresh="block")`` draws afresh in a language model: every parameterised layer but the
+        """What ``Strategy(attacker="fresh_block")`` draws afresh in a language model: every parameterised layer but the
         embeddings and the head (the decoder blocks and the final norm), so the simulated attacker keeps only the
         token and position embeddings (where the demo's head start lives: docs/domains.md)."""
         head = self._adapter(model).head(model)
         leaves = [m for m in model.modules() if not list(m.children()) and m is not head
                   and not isinstance(m, nn.Embedding) and any(True for _ in m.parameters(recurse=False))]
         if not leaves:
-            raise ValueError("protect: fresh='block' found no layer between the embeddings and the head")
+            raise ValueError("protect: the fresh_block attacker found no layer between the embeddings and the head")
         return leaves
 
     def lora_targets(self, model: nn.Module):
