@@ -41,13 +41,13 @@ def _image_evaluation() -> Evaluation:
 
 def adaptive(model: Optional[nn.Module] = None, iterations: Optional[int] = None) -> ProtectConfig:
     """Image classifiers against attackers who adapt: ICE (alpha 10, beta 5), K = 20, the five simulated attackers
-    of ``ADAPTIVE_STRATEGIES`` with the meta-gradient unrolled through their steps (on the fast path: memory flat in K but for the snapshots), 3 NTR
-    steps, no trap. ``iterations`` (None): 1,000, or 400 when ``model`` has BatchNorm (the count measured there).
+    of ``ADAPTIVE_STRATEGIES`` with the meta-gradient unrolled through their steps (on the fast path: memory flat in K
+    but for the snapshots), 3 NTR steps, no trap. ``iterations`` (None): 1,000, or 400 when ``model`` has BatchNorm (the count measured there).
 
     Measured (docs/image-classification.md): holds the paper's attack and the default fine-tuning suite and puts
     the re-initialised-block attacks near where a random initialisation is on a small CNN; part of the head start
-    remains on a BatchNorm network and on other restricted datasets. About 1.6 s per iteration on a 0.1M-parameter
-    CNN on 2 CPU cores.
+    remains on a BatchNorm network and on other restricted datasets. In the reference mode it was measured at about
+    1.6 s per iteration on a 0.1M-parameter CNN on 2 CPU cores.
     """
     default = 400 if has_batchnorm(model) else 1000
     return ProtectConfig(loss="ice", alpha=10.0, beta=5.0, inner_steps=20, mode="fast", meta_gradient="unrolled",
