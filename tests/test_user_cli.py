@@ -146,7 +146,21 @@ def test_image_folders_and_npz_arrays(tmp_path, capsys):
 
 
 def test_a_datasets_directory(tmp_path):
+    """Hugging Face datasets directories (save_to_disk): a text column, and image/label columns with a test split."""
     datasets = pytest.importorskip("datasets")
-    datasets.Dataset.from_dict({"text": [f"line {i} of text" for i in range(12)]}).save_to_disk(tmp_path / "ds")
-    from sophon_fast.data.user import read_texts
-    assert read_texts(str(tmp_path / "ds"))[:2] == ["line 0 of text", "line 1 of text"]
+    from PIL import Image
+
+    from sophon_fast.data.user import read_images, read_texts
+    datasets.Dataset.from_dict({"text": [f"line {i} of text" for i in range(12)]}).save_to_disk(tmp_path / "text")
+    assert read_texts(str(tmp_path / "text"))[:2] == ["line 0 of text", "line 1 of text"]
+    rng = np.random.RandomState(0)
+    split = {n: datasets.Dataset.from_dict({"image": [Image.fromarray((rng.rand(20, 20) * 255).astype(np.uint8))
+                                                      for _ in range(k)], "label": [i % 2 for i in range(k)]})
+             for n, k in (("train", 10), ("test", 4))}
+    datasets.DatasetDict(split).save_to_disk(tmp_path / "images")
+    got = read_images(str(tmp_path / "images"), channels=1, size=28)
+    assert got.train[0].shape == (10, 1, 28, 28) and got.test[0].shape == (4, 1, 28, 28) and got.classes == ["0", "1"]
+    assert -1 <= float(got.train[0].min()) and float(got.train[0].max()) <= 1
+    datasets.Dataset.from_dict({"txt": ["a"]}).save_to_disk(tmp_path / "bad")
+    with pytest.raises(ValueError, match=r"bad: no 'text' column"):
+        read_texts(str(tmp_path / "bad"))
