@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 from sophon_fast.defences import defence_from_dict, defence_to_dict
+from sophon_fast.engine.attackers import attacker_from
 
 INNER_OPTIMIZERS = ("sgd", "momentum", "adam")
 OUTER_OPTIMIZERS = ("adam", "sgd")
@@ -83,7 +84,6 @@ class Strategy(_StrategyFields):
                              + " (see CHANGELOG.md, 0.2.0)")
         super().__init__(*args, **kw)
         self.betas = tuple(float(b) for b in self.betas)
-        from sophon_fast.engine.attackers import attacker_from
         self.attacker = attacker_from(self.attacker)
         if self.optimizer not in INNER_OPTIMIZERS:
             raise ValueError(f"Strategy.optimizer must be one of {INNER_OPTIMIZERS}, got {self.optimizer!r}")

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import math
 from typing import Callable, List, Optional, Sequence
 
 import torch
@@ -61,7 +60,9 @@ from sophon_fast.engine.streams import split
 from sophon_fast.ops.inner_step import inner_step_
 from sophon_fast.reference.inner_step import ADAM, KINDS, MOMENTUM
 from sophon_fast.reference.inner_step import inner_step_ as inner_step_reference
-from sophon_fast.engine.attackers import Setup
+from sophon_fast.engine.attackers import Setup  # noqa: F401  (the attackers' plan, see setup())
+from sophon_fast.engine.trained import Trained
+from sophon_fast.engine.unroll import differentiable_step, unrolled_trajectory
 from sophon_fast.tasks.base import lora_weight
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -165,26 +166,6 @@ class _Mode:
                 benign.skip(strategy.batch_size - strategy.query_size)
         for _ in range(steps):
             stream.skip(strategy.batch_size)
-
-
-def differentiable_step(w: Tensor, g: Tensor, state: List[Tensor], kind: int, lr: float, beta1: float, beta2: float,
-                        eps: float, weight_decay: float, step: int):
-    """``inner_step_``'s update, out of place and differentiable in ``w``, ``g`` and ``state`` ([exp_avg,
-    exp_avg_sq]): returns (new w, new state). The same numbers as the in-place step; Adam's square root is
-    taken of v clamped at 1e-30 (v = 0 exactly where every gradient so far was 0) so that its derivative stays
-    finite there."""
-    if weight_decay:
-        g = g + weight_decay * w
-    m, v = state
-    if kind == MOMENTUM:
-        m = beta1 * m + g
-        return w - lr * m, [m, v]
-    if kind == ADAM:
-        m = beta1 * m + (1 - beta1) * g
-        v = beta2 * v + (1 - beta2) * g * g
-        denom = v.clamp_min(1e-30).sqrt() / math.sqrt(1 - beta2 ** step) + eps
-        return w - (lr / (1 - beta1 ** step)) * m / denom, [m, v]
-    return w - lr * g, state
 
 
 @contextlib.contextmanager
@@ -423,7 +404,6 @@ class FastMode(_Mode):
         self.bufs.put()
 
     def trajectory(self, strategy, stream, loss_name: str, weights: Sequence[float], gen, benign=None) -> Tensor:
-        from sophon_fast.engine.trained import Trained
         setup = self.setup(strategy, gen)
         kind, b1, b2 = _inner_hparams(strategy)
         tr = Trained(self, setup, kind)
@@ -431,7 +411,6 @@ class FastMode(_Mode):
         inputs = self.params if setup.lora else None
         with tr.active():
             if self.unrolled:
-                from sophon_fast.engine.unroll import unrolled_trajectory
                 with _no_activation_checkpointing(self.model):
                     losses = unrolled_trajectory(self, tr, steps, strategy.benign_steps + len(weights), strategy, b1,
                                                  b2, loss_name, gen, self.unroll)

@@ -21,12 +21,33 @@ flat vectors of |T|, plus c recomputed ones) and the batches. The derivative is 
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional
 
 import torch
 from torch import Tensor
 
 from sophon_fast.reference.inner_step import ADAM, MOMENTUM
+
+
+def differentiable_step(w: Tensor, g: Tensor, state: List[Tensor], kind: int, lr: float, beta1: float, beta2: float,
+                        eps: float, weight_decay: float, step: int):
+    """``inner_step_``'s update, out of place and differentiable in ``w``, ``g`` and ``state`` ([exp_avg,
+    exp_avg_sq]): returns (new w, new state). The same numbers as the in-place step; Adam's square root is
+    taken of v clamped at 1e-30 (v = 0 exactly where every gradient so far was 0) so that its derivative stays
+    finite there."""
+    if weight_decay:
+        g = g + weight_decay * w
+    m, v = state
+    if kind == MOMENTUM:
+        m = beta1 * m + g
+        return w - lr * m, [m, v]
+    if kind == ADAM:
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        denom = v.clamp_min(1e-30).sqrt() / math.sqrt(1 - beta2 ** step) + eps
+        return w - (lr / (1 - beta1 ** step)) * m / denom, [m, v]
+    return w - lr * g, state
 
 
 def rng_state(gen: torch.Generator) -> tuple:
@@ -115,7 +136,6 @@ def _vjp_step(mode, tr, state: List[Tensor], st: _Step, step: int, a: Optional[L
               loss_name, gen) -> List[Tensor]:
     """Rebuild step ``step`` from ``state`` = s_{step-1} with a graph and pull the adjoints of s_step (``a``, None
     at the last step) and the step's query loss back to s_{step-1}; X's share goes into the meta-gradient."""
-    from sophon_fast.engine.modes import differentiable_step
     kind, task = tr.kind, mode.task
     t = state[0].detach().requires_grad_(True)
     m = state[1].detach().requires_grad_(True) if kind >= MOMENTUM else state[0].new_zeros(0)
