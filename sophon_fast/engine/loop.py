@@ -53,11 +53,6 @@ class ProtectResult:
     original_metric: Optional[float] = None
     seconds: float = 0.0
 
-    @property
-    def original_acc(self) -> Optional[float]:
-        """The original-domain metric (accuracy for classification) of the returned model."""
-        return self.original_metric
-
 
 def _task_for(cfg: ProtectConfig, task):
     """``task``, or ``cfg.task`` built with the config's task options; a given task must agree with the options
