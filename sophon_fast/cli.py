@@ -39,7 +39,7 @@ def _cmd_demo(a) -> int:
     a.out = a.out or "runs/demo"
     run_demo(out=a.out, quick=a.quick, seed=a.seed, original=a.original, restricted=a.restricted, arch=a.arch,
              iterations=a.iterations, attacks=a.suite, attack_epochs=a.attack_epochs, subset=a.subset,
-             pretrain_epochs=a.pretrain_epochs, adaptive=not a.no_adaptive, progress=not a.no_progress)
+             pretrain_epochs=a.pretrain_epochs, adaptive=not a.no_adaptive, progress=not a.no_progress, audit=a.audit)
     return 0
 
 
@@ -148,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--subset", type=int, default=None, help="limit every split to N samples (tests)")
     d.add_argument("--no-adaptive", action="store_true",
                    help="image task: skip the adaptive suite (attacks that know the model was protected)")
+    d.add_argument("--audit", action="store_true", help="image task: also run the attack search (sophon-fast audit), "
+                   "its first trials the adaptive stage's attacks; its verdict becomes a target (needs optuna)")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(fn=_cmd_demo)
 

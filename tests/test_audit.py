@@ -287,3 +287,21 @@ def test_cli_audit_writes_the_report_and_a_rerun_continues(tmp_path, capsys):
     assert [m["trials"] for m in rep["models"].values()] == [2, 2, 2]
     assert cli.main(argv + ["0"]) == 2
     assert "error: the audit budget" in capsys.readouterr().err
+
+
+def test_the_demo_audit_starts_from_the_adaptive_stage_attacks(tmp_path, monkeypatch):
+    from sophon_fast.apps import demo
+    from sophon_fast.audit import BUDGETS
+    monkeypatch.setitem(BUDGETS, "quick", {"trials": 1, "null_bodies": 1, "steps": 3})
+    (X, Y), (Xt, Yt) = (sfdata.as_tensors(sfdata.load("digits", split)) for split in ("train", "test"))
+    train, test = (X[:300], Y[:300]), (Xt[:150], Yt[:150])
+    protected, unprotected = models.build("cnn_small", seed=1), models.build("cnn_small", seed=2)
+    rep = demo.demo_audit(protected, unprotected, train, test, None, True, 0, str(tmp_path), progress=False,
+                          say=lambda s: None)   # no original data: benign_first is left out of the space
+    trials = rep["models"]["protected"]["all_trials"]
+    assert len(trials) == 6 + 3 and [t["fixed"] for t in trials] == [True] * 6 + [False] * 3
+    first = [(t["params"]["method"], t["params"]["optimizer"], t["params"][f"lr_{t['params']['optimizer']}"])
+             for t in trials[:6]]
+    assert first == [("fresh_block", "adam", lr) for lr in (1e-4, 1e-3, 1e-2)] + \
+        [("fresh_block", "momentum", lr) for lr in (1e-3, 1e-2, 1e-1)]
+    assert rep["verdict"]["state"] in ("held", "broken", "inconclusive")

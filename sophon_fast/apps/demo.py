@@ -5,6 +5,7 @@ Steps (each resumable: a finished step's file is reused, protection resumes from
   2. protect it against the restricted domain        -> protected.safetensors (+ .json), checkpoints/
   3. run the attack suite on protected, unprotected and scratch (each attack cached in attacks.partial.json)
   4. the adaptive suite: attacks that know the model was protected, and probes  -> adaptive.json
+     (with ``audit=True`` also the attack search, its first trials the adaptive stage's attacks -> audit/)
   5. report.json, report.md, curves.png, adaptive.png
 """
 from __future__ import annotations
@@ -57,6 +58,23 @@ def demo_null_seeds(quick: bool, seed: int) -> tuple:
     return tuple(seed + 100 + i for i in range(1 if quick else 3))
 
 
+def demo_audit(protected: nn.Module, unprotected: nn.Module, train, test, original, quick: bool, seed: int, out: str,
+               progress: bool = True, say: Callable[[str], None] = print) -> dict:
+    """The attack search of :func:`sophon_fast.audit.audit` (budget "quick" or "full") into ``out``, its first
+    trials today's fixed attacks at the audit's step budget: the adaptive stage's (``ADAPTIVE_ATTACKS`` at their
+    three rates) in the quick demo, the default and adaptive suites' in the full one. Resumes a stored audit."""
+    from sophon_fast.audit import BUDGETS, audit, make_space
+    budget = "quick" if quick else "full"
+    space = make_space("image", train, test, original, BUDGETS[budget]["steps"])
+    fixed, _ = space.fixed_trials(protected, ("adaptive",) if quick else ("default", "adaptive"),
+                                  only=ADAPTIVE_ATTACKS if quick else None)
+    trials = max(BUDGETS[budget]["trials"], len(fixed) + 3)
+    say(f"[demo] audit ({budget}): {trials} trials per model, the first {len(fixed)} today's fixed attacks, on the "
+        f"protected, unprotected and scratch models and {BUDGETS[budget]['null_bodies']} null bodies")
+    return audit(protected, train, test, unprotected=unprotected, original=original, budget=budget, trials=trials,
+                 out=out, seed=seed, fixed=fixed, progress=progress, say=say)
+
+
 def demo_adaptive_config(quick: bool) -> AdaptiveConfig:
     attacks = tuple(a for a in default_attacks() if a.name in ADAPTIVE_ATTACKS)
     if quick:
@@ -104,6 +122,11 @@ def _targets(report: dict) -> list:
                               f"unprotected >= scratch + {100 * _JUDGE.eligible_gap:g}",
                     "met": None if ex is None else ex <= _JUDGE.max_excess + 1e-9,
                     "detail": "no such epoch" if ex is None else f"largest {100 * ex:+.1f} points over {n} epochs"})
+    if "audit" in report:
+        v = report["audit"]["verdict"]
+        out.append({"target": "audit: the protected model's best searched attack within the null bodies' range",
+                    "met": None if v["state"] == "inconclusive" else v["state"] == "held",
+                    "detail": f"{v['state']}: {v['detail']} (audit/report.md)"})
     for t in report.get("adaptive", {}).get("targets", []):
         out.append({"target": f"adaptive: {t['target']}", "met": t["met"], "detail": t["detail"]})
     return out
@@ -113,10 +136,11 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, origina
              restricted: Optional[str] = None, arch: Optional[str] = None, iterations: Optional[int] = None,
              attacks: Optional[str] = None, attack_epochs: Optional[int] = None, subset: Optional[int] = None,
              pretrain_epochs: Optional[int] = None, adaptive: bool = True, progress: bool = True,
-             say: Callable[[str], None] = print, config: Optional[ProtectConfig] = None) -> dict:
+             say: Callable[[str], None] = print, config: Optional[ProtectConfig] = None, audit: bool = False) -> dict:
     """Run the whole demo into ``out``; returns the report dict (also written as report.json).
     ``adaptive``: run the adaptive stage (:func:`demo_adaptive_config`) after the attack suite. ``config``: protect
-    with these settings (checkpointed into ``out``) instead of :func:`demo_config`'s (an experiment's config.json)."""
+    with these settings (checkpointed into ``out``) instead of :func:`demo_config`'s (an experiment's config.json).
+    ``audit``: also run :func:`demo_audit` into ``out/audit`` (needs optuna); its verdict becomes a target."""
     original = original or DEMO_DOMAINS["original"]
     restricted = restricted or DEMO_DOMAINS["restricted"]
     arch = arch or DEMO_DOMAINS["arch"]
@@ -204,6 +228,12 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, origina
         else:
             say(f"[demo] reusing the adaptive suite's results {adaptive_path}")
         timing["adaptive"] = time.perf_counter() - t0
+    audit_report = None
+    if audit:
+        t0 = time.perf_counter()
+        audit_report = demo_audit(protected, unprotected, r_train, r_test, o_train, quick, seed,
+                                  os.path.join(out, "audit"), progress, say)
+        timing["audit"] = time.perf_counter() - t0
 
     report = {"task": "image", "domains": {"original": original, "restricted": restricted},
               "metric": "test accuracy", "higher_is_better": True,
@@ -217,6 +247,9 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, origina
                                   for h in history]}
     if adaptive_report is not None:
         report["adaptive"] = adaptive_report
+    if audit_report is not None:
+        report["audit"] = {"verdict": audit_report["verdict"], "report": "audit/report.md",
+                           "best": {n: m["best"]["value"] for n, m in audit_report["models"].items()}}
     report["targets"] = _targets(report)
     paths = write_report(report, out)
     say(f"[demo] wrote {', '.join(p for p in paths.values() if p)}")

@@ -179,11 +179,12 @@ class ImageSpace:
         from sophon_fast.attacks.run import scratch
         return scratch(model, seed)
 
-    def fixed_trials(self, model: nn.Module, suites: Sequence[str] = ("default", "adaptive")) -> Tuple[List[dict], List[str]]:
+    def fixed_trials(self, model: nn.Module, suites: Sequence[str] = ("default", "adaptive"),
+                     only: Optional[Sequence[str]] = None) -> Tuple[List[dict], List[str]]:
         """Today's fixed attacks as trial parameters at this space's budget: the ``default`` suite's 12 attacks and
-        the ``adaptive`` suite's fine-tuning attacks at each of their rates. Returns ``(params, skipped)``:
-        ``skipped`` names the attacks the space cannot express (zero_bias, noise; those whose optimiser, method,
-        batch size or weight decay the space excludes)."""
+        the ``adaptive`` suite's fine-tuning attacks at each of their rates (``only``: just the attacks of these
+        names, e.g. ``reinit_block-adam``). Returns ``(params, skipped)``: ``skipped`` names the attacks the space
+        cannot express (zero_bias, noise; those whose optimiser, method, batch size or weight decay it excludes)."""
         from sophon_fast.attacks.adaptive import default_attacks
         from sophon_fast.attacks.spec import suite
         self.validate(model)
@@ -213,10 +214,14 @@ class ImageSpace:
 
         if "default" in suites:
             for a in suite("default"):
+                if only is not None and a.name not in only:
+                    continue
                 add(a.name, {"method": a.method, "optimizer": a.optimizer, f"lr_{a.optimizer}": a.lr,
                              "batch_size": a.batch_size, "weight_decay": a.weight_decay})
         if "adaptive" in suites:
             for a in default_attacks():
+                if only is not None and a.name not in only:
+                    continue
                 for lr in a.lrs:
                     p = {"optimizer": a.optimizer, f"lr_{a.optimizer}": lr, "batch_size": a.batch_size,
                          "weight_decay": a.weight_decay}
