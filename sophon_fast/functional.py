@@ -77,8 +77,9 @@ def fused_loss(logits: Tensor, target: Optional[Tensor] = None, *, ce: float = 0
     ignore_index = int(ignore_index)
     host_check = target is not None and target_checks_on_host()
     # the lean path is eager only: torch.compile traces the custom ops, and torch.func transforms (grad, vmap)
-    # cannot run a C++ autograd function
-    if not torch.compiler.is_compiling() and not torch._C._functorch.is_functorch_wrapped_tensor(logits):
+    # cannot run a C++ autograd function; meta tensors (shape propagation) take the custom ops' fake kernels
+    if not torch.compiler.is_compiling() and not torch._C._functorch.is_functorch_wrapped_tensor(logits) \
+            and logits.device.type != "meta":
         lean = getattr(_backend.select_backend("row_losses_fwd", logits.device.type, logits.dtype)[1], "fused_loss",
                        None)
         if lean is not None:

@@ -296,7 +296,9 @@ def test_the_hot_path_creates_nothing_off_the_models_device_and_never_syncs():
     from sophon_fast.engine.streams import BatchStream
     from sophon_fast.tasks import ClassificationTask
     task = ClassificationTask()
-    for mode_cls in (FastMode, ReferenceMode):
+    from sophon_fast.engine.config import Unroll
+    makers = (FastMode, ReferenceMode, lambda m, t, p: FastMode(m, t, p, unrolled=True, unroll=Unroll(snapshot_every=2)))
+    for mode_cls in makers:
         model = mlp().to("meta")
         mode = mode_cls(model, task, list(model.parameters()))
         x = torch.empty(64, 20, device="meta")
@@ -306,8 +308,11 @@ def test_the_hot_path_creates_nothing_off_the_models_device_and_never_syncs():
         gen = torch.Generator()
         mode.begin_iteration()
         for strat in (sf.Strategy("adam", lr=1e-3, batch_size=24, query_size=8, attacker="reinit_head"),
-                      sf.Strategy("momentum", lr=1e-2, batch_size=16, query_size=4)):
-            losses = mode.trajectory(strat, stream, "ice", [0.5, 0.5], gen)
+                      sf.Strategy("momentum", lr=1e-2, batch_size=16, query_size=4),
+                      sf.Strategy("adam", lr=1e-3, batch_size=16, query_size=4, attacker="probe", benign_steps=1,
+                                  schedule="warmup_cosine", warmup=1),
+                      sf.Strategy("sgd", lr=1e-3, batch_size=16, query_size=4, attacker={"kind": "lora", "rank": 2})):
+            losses = mode.trajectory(strat, stream, "ice", [0.5, 0.5], gen, stream)
             assert losses.device.type == "meta"
         norm = mode.meta_grad_norm(0.5)
         assert norm.device.type == "meta"

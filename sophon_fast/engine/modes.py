@@ -60,7 +60,7 @@ from sophon_fast.engine.streams import split
 from sophon_fast.ops.inner_step import inner_step_
 from sophon_fast.reference.inner_step import ADAM, KINDS, MOMENTUM
 from sophon_fast.reference.inner_step import inner_step_ as inner_step_reference
-from sophon_fast.engine.attackers import Setup  # noqa: F401  (the attackers' plan, see setup())
+from sophon_fast.engine.attackers import AsIs, Setup
 from sophon_fast.engine.trained import Trained
 from sophon_fast.engine.unroll import differentiable_step, unrolled_trajectory
 from sophon_fast.tasks.base import lora_weight
@@ -153,8 +153,9 @@ class _Mode:
         return _norm_and_clip(grads, None)
 
     def setup(self, strategy, gen) -> Setup:
-        """The attacker's draws for one trajectory (sophon_fast.engine.attackers)."""
-        return strategy.attacker.setup(self.task, self.model, self.params, gen)
+        """The attacker's draws for one trajectory (sophon_fast.engine.attackers; a strategy that was not resolved
+        by ``ProtectConfig.resolved``, attacker None, fine-tunes the model as it is)."""
+        return (strategy.attacker or AsIs()).setup(self.task, self.model, self.params, gen)
 
     def skip_trajectory(self, strategy, stream, steps: int, gen, benign=None) -> None:
         """Make the random draws of ``trajectory`` (the attacker's fresh layers or factors, the benign and the K
