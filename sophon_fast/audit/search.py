@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import time
 from typing import Callable, Dict, List, Optional, Sequence
@@ -199,8 +198,8 @@ def _search(optuna, study, storage, model: nn.Module, space, trials: int, seed: 
             bar.update(1)
             bar.set_postfix(best=f"{study.best_value:.4g}", last=f"{last.value:.4g}")
         elif say:
-            say(f"[audit] {study.study_name} trial {n}/{trials}: {last.value:.4g} ({last.user_attrs['result']['attack']}); "
-                f"best {study.best_value:.4g}")
+            say(f"[audit] {study.study_name} trial {n}/{trials}: {last.value:.4g} "
+                f"({last.user_attrs['result']['attack']}); best {study.best_value:.4g}")
     if bar is not None:
         bar.close()
 
@@ -213,6 +212,3 @@ def load_studies(out: str) -> Dict[str, object]:
         raise FileNotFoundError(f"no audit.db in {out}")
     return {s.study_name: optuna.load_study(study_name=s.study_name, storage=url)
             for s in optuna.get_all_study_summaries(url)}
-
-
-logging.getLogger("optuna").setLevel(logging.WARNING)
