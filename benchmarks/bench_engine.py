@@ -34,24 +34,6 @@ def bench_engine_outer(measure, engine_memory, bench_disabled, arch, K, impl):
         engine_memory(arch, impl, K, iterations=1, device=DEVICE)
 
 
-UNROLLED_CASES = [("cnn_small", 20), ("cnn_bn", 10), ("cnn_bn", 20), ("cnn_bn", 100)]
-
-
-@pytest.mark.parametrize("impl", ("reference", "fast"))
-@pytest.mark.parametrize("arch,K", UNROLLED_CASES, ids=[f"{a}-K{K}" for a, K in UNROLLED_CASES])
-def bench_engine_unrolled(measure, engine_memory, bench_disabled, arch, K, impl):
-    """The adaptive recipe (five attackers taking turns, the meta-gradient unrolled through their steps): one outer
-    iterations of each mode (a round is five iterations, one per attacker) and its peak memory; the fast
-    mode's growth from K = 10 to 100 against its snapshot bytes (3 |theta| per step for Adam, fp32)."""
-    if bench_disabled:
-        if (arch, K) != UNROLLED_CASES[0]:
-            pytest.skip("--benchmark-disable runs the first unrolled case only, at K = 2")
-        K = 2
-    ec.time_outer(measure, arch + ec.UNROLLED, K, impl, rounds=5, device=DEVICE)
-    if arch == "cnn_bn" and K in (10, 100):
-        engine_memory(arch + ec.UNROLLED, impl, K, iterations=1, device=DEVICE)
-
-
 @pytest.mark.parametrize("impl", ("fwd150", "fwd130+fwd20"))
 def bench_shared_forward_bound(measure, impl):
     model, (x, _) = ec.make_case("cnn", device=DEVICE)

@@ -334,7 +334,7 @@ def render_section(title: str, rs) -> str:
     for r in rs:
         for section in (targets_section, losses_section, inner_step_section, engine_section,
                         shared_forward_section, e2e_section, scaling_section, linear_loss_section,
-                        lm_memory_section, distributed_section, sharded_section):
+                        lm_memory_section, distributed_section, sharded_section, unrolled_section):
             text = section(r)
             if text:
                 parts.append(text)
@@ -349,15 +349,17 @@ HEADER = ("# Benchmark results\n\n"
           ".venv/bin/python benchmarks/render_results.py`; GPU: `bash benchmarks/run_gpu.sh`. On a shared CPU the "
           "CPU-time timer (process_time, one torch thread) leaves out the time spent waiting for a core (cache and "
           "memory-bandwidth contention remain); each benchmark's 1-minute load average is in its JSON extra_info.\n")
-LINEAR, LM, SCALE, SHARDED = ("Fused linear + loss", "Language-model protection memory", "Scale-out",
-                             "Sharded memory (FSDP2)")
+LINEAR, LM, SCALE, SHARDED, UNROLLED = ("Fused linear + loss", "Language-model protection memory", "Scale-out",
+                                       "Sharded memory (FSDP2)", "Unrolled meta-gradient")
 # Runs of one benchmark file alone get a block of their own (they never replace the whole suite's tables).
-STANDALONE = {"linear_loss": LINEAR, "lm_memory": LM, "distributed": SCALE, "sharded_memory": SHARDED}
+STANDALONE = {"linear_loss": LINEAR, "lm_memory": LM, "distributed": SCALE, "sharded_memory": SHARDED,
+              "unrolled": UNROLLED}
 EMPTY = {"CPU": "# CPU\n\nNo CPU run rendered yet.\n",
          LINEAR: f"# {LINEAR}\n\nNo run of benchmarks/bench_linear_loss.py rendered yet.\n",
          LM: f"# {LM}\n\nNo run of benchmarks/bench_lm_engine.py rendered yet.\n",
          SCALE: f"# {SCALE}\n\nNo run of benchmarks/bench_distributed.py rendered yet.\n",
          SHARDED: f"# {SHARDED}\n\nNo run of benchmarks/bench_sharded.py rendered yet.\n",
+         UNROLLED: f"# {UNROLLED}\n\nNo run of benchmarks/bench_unrolled.py rendered yet.\n",
          "GPU": "# GPU\n\nNo GPU run has been made: `bash benchmarks/run_gpu.sh` on a CUDA machine writes "
                 "benchmarks/results/gpu_*.json and renders its tables here.\n"}
 
@@ -384,6 +386,48 @@ def lm_memory_section(run) -> str:
             "\n\nGPT-2, 2 layers, width 128, vocabulary 32,768 (tied head), blocks of 128 tokens, an Adam attacker on "
             "6 support + 2 query blocks, ICE over the vocabulary through the fused linear op. Peak: "
             f"{peak_text(run)}, each case in its own process after a warm-up.\n")
+
+
+def unrolled_section(run) -> str:
+    """benchmarks/bench_unrolled.py: the adaptive recipe unrolled, fast vs reference, time and memory per K."""
+    gs = groups(run, layer="unrolled")
+    if not gs:
+        return ""
+    time_rows, mem = [], {}
+    for g, p in sorted(gs.items()):
+        e = next(iter(p.values()))["extra_info"]
+        if e.get("what") == "time":
+            t = {m: med(p.get(m)) for m in ("reference", "fast")}
+            ok = t["fast"] and t["reference"] and t["fast"] / t["reference"] <= 1.3
+            time_rows.append([e["arch"], e["K"], *(f"{t[m] / e['iterations']:.2f}" if t[m] else "—" for m in t),
+                              f"{t['fast'] / t['reference']:.2f}" if t["fast"] and t["reference"] else "—",
+                              "met" if ok else "missed"])
+        else:
+            mem[e["K"]] = {m: p[m]["extra_info"] for m in p}
+    parts = [f"## {UNROLLED}: the adaptive recipe, fast vs reference\n\n" + caption(run)]
+    if time_rows:
+        parts.append(table(["model", "K", "reference s / iteration", "fast s / iteration", "fast / reference",
+                            "target <= 1.3"], time_rows) +
+                     "\n\nFive iterations per round (one per attacker of the recipe), medians of 3 rounds.")
+    ks = sorted(mem)
+    if ks:
+        rows = []
+        for k in ks:
+            rows.append([k, *(f"{mem[k][m].get('peak_mb', float('nan')):.1f}" if m in mem[k] else "—"
+                              for m in ("reference", "fast")), f"{mem[k].get('fast', {}).get('kept_mb', float('nan')):.1f}"])
+        text = table(["K", "reference peak MB", "fast peak MB", "fast keeps (snapshots + batches) MB"], rows)
+        lo, hi = ks[0], ks[-1]
+        try:
+            grow = {m: mem[hi][m]["peak_mb"] - mem[lo][m]["peak_mb"] for m in ("reference", "fast")}
+            kept = mem[hi]["fast"]["kept_mb"] - mem[lo]["fast"]["kept_mb"]
+            text += (f"\n\nK = {lo} -> {hi}: the fast mode grows by {grow['fast']:.1f} MB against {kept:.1f} MB kept "
+                     f"({'met' if grow['fast'] <= kept * 1.02 + 5 else 'missed'}: at most what it keeps, 2% + 5 MB "
+                     f"allowed for the random-number states and the allocator), the reference by {grow['reference']:.1f} MB.")
+        except (KeyError, TypeError):
+            pass
+        parts.append(text + f"\n\ncnn_bn ({next(iter(mem[lo].values()))['params']:,} parameters), one iteration of "
+                     f"the first attacker (fresh block, Adam). Peak: {peak_text(run)}, each case in its own process.")
+    return "\n\n".join(parts) + "\n"
 
 
 def distributed_section(run) -> str:
