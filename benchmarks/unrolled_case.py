@@ -90,7 +90,7 @@ def _spawn(args) -> None:
         print(proc.stdout.strip().splitlines()[-1], flush=True)
 
 
-def time_per_iteration(archs, k: int, iterations: int) -> None:
+def time_per_iteration(archs, k: int, iterations: int, first_order_only: bool = False) -> None:
     import sophon_fast as sf
     from sophon_fast.engine.attackers import LoRA, Probe
     from sophon_fast.models import build
@@ -98,7 +98,7 @@ def time_per_iteration(archs, k: int, iterations: int) -> None:
     for arch in archs:
         model = build(arch, num_classes=10)
         original, restricted = _images(600, 1), _images(3000, 2)
-        cases = {"unrolled/adaptive": lambda m: _recipe(m, k, first_only=False, iterations=5)[0]}
+        cases = {} if first_order_only else {"unrolled/adaptive": lambda m: _recipe(m, k, first_only=False, iterations=5)[0]}
         for kind in ("as_is", "reinit_head", "fresh_head", "fresh_block", "probe", Probe("block"), LoRA(8)):
             cases[f"first_order/{kind}"] = lambda m, kind=kind: sf.ProtectConfig(
                 loss="ice", mode=m, inner_steps=k, iterations=5, ntr_steps=1, progress=False,
@@ -126,6 +126,7 @@ def main(argv=None) -> None:
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--iterations", type=int, default=3)
     ap.add_argument("--modes", nargs="+", default=["fast", "reference"])
+    ap.add_argument("--first-order-only", action="store_true", help="time: the first-order attacker kinds only")
     a = ap.parse_args(argv)
     if a.what == "child":
         kind, *rest = a.rest
@@ -139,7 +140,7 @@ def main(argv=None) -> None:
         for mode in a.modes:
             _spawn(["lm", mode, a.k])
     else:
-        time_per_iteration(a.archs, a.k, a.iterations)
+        time_per_iteration(a.archs, a.k, a.iterations, a.first_order_only)
 
 
 if __name__ == "__main__":
