@@ -148,24 +148,20 @@ def _fresh(task, model, params, gen, layers: str, what: str):
 class FreshHead(Attacker):
     """A fresh head (PyTorch's default initialisation), a constant of the meta-gradient."""
     kind: ClassVar[str] = "fresh_head"
+    layers: ClassVar[str] = "head"
 
     def check(self, task, model, params) -> None:
-        _fresh_modules(task, model, params, "head", self.kind)
+        _fresh_modules(task, model, params, self.layers, self.kind)
 
     def setup(self, task, model, params, gen) -> Setup:
-        return Setup(drawn=_fresh(task, model, params, gen, "head", self.kind))
+        return Setup(drawn=_fresh(task, model, params, gen, self.layers, self.kind))
 
 
 @dataclass(frozen=True)
-class FreshBlock(Attacker):
+class FreshBlock(FreshHead):
     """A fresh classifier block (``Task.block``), a constant of the meta-gradient."""
     kind: ClassVar[str] = "fresh_block"
-
-    def check(self, task, model, params) -> None:
-        _fresh_modules(task, model, params, "block", self.kind)
-
-    def setup(self, task, model, params, gen) -> Setup:
-        return Setup(drawn=_fresh(task, model, params, gen, "block", self.kind))
+    layers: ClassVar[str] = "block"
 
 
 @dataclass(frozen=True)
