@@ -17,12 +17,7 @@ from sophon_fast.audit import ImageSpace, audit, load_studies  # noqa: E402
 from sophon_fast.audit import spaces as audit_spaces  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,7 @@ INNER = ["sgd", "momentum", "adam"]
 METAS = ["first_order", "unrolled"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_cnn():

@@ -202,7 +202,13 @@ def encode_blocks(docs: Sequence[str], tokenizer, block_size: int = 128,
             break
     if not ids:
         raise ValueError("encode_blocks: no tokens (empty documents)")
-    stream = torch.tensor(ids[:limit] if limit is not None else ids, dtype=torch.int64)
+    return pack_blocks(ids[:limit] if limit is not None else ids, block_size, pad)
+
+
+def pack_blocks(ids: Sequence[int], block_size: int, pad: int) -> Tuple[Tensor, Tensor]:
+    """A token stream cut into (N, block_size) blocks: ``(input_ids, labels)``, the last block padded with ``pad``
+    and labels ``IGNORE_INDEX`` there."""
+    stream = torch.tensor(list(ids), dtype=torch.int64)
     n = -(-stream.numel() // block_size)
     input_ids = torch.full((n * block_size,), pad, dtype=torch.int64)
     input_ids[:stream.numel()] = stream

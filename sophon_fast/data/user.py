@@ -20,15 +20,15 @@ import json
 import os
 import zlib
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from sophon_fast.data.builtin import MEAN, STD, stratified_split
+from sophon_fast.data.text import IGNORE_INDEX, pack_blocks  # noqa: F401  (IGNORE_INDEX: part of this module's API)
 
-IGNORE_INDEX = -100
 TEST_FRACTION = 0.1
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -110,13 +110,7 @@ def encode_documents(docs: Sequence[str], tokenizer, block_size: int, source: st
     ids: List[int] = []
     for enc in tokenizer(list(docs), add_special_tokens=False)["input_ids"]:
         ids += list(enc) + [eos]
-    stream = torch.tensor(ids, dtype=torch.int64)
-    n = -(-stream.numel() // block_size)
-    input_ids = torch.full((n * block_size,), pad, dtype=torch.int64)
-    input_ids[:stream.numel()] = stream
-    labels = input_ids.clone()
-    labels[stream.numel():] = IGNORE_INDEX
-    return input_ids.view(n, block_size), labels.view(n, block_size)
+    return pack_blocks(ids, block_size, pad)
 
 
 def _held_out(identifier: str) -> bool:
